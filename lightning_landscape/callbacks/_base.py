@@ -1,0 +1,387 @@
+"""LandscapeCallback: what every monitor shares (cadence, probe set, loss, model-state guard, logging, alerts)."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor, nn
+
+from lightning_landscape import tensorboard as tb
+from lightning_landscape.core import distributed
+from lightning_landscape.core._validation import LandscapeWarning, check_bool, check_choice, check_int
+from lightning_landscape.core.alerts import Alert
+from lightning_landscape.core.hvp import MODES, check_loss
+
+LossFn = Callable[[pl.LightningModule, Any], Tensor]
+AlertAction = str | Callable[[Alert], None]
+ALERT_ACTIONS = ("warn", "stop", "raise", "checkpoint", "ignore")
+
+
+class LandscapeAlertError(RuntimeError):
+    """Raised by ``on_alert="raise"``; carries the :class:`Alert` as ``.alert``."""
+
+    def __init__(self, alert: Alert) -> None:
+        super().__init__(alert.message)
+        self.alert = alert
+
+
+def _validate_on_alert(on_alert: Any) -> list[AlertAction]:
+    actions = list(on_alert) if isinstance(on_alert, list | tuple) else [on_alert]
+    if not actions:
+        raise ValueError("`on_alert` must name at least one action, got an empty list.")
+    for action in actions:
+        if callable(action):
+            continue
+        if not isinstance(action, str) or action not in ALERT_ACTIONS:
+            raise ValueError(
+                f"`on_alert` must be one of {ALERT_ACTIONS}, a callable taking an Alert, or a list of these, "
+                f"got {action!r}."
+            )
+    return actions
+
+
+def _copy_batch(batch: Any) -> Any:
+    # A real copy: the dataloader may reuse its buffers, and the probe set must never change.
+    return apply_to_collection(batch, Tensor, lambda t: t.detach().clone())
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    return apply_to_collection(batch, Tensor, lambda t: t.to(device))
+
+
+@contextlib.contextmanager
+def model_state_guard(module: nn.Module) -> Iterator[None]:
+    """Restore, bitwise, everything a measurement could touch: train/eval flags, ``.grad``, ``requires_grad``,
+    buffers, and the torch (CPU and CUDA), Python and NumPy RNG states."""
+    flags = [(m, m.training) for m in module.modules()]
+    params = list(module.parameters())
+    grads = [p.grad for p in params]
+    requires = [p.requires_grad for p in params]
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    py_rng = random.getstate()
+    np_rng = None
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        np_rng = np.random.get_state()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+        for p, g, r in zip(params, grads, requires, strict=True):
+            p.grad = g
+            p.requires_grad_(r)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        random.setstate(py_rng)
+        if np_rng is not None:
+            import numpy as np
+
+            np.random.set_state(np_rng)
+
+
+@contextlib.contextmanager
+def _logging_suppressed(module: pl.LightningModule) -> Iterator[None]:
+    """``training_step`` as a loss function must not log: shadow ``log``/``log_dict`` on the instance."""
+    had = {name: name in module.__dict__ for name in ("log", "log_dict")}
+    saved = {name: module.__dict__.get(name) for name in had}
+    module.__dict__["log"] = lambda *args, **kwargs: None
+    module.__dict__["log_dict"] = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for name, present in had.items():
+            if present:
+                module.__dict__[name] = saved[name]
+            else:
+                del module.__dict__[name]
+
+
+def _training_step_loss(module: pl.LightningModule, batch: Any) -> Tensor:
+    output = module.training_step(batch, 0)
+    if isinstance(output, dict):
+        if "loss" not in output:
+            raise TypeError(
+                "`loss_fn` is None, so `training_step` is used as the loss, but it returned a dict without a 'loss' "
+                f"key (keys: {sorted(output)}); pass `loss_fn=lambda module, batch: ...`."
+            )
+        output = output["loss"]
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            "`loss_fn` is None, so `training_step` is used as the loss, but it returned "
+            f"{type(output).__name__}; it must return a Tensor or a dict with 'loss', or pass `loss_fn`."
+        )
+    return check_loss(output)
+
+
+def _user_loss(loss_fn: LossFn) -> LossFn:
+    def checked(module: pl.LightningModule, batch: Any) -> Tensor:
+        return check_loss(loss_fn(module, batch), name="loss_fn")
+
+    return checked
+
+
+class LandscapeCallback(Callback):
+    """Base of every monitor: adapts Lightning hooks to one ``measure`` call on a fixed probe set.
+
+    A measurement is due at optimizer step ``s`` when ``s >= start_step`` and ``(s - start_step) % every_n_steps ==
+    0``. It runs in ``on_train_batch_start`` (before that step's forward pass), so the value logged at step ``s``
+    describes the weights after ``s`` optimizer steps. If the probe set is not complete yet (``num_probe_batches``
+    batches seen), the due measurement runs as soon as it is, and is logged at that step.
+
+    Args:
+        every_n_steps: cadence in optimizer steps.
+        start_step: first step at which a measurement is due.
+        loss_fn: ``loss_fn(pl_module, batch) -> Tensor``, the mean loss on one batch. ``None`` uses
+            ``pl_module.training_step(batch, 0)`` with logging suppressed (a Tensor or a dict with ``"loss"``).
+        num_probe_batches: size of the probe set: the first N training batches seen, copied once; every
+            measurement uses the same probe set, so values are comparable over time.
+        mode: ``"eval"`` (running BatchNorm statistics, no dropout) or ``"train"`` (batch statistics, BatchNorm
+            buffers untouched, dropout masks fixed by ``seed``).
+        on_alert: ``"warn"``, ``"stop"``, ``"raise"``, ``"checkpoint"``, ``"ignore"``, a callable taking an
+            :class:`Alert`, or a list of these.
+        prefix: metric key prefix.
+        strict: raise when a measurement fails instead of logging a status and warning once.
+        seed: seeds the start vectors and the dropout masks of ``mode="train"``.
+
+    Raises:
+        TypeError / ValueError: an argument has the wrong type or value (the message names it).
+    """
+
+    #: Name of this monitor's group in metric keys (``{prefix}/{group}/...``), e.g. ``"hessian"``.
+    group = "landscape"
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int = 100,
+        start_step: int = 0,
+        loss_fn: LossFn | None = None,
+        num_probe_batches: int = 4,
+        mode: str = "eval",
+        on_alert: AlertAction | Sequence[AlertAction] = "warn",
+        prefix: str = "landscape",
+        strict: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
+        self.start_step = check_int("start_step", start_step, minimum=0)
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"`loss_fn` must be None or a callable (pl_module, batch) -> Tensor, got {loss_fn!r}.")
+        self.loss_fn = loss_fn
+        self.num_probe_batches = check_int("num_probe_batches", num_probe_batches, minimum=1)
+        self.mode = check_choice("mode", mode, MODES)
+        self.on_alert = _validate_on_alert(on_alert)
+        if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
+            raise ValueError(f"`prefix` must be a non-empty string without a trailing '/', got {prefix!r}.")
+        self.prefix = prefix
+        self.strict = check_bool("strict", strict)
+        self.seed = check_int("seed", seed)
+
+        # runtime state (all of it goes through state_dict)
+        self._probe: list[Any] = []
+        self._probe_by_rank: list[list[Any]] | None = None
+        self._loaded_probe_by_rank: list[list[Any]] | None = None
+        self._pending = False
+        self._last_measured_step = -1
+        self.alerts: list[Alert] = []
+        self.alert_counts: dict[str, int] = {}
+        self.last_metrics: dict[str, float] = {}
+        self._warned: set[str] = set()
+        self._definition_logged = False
+
+    # ------------------------------------------------------------------------------------------ identity/state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix)
+
+    def state_dict(self) -> dict[str, Any]:
+        probe = self._probe_by_rank if self._probe_by_rank is not None else [self._probe]
+        return {
+            "probe_by_rank": [[_to_device(b, torch.device("cpu")) for b in rank_probe] for rank_probe in probe],
+            "pending": self._pending,
+            "last_measured_step": self._last_measured_step,
+            "alerts": [a.to_dict() for a in self.alerts],
+            "alert_counts": dict(self.alert_counts),
+            "monitor": self._monitor_state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The rank is not known here; the probe slice of this rank is picked on the first batch.
+        self._loaded_probe_by_rank = state_dict.get("probe_by_rank")
+        self._pending = bool(state_dict.get("pending", False))
+        self._last_measured_step = int(state_dict.get("last_measured_step", -1))
+        self.alerts = [Alert.from_dict(a) for a in state_dict.get("alerts", [])]
+        self.alert_counts = {str(k): int(v) for k, v in state_dict.get("alert_counts", {}).items()}
+        self._load_monitor_state_dict(state_dict.get("monitor", {}))
+
+    def _monitor_state_dict(self) -> dict[str, Any]:
+        """Subclass state (tensors and primitives only)."""
+        return {}
+
+    def _load_monitor_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`_monitor_state_dict`."""
+
+    # ------------------------------------------------------------------------------------------------- hooks
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        self._restore_loaded_probe(trainer)
+        self._capture(trainer, batch)
+        if step == self._last_measured_step:
+            return  # a later micro-batch of the same optimizer step (gradient accumulation)
+        due = step >= self.start_step and (step - self.start_step) % self.every_n_steps == 0
+        if not (due or self._pending):
+            return
+        if self._probe_by_rank is None:
+            self._pending = True
+            return
+        self._pending = False
+        self._last_measured_step = step
+        self._run(trainer, pl_module, step)
+
+    # ----------------------------------------------------------------------------------------------- probe set
+    def _restore_loaded_probe(self, trainer: pl.Trainer) -> None:
+        loaded, self._loaded_probe_by_rank = self._loaded_probe_by_rank, None
+        if not loaded:
+            return
+        if len(loaded) == trainer.world_size and all(len(p) == self.num_probe_batches for p in loaded):
+            self._probe_by_rank = loaded
+            self._probe = loaded[trainer.global_rank]
+        else:
+            self._warn_once(
+                "probe-resume",
+                f"{type(self).__name__}: the checkpoint's probe set was captured with {len(loaded)} process(es) and "
+                f"world size is {trainer.world_size}; capturing a new probe set, so values before and after the "
+                "resume are not directly comparable.",
+            )
+
+    def _capture(self, trainer: pl.Trainer, batch: Any) -> None:
+        if self._probe_by_rank is not None:
+            return
+        self._probe.append(_copy_batch(batch))
+        if len(self._probe) == self.num_probe_batches:
+            # Every rank completes its probe set on the same batch, so this collective is reached by all.
+            # Each rank keeps every rank's slice so a checkpoint (written by rank 0) restores all of them.
+            cpu_probe = [_to_device(b, torch.device("cpu")) for b in self._probe]
+            self._probe_by_rank = distributed.all_gather_object(cpu_probe) if trainer.world_size > 1 else [cpu_probe]
+
+    def probe_batches(self, pl_module: pl.LightningModule) -> list[Any]:
+        """This rank's probe set on the module's device."""
+        return [_to_device(b, pl_module.device) for b in self._probe]
+
+    def resolve_loss_fn(self, pl_module: pl.LightningModule) -> LossFn:
+        """The loss used for measurements (the user's ``loss_fn`` or ``training_step``)."""
+        if self.loss_fn is not None:
+            return _user_loss(self.loss_fn)
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "`loss_fn` must be given when the LightningModule uses manual optimization "
+                "(its training_step steps the optimizer and cannot serve as a loss function)."
+            )
+        return _training_step_loss
+
+    # ------------------------------------------------------------------------------------------- measurement
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        batches = self.probe_batches(pl_module)
+        try:
+            with model_state_guard(pl_module), _logging_suppressed(pl_module), torch.enable_grad():
+                metrics = self.measure(trainer, pl_module, batches, step)
+        except FloatingPointError as err:  # includes NonFiniteLossError
+            if self.strict:
+                raise
+            self._warn_once(
+                "measurement-failed",
+                f"{type(self).__name__} measurement at step {step} failed: {err} Training continues; the status is "
+                f"logged as `{self.key('status')}` (1 ok, 0 failed). Pass strict=True to raise instead.",
+            )
+            metrics = {self.key("status"): 0.0}
+        else:
+            metrics[self.key("status")] = 1.0
+        self.last_metrics = metrics
+        self.log_metrics(trainer, metrics, step)
+        self._after_measurement(trainer)
+
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], step: int
+    ) -> dict[str, float]:
+        """Compute this monitor's metrics on the probe set. Runs inside the model-state guard; may call
+        :meth:`emit_alert`. Returns ``{full_key: value}``."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------------- logging
+    def key(self, name: str) -> str:
+        """Full metric key ``{prefix}/{group}/{name}``."""
+        return f"{self.prefix}/{self.group}/{name}"
+
+    def log_metrics(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+        """Send scalars to every attached logger (loggers write on rank 0 only)."""
+        if not trainer.loggers:
+            self._warn_once(
+                "no-logger",
+                f"{type(self).__name__}: the Trainer has no logger, so nothing is written; values stay in "
+                "`.last_metrics`. Pass `logger=TensorBoardLogger('runs')` to the Trainer.",
+            )
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(dict(metrics), step=step)
+
+    def log_definition(self, trainer: pl.Trainer, text: str) -> None:
+        """Log the operator definition once as TensorBoard text."""
+        if self._definition_logged:
+            return
+        self._definition_logged = True
+        tb.log_text(trainer, f"{self.prefix}/{self.group}/definition", text, trainer.global_step)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        rank_zero_warn(message, category=LandscapeWarning)
+
+    # ------------------------------------------------------------------------------------------------ alerts
+    def emit_alert(self, trainer: pl.Trainer, alert: Alert) -> None:
+        """Record, log and act on an alert (every alert is logged, whatever the action)."""
+        self.alerts.append(alert)
+        self.alert_counts[alert.kind] = self.alert_counts.get(alert.kind, 0) + 1
+        self.log_metrics(trainer, {f"{self.prefix}/alerts/{alert.kind}": float(self.alert_counts[alert.kind])}, alert.step)
+        tb.log_text(trainer, f"{self.prefix}/alerts", f"step {alert.step} · {alert.kind} · {alert.message}", alert.step)
+        for action in self.on_alert:
+            if callable(action):
+                action(alert)
+            elif action == "warn":
+                rank_zero_warn(f"[{alert.kind}] step {alert.step}: {alert.message}", category=LandscapeWarning)
+            elif action == "checkpoint":
+                root = Path(trainer.log_dir or trainer.default_root_dir)
+                trainer.save_checkpoint(str(root / "landscape_alerts" / f"{alert.kind}-step={alert.step}.ckpt"))
+            elif action == "raise":
+                raise LandscapeAlertError(alert)
+
+    def _after_measurement(self, trainer: pl.Trainer) -> None:
+        if "stop" not in self.on_alert:
+            return
+        fired = any(a.step == self._last_measured_step for a in self.alerts)
+        # Every rank measures at the same steps, so every rank reaches this collective.
+        if trainer.strategy.reduce_boolean_decision(fired, all=False):
+            trainer.should_stop = True
+
+
+__all__ = ["LandscapeAlertError", "LandscapeCallback", "model_state_guard"]

@@ -1,0 +1,309 @@
+"""HessianMonitor: sharpness, top Hessian eigenvalues, trace and spectral density during training."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_landscape import tensorboard as tb
+from lightning_landscape.callbacks._base import LandscapeCallback
+from lightning_landscape.core import distributed
+from lightning_landscape.core._validation import check_bool, check_choice, check_float, check_int
+from lightning_landscape.core.alerts import Alert, ConsecutiveAboveRule, RelativeJumpRule
+from lightning_landscape.core.density import slq_density
+from lightning_landscape.core.hvp import BACKENDS, DiagonalScaledOperator, HessianOperator, operator_mode
+from lightning_landscape.core.lanczos import lanczos
+from lightning_landscape.core.params import ParamSelector, select_parameters, top_level_blocks
+from lightning_landscape.core.stability import adam_preconditioner, stability_threshold
+from lightning_landscape.core.trace import hutchpp_trace
+
+
+class HessianMonitor(LandscapeCallback):
+    """Top Hessian eigenvalues (sharpness), the most negative one, trace and spectral density of the training loss.
+
+    The operator is the Hessian of the size-weighted mean loss over the probe set, with respect to the selected
+    parameters, in ``mode`` (see :class:`~lightning_landscape.callbacks._base.LandscapeCallback`). Eigenpairs come
+    from Lanczos with full reorthogonalisation, warm-started from the previous measurement's eigenvectors, stopped by
+    a Ritz-residual rule (``tol`` relative to the sharpness). Under DDP every rank computes its local Hessian-vector
+    product, one all-reduce makes it global, and every rank runs the same Lanczos.
+
+    Logged metrics (``p`` = ``prefix``):
+        - ``p/sharpness``: largest eigenvalue.
+        - ``p/hessian/eig_{i}``: i = 1..top_k, descending.
+        - ``p/hessian/lambda_min``: smallest eigenvalue (negative curvature), when ``lambda_min=True``.
+        - ``p/hessian/converged``: 1 if every requested pair met the residual rule.
+        - ``p/hessian/hvps``: Hessian-vector products this measurement cost (all parts together).
+        - ``p/hessian/trace``, ``p/hessian/trace_stderr``: Hutch++ estimate, when ``trace=True``.
+        - ``p/hessian/density``: TensorBoard histogram of the SLQ spectral density, when ``density=True``.
+        - ``p/hessian/eos_ratio``: sharpness over the optimizer's stability threshold (SGD: ``(2+2m)/lr``; Adam/AdamW:
+          preconditioned sharpness over ``(2+2 beta1)/((1-beta1) lr)``), plus ``p/hessian/stability_threshold`` and,
+          for Adam, ``p/hessian/preconditioned_sharpness``.
+        - ``p/hessian/block/{name}/eig_1``: top eigenvalue of each top-level block's diagonal Hessian block,
+          when ``per_block=True``.
+        - ``p/hessian/status``: 1 ok, 0 the measurement failed (non-finite loss); see ``strict``.
+
+    Alerts: ``edge_of_stability`` when ``eos_ratio > eos_threshold`` for ``eos_patience`` consecutive measurements;
+    ``sharpness_growth`` when the sharpness exceeds ``(1 + sharpness_jump)`` times the previous measurement.
+
+    Cost per measurement: Lanczos HVPs (typically 5-20 cold, a handful warm-started, at most ``max_iter``), plus
+    ``trace_matvecs``, ``density_runs * density_steps``, one top-1 Lanczos per block and one for Adam's
+    preconditioned sharpness. One HVP is one pass over the probe set at about 2-4 times the cost of a gradient.
+
+    Args:
+        top_k: number of top eigenvalues.
+        trace: also estimate the trace (Hutch++, ``trace_matvecs`` HVPs).
+        density: also estimate the spectral density (stochastic Lanczos quadrature).
+        mode: ``"eval"`` or ``"train"`` (see the base class).
+        params: ``None`` (all trainable), a regex, or a list of names/module prefixes.
+        per_block: also log the top eigenvalue of each top-level block.
+        lambda_min: also converge and log the smallest eigenvalue.
+        tol: Ritz-residual tolerance relative to the sharpness (1e-3 gives the sharpness to ~1e-3 or better).
+        max_iter: most HVPs one Lanczos run may use.
+        trace_matvecs: HVP budget of the trace estimate.
+        density_runs, density_steps, density_bins: SLQ runs, Lanczos steps per run, and histogram bins.
+        backend: HVP backend, ``"auto"``, ``"func"``, ``"double_backward"`` or ``"graph"``.
+        basis_on_cpu: keep the Krylov basis in host memory (saves accelerator memory for big models).
+        eos_threshold, eos_patience: the edge-of-stability alert rule.
+        sharpness_jump: relative jump for the ``sharpness_growth`` alert.
+        batch_size_fn: ``batch -> int`` for the size weights (default: leading dimension of the first tensor).
+        **kwargs: the shared arguments of :class:`~lightning_landscape.callbacks._base.LandscapeCallback`
+            (``every_n_steps``, ``loss_fn``, ``num_probe_batches``, ``on_alert``, ``prefix``, ...).
+
+    References: Cohen et al. 2021 (Edge of Stability, ICLR); Cohen et al. 2022 (arXiv 2207.14484); Sagun et al.
+    2017 (arXiv 1706.04454); Ghorbani, Krishnan & Xiao 2019 (ICML); Meyer et al. 2021 (Hutch++).
+    """
+
+    group = "hessian"
+
+    def __init__(
+        self,
+        top_k: int = 1,
+        trace: bool = False,
+        density: bool = False,
+        mode: str = "eval",
+        *,
+        params: ParamSelector = None,
+        per_block: bool = False,
+        lambda_min: bool = True,
+        tol: float = 1e-3,
+        max_iter: int = 100,
+        trace_matvecs: int = 30,
+        density_runs: int = 1,
+        density_steps: int = 40,
+        density_bins: int = 60,
+        backend: str = "auto",
+        basis_on_cpu: bool = False,
+        eos_threshold: float = 1.0,
+        eos_patience: int = 2,
+        sharpness_jump: float = 1.0,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(mode=mode, **kwargs)
+        self.top_k = check_int("top_k", top_k, minimum=1)
+        self.trace = check_bool("trace", trace)
+        self.density = check_bool("density", density)
+        if params is not None and not isinstance(params, str | Sequence):
+            raise TypeError(f"`params` must be None, a regex string or a list of names, got {params!r}.")
+        self.params = params
+        self.per_block = check_bool("per_block", per_block)
+        self.lambda_min = check_bool("lambda_min", lambda_min)
+        self.tol = check_float("tol", tol, minimum=0.0, strict_minimum=True)
+        self.max_iter = check_int("max_iter", max_iter, minimum=self.top_k)
+        self.trace_matvecs = check_int("trace_matvecs", trace_matvecs, minimum=3)
+        self.density_runs = check_int("density_runs", density_runs, minimum=1)
+        self.density_steps = check_int("density_steps", density_steps, minimum=2)
+        self.density_bins = check_int("density_bins", density_bins, minimum=2)
+        self.backend = check_choice("backend", backend, BACKENDS)
+        self.basis_on_cpu = check_bool("basis_on_cpu", basis_on_cpu)
+        self.eos_rule = ConsecutiveAboveRule(check_float("eos_threshold", eos_threshold, minimum=0.0), eos_patience)
+        self.growth_rule = RelativeJumpRule(sharpness_jump)
+        if batch_size_fn is not None and not callable(batch_size_fn):
+            raise TypeError(f"`batch_size_fn` must be None or a callable batch -> int, got {batch_size_fn!r}.")
+        self.batch_size_fn = batch_size_fn
+        # Warm-start vectors (on CPU between measurements): "top" for H, "precond" for Adam's form, "block/<name>".
+        self._warm: dict[str, Tensor] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix, params=str(self.params), mode=self.mode)
+
+    def _monitor_state_dict(self) -> dict[str, Any]:
+        return {
+            "warm": {k: v.clone() for k, v in self._warm.items()},
+            "eos_rule": self.eos_rule.state_dict(),
+            "growth_rule": self.growth_rule.state_dict(),
+        }
+
+    def _load_monitor_state_dict(self, state: dict[str, Any]) -> None:
+        self._warm = {k: v.clone() for k, v in state.get("warm", {}).items()}
+        self.eos_rule.load_state_dict(state.get("eos_rule", {}))
+        self.growth_rule.load_state_dict(state.get("growth_rule", {}))
+
+    # ----------------------------------------------------------------------------------------------- measure
+    def _operator(self, pl_module: pl.LightningModule, batches: list[Any], params: dict, trainer: pl.Trainer) -> HessianOperator:
+        return HessianOperator(
+            pl_module,
+            self.resolve_loss_fn(pl_module),
+            batches,
+            params=params,
+            backend=self.backend,
+            batch_size_fn=self.batch_size_fn,
+            seed=self.seed,
+            all_reduce=distributed.all_reduce_sum if trainer.world_size > 1 else None,
+        )
+
+    def _lanczos(self, op: Any, key: str, k: int, smallest: bool, generator: torch.Generator) -> Any:
+        init = self._warm.get(key)
+        if init is not None and init.shape[-1] != op.shape[0]:
+            init = None  # the parameter selection changed shape: start cold
+        result = lanczos(
+            op,
+            k=min(k, op.shape[0]),
+            smallest=smallest,
+            tol=self.tol,
+            max_iter=min(self.max_iter, op.shape[0]),
+            init=None if init is None else init.to(device=op.device, dtype=op.dtype),
+            generator=generator,
+            basis_device="cpu" if self.basis_on_cpu else None,
+        )
+        self._warm[key] = result.eigenvectors.detach().to("cpu", copy=True)
+        return result
+
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], step: int
+    ) -> dict[str, float]:
+        params = select_parameters(pl_module, self.params)
+        # Identically seeded on every rank, so every rank draws the same start vectors and runs the same Lanczos.
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        metrics: dict[str, float] = {}
+        hvps = 0
+        with operator_mode(pl_module, self.mode):
+            with self._operator(pl_module, batches, params, trainer) as op:
+                self.log_definition(trainer, self._definition(op, params, len(batches)))
+                result = self._lanczos(op, "top", self.top_k, self.lambda_min, generator)
+                eigenvalues = result.eigenvalues.tolist()
+                sharpness = eigenvalues[0]
+                metrics[f"{self.prefix}/sharpness"] = sharpness
+                for i, value in enumerate(eigenvalues, start=1):
+                    metrics[self.key(f"eig_{i}")] = value
+                if self.lambda_min and result.lambda_min is not None:
+                    metrics[self.key("lambda_min")] = float(result.lambda_min)
+                metrics[self.key("converged")] = float(result.converged)
+                if not result.converged:
+                    self._warn_once(
+                        "not-converged",
+                        f"HessianMonitor: Lanczos did not reach tol={self.tol} in max_iter={self.max_iter} HVPs at "
+                        f"step {step}; the logged values are the best Ritz values (see `{self.key('converged')}`).",
+                    )
+                if self.trace:
+                    estimate = hutchpp_trace(op, self.trace_matvecs, generator=generator)
+                    metrics[self.key("trace")] = estimate.estimate
+                    metrics[self.key("trace_stderr")] = estimate.stderr
+                if self.density:
+                    self._log_density(trainer, op, generator, step)
+                metrics.update(self._edge_of_stability(trainer, op, params, sharpness, generator))
+                hvps += op.num_matvecs
+            if self.per_block:
+                blocks = top_level_blocks(params)
+                for name, names in blocks.items():
+                    with self._operator(pl_module, batches, {n: params[n] for n in names}, trainer) as block_op:
+                        block = self._lanczos(block_op, f"block/{name}", 1, False, generator)
+                        metrics[self.key(f"block/{name}/eig_1")] = float(block.eigenvalues[0])
+                        hvps += block_op.num_matvecs
+        metrics[self.key("hvps")] = float(hvps)
+        self._check_alerts(trainer, metrics, step)
+        return metrics
+
+    def _definition(self, op: HessianOperator, params: dict, num_batches: int) -> str:
+        selection = "all trainable parameters" if self.params is None else f"parameters selected by {self.params!r}"
+        return (
+            f"Hessian of the mean loss over {op.num_samples} examples in {num_batches} probe batch(es) per process "
+            f"(the first training batches seen, fixed for the whole run), weighted by batch size; {selection} "
+            f"({op.shape[0]} values, {op.dtype}); mode={self.mode!r} "
+            f"({'running BatchNorm statistics, dropout off' if self.mode == 'eval' else 'batch statistics, BatchNorm buffers untouched, dropout masks fixed by seed'}); "
+            f"backend={op.backend!r}; Lanczos tol={self.tol} relative to the sharpness."
+        )
+
+    def _log_density(self, trainer: pl.Trainer, op: Any, generator: torch.Generator, step: int) -> None:
+        spectrum = slq_density(
+            op,
+            num_runs=self.density_runs,
+            num_steps=min(self.density_steps, op.shape[0]),
+            generator=generator,
+            basis_device="cpu" if self.basis_on_cpu else None,
+        )
+        lo, hi = float(spectrum.nodes.min()), float(spectrum.nodes.max())
+        pad = 1e-6 + 0.02 * (hi - lo)
+        edges = torch.linspace(lo - pad, hi + pad, self.density_bins + 1, dtype=torch.float64)
+        tb.log_histogram_raw(trainer, self.key("density"), edges, spectrum.histogram(edges), step)
+
+    def _edge_of_stability(
+        self, trainer: pl.Trainer, op: HessianOperator, params: dict, sharpness: float, generator: torch.Generator
+    ) -> dict[str, float]:
+        for optimizer in trainer.optimizers:
+            threshold = stability_threshold(optimizer, params)
+            if threshold is not None:
+                break
+        else:
+            self._warn_once(
+                "no-eos",
+                "HessianMonitor: eos_ratio is logged for SGD, Adam and AdamW only; the optimizer in use is "
+                f"{[type(o).__name__ for o in trainer.optimizers]}.",
+            )
+            return {}
+        metrics = {self.key("stability_threshold"): threshold.threshold}
+        value = sharpness
+        if threshold.preconditioned:
+            preconditioner = adam_preconditioner(optimizer, params)
+            if preconditioner is None:
+                return {}  # before Adam's first step there is no second-moment estimate
+            scaled = DiagonalScaledOperator(op, preconditioner.rsqrt())
+            value = float(self._lanczos(scaled, "precond", 1, False, generator).eigenvalues[0])
+            metrics[self.key("preconditioned_sharpness")] = value
+        metrics[self.key("eos_ratio")] = value / threshold.threshold
+        return metrics
+
+    def _check_alerts(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+        source = type(self).__name__
+        ratio = metrics.get(self.key("eos_ratio"))
+        if ratio is not None and self.eos_rule.update(ratio):
+            self.emit_alert(
+                trainer,
+                Alert(
+                    step=step,
+                    kind="edge_of_stability",
+                    source=source,
+                    metric=self.key("eos_ratio"),
+                    value=ratio,
+                    threshold=self.eos_rule.threshold,
+                    message=(
+                        f"eos_ratio {ratio:.3g} has been above {self.eos_rule.threshold:g} for "
+                        f"{self.eos_rule.patience} measurements: the curvature exceeds what the optimizer's step "
+                        "size can follow stably (edge of stability); loss spikes or divergence may follow. "
+                        "Consider a lower learning rate or warm-up."
+                    ),
+                ),
+            )
+        sharpness = metrics[f"{self.prefix}/sharpness"]
+        threshold = self.growth_rule.threshold
+        if self.growth_rule.update(sharpness):
+            self.emit_alert(
+                trainer,
+                Alert(
+                    step=step,
+                    kind="sharpness_growth",
+                    source=source,
+                    metric=f"{self.prefix}/sharpness",
+                    value=sharpness,
+                    threshold=threshold,
+                    message=(
+                        f"sharpness jumped to {sharpness:.4g} from {threshold / (1 + self.growth_rule.jump):.4g} "
+                        f"(more than {self.growth_rule.jump:.0%} between measurements)."
+                    ),
+                ),
+            )

@@ -1,0 +1,109 @@
+"""Alerts and the small stateful rules that raise them.
+
+An :class:`Alert` is a frozen record of one early warning. Rules are pure state machines over a stream of values
+(one value per measurement), with ``state_dict``/``load_state_dict`` of primitives, so a resumed run keeps them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lightning_landscape.core._validation import check_float, check_int
+
+ALERT_KINDS = (
+    "non_finite",
+    "grad_spike",
+    "loss_spike",
+    "edge_of_stability",
+    "sharpness_growth",
+    "rank_collapse",
+    "barrier_rise",
+)
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One early warning.
+
+    Attributes:
+        step: optimizer step (``trainer.global_step``) at which the condition was seen.
+        kind: one of :data:`ALERT_KINDS`.
+        source: the monitor that raised it (class name).
+        metric: the logged key whose value triggered it.
+        value: that value.
+        threshold: the threshold it crossed.
+        message: a sentence for humans: what happened and what it usually means.
+    """
+
+    step: int
+    kind: str
+    source: str
+    metric: str
+    value: float
+    threshold: float
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Primitives only (for checkpoints and JSON)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Alert:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+class ConsecutiveAboveRule:
+    """Fires once when the value has stayed strictly above ``threshold`` for ``patience`` consecutive updates.
+
+    It re-arms when the value drops to or below the threshold, so a second excursion fires again.
+    """
+
+    def __init__(self, threshold: float, patience: int = 1) -> None:
+        self.threshold = check_float("threshold", threshold)
+        self.patience = check_int("patience", patience, minimum=1)
+        self.streak = 0
+
+    def update(self, value: float) -> bool:
+        """Feed one value; True exactly when the streak reaches ``patience``."""
+        if math.isfinite(value) and value > self.threshold:
+            self.streak += 1
+            return self.streak == self.patience
+        self.streak = 0
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"streak": self.streak}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.streak = int(state.get("streak", 0))
+
+
+class RelativeJumpRule:
+    """Fires when a positive value exceeds ``(1 + jump)`` times the previous value."""
+
+    def __init__(self, jump: float) -> None:
+        self.jump = check_float("jump", jump, minimum=0.0, strict_minimum=True)
+        self.previous: float | None = None
+
+    @property
+    def threshold(self) -> float:
+        """The value that would fire on the next update (``inf`` before the first value)."""
+        return math.inf if self.previous is None else self.previous * (1.0 + self.jump)
+
+    def update(self, value: float) -> bool:
+        """Feed one value; True when it jumped by more than ``jump`` relative to the previous one."""
+        if not math.isfinite(value):
+            return False
+        fired = self.previous is not None and self.previous > 0 and value > self.threshold
+        self.previous = value
+        return fired
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"previous": self.previous}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        previous = state.get("previous")
+        self.previous = None if previous is None else float(previous)

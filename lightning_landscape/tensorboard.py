@@ -1,0 +1,57 @@
+"""TensorBoard extras (text, raw histograms) written through the Trainer's TensorBoard loggers.
+
+Scalars go through every Lightning logger's ``log_metrics``; what only TensorBoard can show (text, histograms of a
+spectral density) goes here, to each attached ``TensorBoardLogger`` on rank 0. Other loggers simply do not get
+these extras.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import Tensor
+
+
+def _writers(trainer: pl.Trainer) -> Iterator[Any]:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            yield logger.experiment
+
+
+def log_text(trainer: pl.Trainer, tag: str, text: str, step: int) -> None:
+    """Write ``text`` to TensorBoard's Text tab under ``tag``."""
+    for writer in _writers(trainer):
+        writer.add_text(tag, text, global_step=step)
+
+
+def log_histogram_raw(trainer: pl.Trainer, tag: str, edges: Tensor, mass: Tensor, step: int, num: int = 1000) -> None:
+    """Write a histogram given as bin ``edges`` (m + 1) and probability ``mass`` per bin (m).
+
+    TensorBoard wants counts: the mass is scaled to ``num`` pseudo-samples; the statistics fields are the exact
+    moments of the binned distribution (bin centres).
+    """
+    edges = edges.double().cpu()
+    counts = (mass.double().cpu() * num).clamp_min(0.0)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    total = float(counts.sum())
+    if total <= 0:
+        return
+    nonzero = centres[counts > 0]
+    for writer in _writers(trainer):
+        writer.add_histogram_raw(
+            tag,
+            min=float(nonzero.min()),
+            max=float(nonzero.max()),
+            num=total,
+            sum=float((counts * centres).sum()),
+            sum_squares=float((counts * centres**2).sum()),
+            bucket_limits=edges[1:].tolist(),
+            bucket_counts=counts.tolist(),
+            global_step=step,
+        )

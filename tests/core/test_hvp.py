@@ -1,0 +1,182 @@
+import pytest
+import torch
+from torch import nn
+
+from lightning_landscape.core.hvp import (
+    DiagonalScaledOperator,
+    HessianOperator,
+    NonFiniteLossError,
+    check_loss,
+    default_batch_size,
+    operator_mode,
+)
+from lightning_landscape.core.params import flatten
+from lightning_landscape.core.reference import dense_hessian
+from tests.helpers.models import (
+    classification_batches,
+    cross_entropy_loss,
+    make_batchnorm_statistics_nontrivial,
+    tiny_cnn,
+    tiny_mlp,
+)
+
+BACKENDS = ["func", "double_backward", "graph"]
+
+
+def _model_and_batches(kind):
+    if kind == "mlp":
+        model = tiny_mlp(dropout=0.3)
+        batches = classification_batches(3, 8)
+    else:
+        model = tiny_cnn()
+        batches = classification_batches(2, 6, shape=(1, 6, 6))
+    make_batchnorm_statistics_nontrivial(model)
+    return model, batches
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_hvp_equals_dense_hessian_times_vector(kind, mode, backend):
+    model, batches = _model_and_batches(kind)
+    with operator_mode(model, mode):
+        dense = dense_hessian(model, cross_entropy_loss, batches, seed=3)
+        op = HessianOperator(model, cross_entropy_loss, batches, backend=backend, seed=3)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            v = torch.randn(op.shape[0], generator=g, dtype=torch.float64)
+            torch.testing.assert_close(op @ v, dense @ v, rtol=1e-10, atol=1e-12)
+        op.close()
+    assert op.num_matvecs == 3
+    torch.testing.assert_close(dense, dense.T, rtol=0, atol=1e-12)
+
+
+def test_train_and_eval_mode_give_different_operators():
+    model, batches = _model_and_batches("mlp")
+    with operator_mode(model, "eval"):
+        h_eval = dense_hessian(model, cross_entropy_loss, batches)
+    with operator_mode(model, "train"):
+        h_train = dense_hessian(model, cross_entropy_loss, batches)
+    assert (h_eval - h_train).abs().max() > 1e-3
+
+
+def test_train_mode_is_deterministic_with_dropout_and_leaves_buffers():
+    model, batches = _model_and_batches("mlp")
+    buffers = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    with operator_mode(model, "train"):
+        op = HessianOperator(model, cross_entropy_loss, batches, backend="double_backward", seed=11)
+        v = torch.ones(op.shape[0], dtype=torch.float64)
+        first, second = op @ v, op @ v
+    assert torch.equal(first, second)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_operator_mode_restores_each_submodule_flag():
+    model = tiny_mlp()
+    model.train()
+    model[1].eval()  # a frozen BatchNorm inside a training model
+    with operator_mode(model, "eval"):
+        assert not any(m.training for m in model.modules())
+    assert model.training and not model[1].training and model[0].training
+
+
+def test_weights_follow_batch_sizes():
+    model, batches = _model_and_batches("mlp")
+    whole = [(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))]
+    with operator_mode(model, "eval"):
+        v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+        split = HessianOperator(model, cross_entropy_loss, batches) @ v
+        joined = HessianOperator(model, cross_entropy_loss, whole) @ v
+    torch.testing.assert_close(split, joined, rtol=1e-10, atol=1e-12)
+
+
+def test_params_subset_is_the_diagonal_block():
+    model, batches = _model_and_batches("mlp")
+    names = [n for n, _ in model.named_parameters()]
+    subset = {n: p for n, p in model.named_parameters() if n.startswith("4.")}
+    with operator_mode(model, "eval"):
+        full = dense_hessian(model, cross_entropy_loss, batches)
+        block = dense_hessian(model, cross_entropy_loss, batches, params=subset)
+        op = HessianOperator(model, cross_entropy_loss, batches, params=subset)
+        v = torch.randn(op.shape[0], dtype=torch.float64)
+        torch.testing.assert_close(op @ v, block @ v, rtol=1e-10, atol=1e-12)
+    start = sum(p.numel() for n, p in model.named_parameters() if names.index(n) < names.index("4.weight"))
+    torch.testing.assert_close(full[start:, start:], block, rtol=1e-10, atol=1e-12)
+
+
+def test_loss_and_gradient_match_autograd():
+    model, batches = _model_and_batches("mlp")
+    with operator_mode(model, "eval"):
+        op = HessianOperator(model, cross_entropy_loss, batches)
+        loss, grad = op.loss_and_gradient()
+        sizes = [len(b[1]) for b in batches]
+        total = sum(cross_entropy_loss(model, b) * n / sum(sizes) for b, n in zip(batches, sizes))
+        expected = flatten(torch.autograd.grad(total, list(model.parameters())))
+    assert loss == pytest.approx(float(total), rel=1e-12)
+    torch.testing.assert_close(grad, expected)
+
+
+def test_unused_parameter_gives_zero_rows():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2)).double()
+    batches = [(torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,)))]
+
+    def only_first(module, batch):
+        return module[0](batch[0]).pow(2).mean()
+
+    for backend in BACKENDS:
+        op = HessianOperator(model, only_first, batches, backend=backend)
+        out = op @ torch.ones(op.shape[0], dtype=torch.float64)
+        assert torch.all(out[8:] == 0) and out[:8].abs().sum() > 0
+
+
+def test_diagonal_scaled_operator_is_dhd():
+    a = torch.randn(6, 6, dtype=torch.float64)
+    a = a + a.T
+    d = torch.rand(6, dtype=torch.float64) + 0.5
+    scaled = DiagonalScaledOperator(a, d)
+    v = torch.randn(6, dtype=torch.float64)
+    torch.testing.assert_close(scaled @ v, torch.diag(d) @ a @ torch.diag(d) @ v)
+    with pytest.raises(ValueError, match="`scale` must be 1-D with 6 elements"):
+        DiagonalScaledOperator(a, torch.ones(5))
+
+
+def test_non_finite_loss_raises():
+    model, batches = _model_and_batches("mlp")
+    bad = [(torch.full_like(batches[0][0], float("nan")), batches[0][1])]
+    op = HessianOperator(model, cross_entropy_loss, bad)
+    with pytest.raises(NonFiniteLossError, match="not finite"):
+        op @ torch.ones(op.shape[0], dtype=torch.float64)
+
+
+def test_bad_inputs():
+    model, batches = _model_and_batches("mlp")
+    with pytest.raises(TypeError, match="`loss_fn` must be callable"):
+        HessianOperator(model, 3, batches)
+    with pytest.raises(ValueError, match="`backend` must be one of"):
+        HessianOperator(model, cross_entropy_loss, batches, backend="magic")
+    with pytest.raises(ValueError, match="`batches` must hold at least one batch"):
+        HessianOperator(model, cross_entropy_loss, [])
+    op = HessianOperator(model, cross_entropy_loss, batches)
+    with pytest.raises(ValueError, match="`vector` must be 1-D"):
+        op @ torch.ones(3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="`loss_fn` must return a scalar Tensor.*shape"):
+        check_loss(torch.ones(3))
+    with pytest.raises(TypeError, match="`loss_fn` must return a scalar Tensor.*float"):
+        check_loss(1.0)
+    with pytest.raises(TypeError, match="floating-point"):
+        check_loss(torch.tensor(1))
+    with pytest.raises(TypeError, match="Cannot infer the batch size"):
+        default_batch_size({"a": 1})
+    with pytest.raises(ValueError, match="`mode` must be one of"):
+        with operator_mode(model, "test"):
+            pass
+    mixed = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2).double())
+    with pytest.raises(TypeError, match="share one dtype"):
+        HessianOperator(mixed, cross_entropy_loss, batches)
+
+
+def test_default_batch_size_finds_nested_tensors():
+    assert default_batch_size({"x": [torch.zeros(7, 2)], "y": torch.zeros(7)}) == 7
+    assert default_batch_size((torch.tensor(1.0), torch.zeros(5, 1))) == 5
