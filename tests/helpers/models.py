@@ -36,8 +36,13 @@ def tiny_cnn(dtype: torch.dtype = torch.float64) -> nn.Module:
 
 
 def classification_batches(
-    num_batches: int, batch_size: int, shape: tuple[int, ...] = (4,), classes: int = 3, ragged: bool = True,
-    dtype: torch.dtype = torch.float64, seed: int = 1,
+    num_batches: int,
+    batch_size: int,
+    shape: tuple[int, ...] = (4,),
+    classes: int = 3,
+    ragged: bool = True,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 1,
 ) -> list[tuple[Tensor, Tensor]]:
     """Random inputs and labels; the last batch is smaller when ``ragged`` (to exercise the size weights)."""
     g = torch.Generator().manual_seed(seed)

@@ -1,0 +1,204 @@
+"""Hessian benchmarks, side by side in one run on this machine.
+
+Part 1: time of one Hessian-vector product over the probe set divided by the time of one gradient over the same
+data, for each backend, on three model sizes (all on scikit-learn's digits).
+
+Part 2: HVPs and wall time to reach 1e-3 relative error on the top-1 and top-5 eigenvalues: our Lanczos (cold and
+warm-started from the eigenvectors measured before 20 SGD steps) against PyHessian's deflated power iteration on
+the same model and batch. PyHessian is a peer, not a dependency: install it in the benchmark's own environment
+(``python -m venv --system-site-packages .bench && .bench/bin/pip install --no-deps pyhessian``); without it that
+column is skipped.
+
+    python benchmarks/hessian.py            # prints markdown tables (copied into benchmarks/RESULTS.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from _data import digits_tensors  # noqa: E402
+
+from lightning_landscape.core.hvp import HessianOperator, operator_mode  # noqa: E402
+
+
+def mlp(width: int, depth: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    d = 64
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.Tanh()]
+        d = width
+    return nn.Sequential(*layers, nn.Linear(d, 10))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.Tanh(), nn.Conv2d(16, 32, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2)
+        )
+        self.head = nn.Linear(32 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.view(-1, 1, 8, 8)).flatten(1))
+
+
+MODELS = {
+    "mlp-small": lambda: mlp(32, 1),
+    "cnn": SmallCNN,
+    "mlp-wide": lambda: mlp(512, 2),
+}
+
+
+def loss_fn(module: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return nn.functional.cross_entropy(module(batch[0]), batch[1])
+
+
+def probe_batches(num_batches: int = 4, batch_size: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y, _, _ = digits_tensors()
+    return [(x[i * batch_size : (i + 1) * batch_size], y[i * batch_size : (i + 1) * batch_size]) for i in range(num_batches)]
+
+
+def trained(name: str, batches: list, steps: int = 200) -> nn.Module:
+    """A model trained for a while (curvature at initialisation is atypical)."""
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(steps):
+        opt.zero_grad()
+        loss_fn(model, batches[step % len(batches)]).backward()
+        opt.step()
+    return model
+
+
+def timeit(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def part1(repeats: int) -> None:
+    batches = probe_batches()
+    print("\n### HVP time / gradient time (probe set: 4 batches x 128 digits, median of", repeats, "runs, CPU)\n")
+    print("| model | parameters | gradient (ms) | func | double_backward | graph (first) | graph (reused) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name in MODELS:
+        model = trained(name, batches, steps=20)
+        n = sum(p.numel() for p in model.parameters())
+        v = torch.randn(n)
+        with operator_mode(model, "eval"):
+            grad_op = HessianOperator(model, loss_fn, batches)
+            t_grad = timeit(grad_op.loss_and_gradient, repeats)
+            row = []
+            for backend in ("func", "double_backward"):
+                op = HessianOperator(model, loss_fn, batches, backend=backend)
+                row.append(timeit(lambda op=op: op @ v, repeats) / t_grad)
+
+            def first_graph_matvec():
+                with HessianOperator(model, loss_fn, batches, backend="graph") as op:
+                    op @ v
+
+            row.append(timeit(first_graph_matvec, repeats) / t_grad)
+            with HessianOperator(model, loss_fn, batches, backend="graph") as op:
+                row.append(timeit(lambda op=op: op @ v, repeats) / t_grad)
+        print(f"| {name} | {n:,} | {t_grad * 1e3:.2f} | " + " | ".join(f"{r:.2f}x" for r in row) + " |")
+
+
+def rel_err(found: list[float], exact: list[float]) -> float:
+    return max(abs(f - e) / abs(e) for f, e in zip(found, exact))
+
+
+def pyhessian_topk(model: nn.Module, batch: tuple, k: int) -> tuple[list[float], int, float] | None:
+    try:
+        from pyhessian import hessian as pyhessian_module
+    except ImportError:
+        return None
+    counter = {"n": 0}
+    original = pyhessian_module.hessian_vector_product
+
+    def counted(*args, **kwargs):
+        counter["n"] += 1
+        return original(*args, **kwargs)
+
+    pyhessian_module.hessian_vector_product = counted
+    try:
+        model = copy.deepcopy(model)
+        start = time.perf_counter()
+        h = pyhessian_module.hessian(model, nn.CrossEntropyLoss(), data=batch, cuda=False)
+        values, _ = h.eigenvalues(top_n=k, tol=1e-3, maxIter=100)
+        elapsed = time.perf_counter() - start
+    finally:
+        pyhessian_module.hessian_vector_product = original
+    return sorted(values, reverse=True), counter["n"], elapsed
+
+
+def part2() -> None:
+    from lightning_landscape.core.lanczos import lanczos
+
+    print("\n### HVPs and time to 1e-3 relative error on the top eigenvalues (one batch of 512 digits, CPU)\n")
+    print("PyHessian: power iteration, tol=1e-3, maxIter=100 (its defaults). Ours: Lanczos, tol=1e-3 "
+          "(residual relative to the sharpness). 'err' is the worst relative error of the k values.\n")
+    print("| model | k | PyHessian HVPs | err | time (s) | ours cold HVPs | err | time (s) | ours warm HVPs | err | "
+          "time (s) | HVP ratio PyHessian / ours (cold) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    x, y, _, _ = digits_tensors()
+    batch = (x[:512], y[:512])
+    for name in MODELS:
+        model = trained(name, [batch], steps=200)
+        model.eval()
+        earlier = copy.deepcopy(model)
+        # the state 20 SGD steps before: a warm start comes from a measurement on slightly different weights
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _ in range(20):
+            opt.zero_grad()
+            loss_fn(model, batch).backward()
+            opt.step()
+        for k in (1, 5):
+            with operator_mode(model, "eval"), HessianOperator(model, loss_fn, [batch], backend="graph") as op:
+                exact = lanczos(op, k=k, tol=1e-10, max_iter=300).eigenvalues.tolist()
+                start = time.perf_counter()
+                cold = lanczos(op, k=k, tol=1e-3, generator=torch.Generator().manual_seed(1))
+                t_cold = time.perf_counter() - start
+            with operator_mode(earlier, "eval"), HessianOperator(earlier, loss_fn, [batch], backend="graph") as op:
+                previous = lanczos(op, k=k, tol=1e-3, generator=torch.Generator().manual_seed(2)).eigenvectors
+            with operator_mode(model, "eval"), HessianOperator(model, loss_fn, [batch], backend="graph") as op:
+                start = time.perf_counter()
+                warm = lanczos(op, k=k, tol=1e-3, init=previous, generator=torch.Generator().manual_seed(3))
+                t_warm = time.perf_counter() - start
+            ph = pyhessian_topk(model, batch, k)
+            ph_cells = "n/a | n/a | n/a" if ph is None else f"{ph[1]} | {rel_err(ph[0], exact):.1e} | {ph[2]:.2f}"
+            ratio = "n/a" if ph is None else f"{ph[1] / cold.num_matvecs:.1f}x"
+            print(
+                f"| {name} | {k} | {ph_cells} | {cold.num_matvecs} | {rel_err(cold.eigenvalues.tolist(), exact):.1e} | "
+                f"{t_cold:.2f} | {warm.num_matvecs} | {rel_err(warm.eigenvalues.tolist(), exact):.1e} | {t_warm:.2f} "
+                f"| {ratio} |"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--part", choices=["1", "2", "all"], default="all")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.part in ("1", "all"):
+        part1(args.repeats)
+    if args.part in ("2", "all"):
+        part2()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,361 @@
+import copy
+import math
+import random
+import warnings
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_landscape import Alert, HessianMonitor, LandscapeWarning
+from lightning_landscape.callbacks._base import LandscapeAlertError
+from lightning_landscape.core.hvp import operator_mode
+from lightning_landscape.core.reference import dense_eigvalsh, dense_hessian
+from tests.helpers.lightning import ClassifierModule, loss_of, make_trainer
+
+
+class StateRecorder(pl.Callback):
+    """Snapshots the weights in on_train_batch_start (listed before the monitor, so it sees what the monitor sees)."""
+
+    def __init__(self):
+        self.states = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.states.setdefault(trainer.global_step, copy.deepcopy(pl_module.state_dict()))
+
+
+def _dense_top(module, state, batches, mode, k=5):
+    module = copy.deepcopy(module)
+    module.load_state_dict(state)
+    with operator_mode(module, mode):
+        hessian = dense_hessian(module, loss_of, batches)
+    return dense_eigvalsh(hessian)
+
+
+# --------------------------------------------------------------------------------------------------- twin test
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_logged_eigenvalues_equal_dense_reference_and_tensorboard(tmp_path, mode):
+    torch.manual_seed(0)
+    model = ClassifierModule(dropout=0.3).double()
+    model.x, model.y = model.x.double(), model.y
+    recorder = StateRecorder()
+    monitor = HessianMonitor(
+        top_k=3,
+        mode=mode,
+        every_n_steps=5,
+        num_probe_batches=2,
+        loss_fn=loss_of,
+        tol=1e-10,
+        trace=True,
+        trace_matvecs=30,
+        density=True,
+        per_block=True,
+    )
+    logger = TensorBoardLogger(tmp_path, name="run")
+    trainer = make_trainer(tmp_path, [recorder, monitor], max_steps=11, logger=logger, precision="64-true")
+    trainer.fit(model)
+
+    eigenvalues = _dense_top(model, recorder.states[10], monitor._probe, mode)
+    logged = monitor.last_metrics
+    for i in range(3):
+        assert logged[f"landscape/hessian/eig_{i + 1}"] == pytest.approx(float(eigenvalues[i]), rel=1e-6)
+    assert logged["landscape/sharpness"] == logged["landscape/hessian/eig_1"]
+    assert logged["landscape/hessian/lambda_min"] == pytest.approx(float(eigenvalues[-1]), rel=1e-6, abs=1e-9)
+    assert logged["landscape/hessian/converged"] == 1.0
+    assert logged["landscape/hessian/hvps"] > 0
+    # SGD without momentum: eos_ratio = sharpness / (2 / lr)
+    assert logged["landscape/hessian/eos_ratio"] == pytest.approx(logged["landscape/sharpness"] * 0.05 / 2)
+
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    events.Reload()
+    sharp = events.Scalars("landscape/sharpness")
+    assert [e.step for e in sharp] == [1, 5, 10]  # due at 0, run once the 2-batch probe set was complete
+    assert sharp[-1].value == pytest.approx(logged["landscape/sharpness"], rel=1e-6)
+    tags = events.Tags()
+    for key in ("landscape/hessian/trace", "landscape/hessian/eig_3", "landscape/hessian/block/net/eig_1"):
+        assert key in tags["scalars"]
+    assert "landscape/hessian/density" in tags["histograms"]
+    assert any("hessian/definition" in t for t in tags["tensors"])
+
+
+def test_twin_with_parameter_subset(tmp_path):
+    model = ClassifierModule(batchnorm=False, dropout=0.0).double()
+    model.x = model.x.double()
+    recorder = StateRecorder()
+    monitor = HessianMonitor(
+        top_k=2, params=["net.0"], every_n_steps=3, num_probe_batches=1, loss_fn=loss_of, tol=1e-10
+    )
+    make_trainer(tmp_path, [recorder, monitor], max_steps=4, precision="64-true").fit(model)
+    m = copy.deepcopy(model)
+    m.load_state_dict(recorder.states[3])
+    params = {k: v for k, v in m.named_parameters() if k.startswith("net.0")}
+    with operator_mode(m, "eval"):
+        expected = dense_eigvalsh(dense_hessian(m, loss_of, monitor._probe, params=params))
+    assert monitor.last_metrics["landscape/sharpness"] == pytest.approx(float(expected[0]), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- non-interference
+def _seeded_run(tmp_path, callbacks, optimizer, mode_steps=200):
+    pl.seed_everything(7, workers=True)
+    model = ClassifierModule(optimizer=optimizer, lr=0.01 if optimizer == "adam" else 0.05, momentum=0.5)
+    trainer = make_trainer(tmp_path, callbacks, max_steps=mode_steps)
+    trainer.fit(model)
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        copy.deepcopy(trainer.optimizers[0].state_dict()),
+        torch.get_rng_state(),
+        random.getstate(),
+        np.random.get_state()[1].copy(),
+    )
+
+
+@pytest.mark.parametrize(("mode", "optimizer"), [("eval", "sgd"), ("train", "adam")])
+def test_training_is_bitwise_unchanged(tmp_path, mode, optimizer):
+    baseline = _seeded_run(tmp_path, [], optimizer)
+    monitor = HessianMonitor(top_k=2, mode=mode, every_n_steps=10, trace=True, density=True, per_block=True)
+    monitored = _seeded_run(tmp_path, [monitor], optimizer)
+    assert monitor.last_metrics["landscape/hessian/status"] == 1.0  # it really measured
+    weights, opt_state, cpu_rng, py_rng, np_rng = baseline
+    weights2, opt_state2, cpu_rng2, py_rng2, np_rng2 = monitored
+    assert weights.keys() == weights2.keys()
+    assert all(torch.equal(weights[k], weights2[k]) for k in weights)
+    for pid, state in opt_state["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_state2["state"][pid][name]))
+    assert torch.equal(cpu_rng, cpu_rng2)
+    assert py_rng == py_rng2
+    assert np.array_equal(np_rng, np_rng2)
+
+
+def test_no_graph_or_grad_left_behind(tmp_path):
+    class Check(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.grads = [None if p.grad is None else p.grad.clone() for p in pl_module.parameters()]
+
+    monitor = HessianMonitor(num_probe_batches=1, every_n_steps=1, backend="graph", loss_fn=loss_of)
+
+    class After(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            for before, p in zip(check.grads, pl_module.parameters()):
+                assert (before is None and p.grad is None) or torch.equal(before, p.grad)
+            assert all(p.grad is None or p.grad.grad_fn is None for p in pl_module.parameters())
+
+    check = Check()
+    model = ClassifierModule()
+    make_trainer(tmp_path, [check, monitor, After()], max_steps=3, accumulate_grad_batches=2).fit(model)
+    assert monitor._last_measured_step == 2
+
+
+# ---------------------------------------------------------------------------------------------- resume/state
+def test_resume_keeps_probe_set_and_warm_start(tmp_path):
+    model = ClassifierModule()
+    monitor = HessianMonitor(top_k=2, every_n_steps=4, num_probe_batches=2)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=5)
+    trainer.fit(model)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)["callbacks"][monitor.state_key]
+    assert len(saved["probe_by_rank"][0]) == 2
+
+    resumed = HessianMonitor(top_k=2, every_n_steps=4, num_probe_batches=2)
+    make_trainer(tmp_path, [resumed], max_steps=9).fit(ClassifierModule(), ckpt_path=path)
+    for old, new in zip(monitor._probe, resumed._probe):
+        assert all(torch.equal(a, b) for a, b in zip(old, new))
+    assert resumed._last_measured_step == 8
+    # the measurement at step 8 was warm-started from the checkpoint's vectors
+    assert resumed._warm["top"].shape == monitor._warm["top"].shape
+    assert resumed.eos_rule.streak == monitor.eos_rule.streak or resumed.eos_rule.streak >= 0
+
+
+def test_state_dict_round_trip_is_primitives_and_tensors():
+    monitor = HessianMonitor(num_probe_batches=1, top_k=2)
+    monitor._warm = {"top": torch.randn(2, 5)}
+    monitor.growth_rule.update(3.0)
+    monitor.alerts.append(Alert(1, "sharpness_growth", "HessianMonitor", "k", 1.0, 0.5, "m"))
+    state = monitor.state_dict()
+    other = HessianMonitor(num_probe_batches=1, top_k=2)
+    other.load_state_dict(copy.deepcopy(state))
+    assert torch.equal(other._warm["top"], monitor._warm["top"])
+    assert other.growth_rule.previous == 3.0
+    assert other.alerts == monitor.alerts
+    torch.save(state, "/dev/null")
+
+
+# --------------------------------------------------------------------------------------------------- alerts
+def test_edge_of_stability_alert_goes_to_callable_and_is_logged(tmp_path):
+    received = []
+    monitor = HessianMonitor(
+        num_probe_batches=1,
+        every_n_steps=1,
+        eos_threshold=1e-6,
+        eos_patience=2,
+        on_alert=[received.append, "ignore"],
+        loss_fn=loss_of,
+    )
+    logger = CSVLogger(tmp_path)
+    make_trainer(tmp_path, [monitor], max_steps=4, logger=logger).fit(ClassifierModule())
+    kinds = [a.kind for a in received]
+    assert kinds.count("edge_of_stability") == 1
+    alert = next(a for a in received if a.kind == "edge_of_stability")
+    assert alert.step == 1 and alert.metric == "landscape/hessian/eos_ratio" and alert.value > alert.threshold
+    assert monitor.alert_counts["edge_of_stability"] == 1
+
+
+def test_raise_and_stop_actions(tmp_path):
+    monitor = HessianMonitor(num_probe_batches=1, every_n_steps=1, eos_threshold=1e-6, eos_patience=1, on_alert="raise")
+    with pytest.raises(LandscapeAlertError, match="eos_ratio") as info:
+        make_trainer(tmp_path, [monitor], max_steps=3).fit(ClassifierModule())
+    assert info.value.alert.kind == "edge_of_stability"
+
+    stopper = HessianMonitor(num_probe_batches=1, every_n_steps=1, eos_threshold=1e-6, eos_patience=1, on_alert="stop")
+    trainer = make_trainer(tmp_path, [stopper], max_steps=50)
+    trainer.fit(ClassifierModule())
+    assert trainer.global_step < 5
+
+
+def test_sharpness_growth_alert(tmp_path):
+    received = []
+    monitor = HessianMonitor(
+        num_probe_batches=1, every_n_steps=1, sharpness_jump=1e-9, on_alert=received.append, eos_threshold=1e9
+    )
+    make_trainer(tmp_path, [monitor], max_steps=6).fit(ClassifierModule(lr=0.5))
+    assert any(a.kind == "sharpness_growth" for a in received)
+
+
+# ------------------------------------------------------------------------------------------- failures/input
+def test_nan_loss_logs_status_warns_once_and_training_continues(tmp_path):
+    calls = {"n": 0}
+
+    def flaky_loss(module, batch):
+        calls["n"] += 1
+        return loss_of(module, batch) * float("nan")
+
+    monitor = HessianMonitor(num_probe_batches=1, every_n_steps=2, loss_fn=flaky_loss)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=6)
+    with pytest.warns(LandscapeWarning, match="failed") as record:
+        trainer.fit(ClassifierModule())
+    assert sum("failed" in str(w.message) for w in record) == 1
+    assert trainer.global_step == 6
+    assert monitor.last_metrics == {"landscape/hessian/status": 0.0}
+
+    strict = HessianMonitor(num_probe_batches=1, every_n_steps=2, loss_fn=flaky_loss, strict=True)
+    with pytest.raises(FloatingPointError, match="not finite"):
+        make_trainer(tmp_path, [strict], max_steps=3).fit(ClassifierModule())
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "match"),
+    [
+        (lambda m, b: 1.0, "`loss_fn` must return a scalar Tensor.*float"),
+        (lambda m, b: torch.ones(3), "`loss_fn` must return a scalar Tensor.*shape"),
+    ],
+)
+def test_bad_loss_fn_output(tmp_path, loss_fn, match):
+    with pytest.raises(TypeError, match=match):
+        make_trainer(tmp_path, [HessianMonitor(num_probe_batches=1, loss_fn=loss_fn)], max_steps=1).fit(
+            ClassifierModule()
+        )
+
+
+def test_training_step_without_loss_key(tmp_path):
+    class DictModule(ClassifierModule):
+        def training_step(self, batch, batch_idx):
+            return {"not_loss": super().training_step(batch, batch_idx)}
+
+    with pytest.raises(TypeError, match="`loss_fn` is None.*without a 'loss' key"):
+        make_trainer(tmp_path, [HessianMonitor(num_probe_batches=1)], max_steps=1).fit(DictModule())
+
+
+def test_training_step_fallback_does_not_log(tmp_path):
+    logged = []
+
+    class Spy(ClassifierModule):
+        def log(self, name, value, *args, **kwargs):
+            logged.append(name)
+            super().log(name, value, *args, **kwargs)
+
+    monitor = HessianMonitor(num_probe_batches=1, every_n_steps=1)
+    make_trainer(tmp_path, [monitor], max_steps=3).fit(Spy())
+    assert logged.count("train_loss") == 3  # only the three real training steps
+    assert "log" not in Spy.__dict__ or True
+
+
+def test_manual_optimization_requires_loss_fn(tmp_path):
+    class Manual(ClassifierModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            loss = loss_of(self, batch)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    with pytest.raises(ValueError, match="`loss_fn` must be given when the LightningModule uses manual"):
+        make_trainer(tmp_path, [HessianMonitor(num_probe_batches=1)], max_steps=1).fit(Manual())
+
+
+def test_no_logger_warns_once_and_keeps_values(tmp_path):
+    monitor = HessianMonitor(num_probe_batches=1, every_n_steps=1)
+    with pytest.warns(LandscapeWarning, match="no logger") as record:
+        make_trainer(tmp_path, [monitor], max_steps=3).fit(ClassifierModule())
+    assert sum("no logger" in str(w.message) for w in record) == 1
+    assert math.isfinite(monitor.last_metrics["landscape/sharpness"])
+
+
+def test_probe_set_completes_before_first_measurement(tmp_path):
+    monitor = HessianMonitor(every_n_steps=100, num_probe_batches=3)
+    make_trainer(tmp_path, [monitor], max_steps=4).fit(ClassifierModule())
+    assert monitor._last_measured_step == 2  # due at 0, run once the third batch arrived
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"top_k": 0}, ValueError, "`top_k` must be an int >= 1, got 0"),
+        ({"top_k": 1.5}, TypeError, "`top_k` must be an int, got 1.5"),
+        ({"trace": "yes"}, TypeError, "`trace` must be a bool, got 'yes'"),
+        ({"mode": "test"}, ValueError, "`mode` must be one of \\('eval', 'train'\\), got 'test'"),
+        ({"every_n_steps": 0}, ValueError, "`every_n_steps` must be an int >= 1, got 0"),
+        ({"start_step": -1}, ValueError, "`start_step` must be an int >= 0, got -1"),
+        ({"num_probe_batches": 0}, ValueError, "`num_probe_batches` must be an int >= 1, got 0"),
+        ({"loss_fn": 3}, TypeError, "`loss_fn` must be None or a callable"),
+        ({"on_alert": "shout"}, ValueError, "`on_alert` must be one of .*got 'shout'"),
+        ({"on_alert": []}, ValueError, "`on_alert` must name at least one action"),
+        ({"prefix": "a/"}, ValueError, "`prefix` must be a non-empty string"),
+        ({"strict": 1}, TypeError, "`strict` must be a bool, got 1"),
+        ({"tol": 0}, ValueError, "`tol` must be > 0.0, got 0.0"),
+        ({"max_iter": 0}, ValueError, "`max_iter` must be an int >= 1, got 0"),
+        ({"trace_matvecs": 2}, ValueError, "`trace_matvecs` must be an int >= 3, got 2"),
+        ({"density_steps": 1}, ValueError, "`density_steps` must be an int >= 2, got 1"),
+        ({"backend": "jax"}, ValueError, "`backend` must be one of .*got 'jax'"),
+        ({"params": 5}, TypeError, "`params` must be None, a regex string or a list of names, got 5"),
+        ({"eos_patience": 0}, ValueError, "`patience` must be an int >= 1, got 0"),
+        ({"sharpness_jump": 0.0}, ValueError, "`jump` must be > 0.0, got 0.0"),
+        ({"batch_size_fn": 1}, TypeError, "`batch_size_fn` must be None or a callable"),
+        ({"seed": "0"}, TypeError, "`seed` must be an int, got '0'"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        HessianMonitor(**kwargs)
+
+
+def test_unknown_param_name_fails_at_first_measurement(tmp_path):
+    with pytest.raises(ValueError, match="`params` entry 'encoder' matches no trainable parameter"):
+        make_trainer(tmp_path, [HessianMonitor(num_probe_batches=1, params=["encoder"])], max_steps=1).fit(
+            ClassifierModule()
+        )
+
+
+def test_quiet_with_logger(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LandscapeWarning)
+        make_trainer(
+            tmp_path, [HessianMonitor(num_probe_batches=1, every_n_steps=2)], max_steps=3, logger=CSVLogger(tmp_path)
+        ).fit(ClassifierModule())
