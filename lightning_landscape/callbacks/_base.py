@@ -304,6 +304,12 @@ class LandscapeCallback(Callback):
         batches = self.probe_batches(pl_module)
         try:
             with model_state_guard(pl_module), _logging_suppressed(pl_module), torch.enable_grad():
+                if trainer.world_size > 1:
+                    # DDP broadcasts rank 0's buffers at the start of each forward, but between steps every rank
+                    # holds running statistics updated by its own batches. Measure every rank on rank 0's buffers
+                    # (what the next forward would use); the guard gives each rank its own back afterwards.
+                    for buffer in pl_module.buffers():
+                        distributed.broadcast(buffer)
                 metrics = self.measure(trainer, pl_module, batches, step)
         except FloatingPointError as err:  # includes NonFiniteLossError
             if self.strict:
