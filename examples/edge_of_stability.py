@@ -54,6 +54,9 @@ class SharpnessHistory(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.monitor._last_measured_step == trainer.global_step - 1:
             self.values.append(self.monitor.last_metrics["landscape/sharpness"])
+            if len(self.values) % 10 == 1:
+                print(f"step {trainer.global_step - 1:5d}  sharpness {self.values[-1]:7.3f}  "
+                      f"eos_ratio {self.monitor.last_metrics.get('landscape/hessian/eos_ratio', float('nan')):.3f}")
 
 
 def main(root: str, lr: float, steps: int, every: int) -> list[float]:
@@ -67,6 +70,7 @@ def main(root: str, lr: float, steps: int, every: int) -> list[float]:
         logger=TensorBoardLogger(root, name="edge_of_stability"),
         callbacks=[monitor, history],
         enable_checkpointing=False,
+        enable_progress_bar=False,  # one "epoch" per step under full-batch GD: the history line below says more
         log_every_n_steps=10,
     )
     trainer.fit(FullBatchRegressor(lr))
@@ -84,8 +88,8 @@ def main(root: str, lr: float, steps: int, every: int) -> list[float]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="runs")
-    parser.add_argument("--lr", type=float, default=0.08)
-    parser.add_argument("--steps", type=int, default=600 if FAST else 2000)
+    parser.add_argument("--lr", type=float, default=0.2)
+    parser.add_argument("--steps", type=int, default=1200 if FAST else 2500)
     parser.add_argument("--every", type=int, default=10 if FAST else 20)
     args = parser.parse_args()
     main(args.root, args.lr, args.steps, args.every)
