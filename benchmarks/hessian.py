@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from _data import digits_tensors  # noqa: E402
+from _data import digits_tensors
 
-from lightning_landscape.core.hvp import HessianOperator, operator_mode  # noqa: E402
+from lightning_landscape.core.hvp import HessianOperator, operator_mode
 
 
 def mlp(width: int, depth: int) -> nn.Module:
@@ -64,7 +64,9 @@ def loss_fn(module: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torc
 
 def probe_batches(num_batches: int = 4, batch_size: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
     x, y, _, _ = digits_tensors()
-    return [(x[i * batch_size : (i + 1) * batch_size], y[i * batch_size : (i + 1) * batch_size]) for i in range(num_batches)]
+    return [
+        (x[i * batch_size : (i + 1) * batch_size], y[i * batch_size : (i + 1) * batch_size]) for i in range(num_batches)
+    ]
 
 
 def trained(name: str, batches: list, steps: int = 200) -> nn.Module:
@@ -104,20 +106,20 @@ def part1(repeats: int) -> None:
             row = []
             for backend in ("func", "double_backward"):
                 op = HessianOperator(model, loss_fn, batches, backend=backend)
-                row.append(timeit(lambda op=op: op @ v, repeats) / t_grad)
+                row.append(timeit(lambda op=op, v=v: op @ v, repeats) / t_grad)
 
-            def first_graph_matvec():
+            def first_graph_matvec(model=model, v=v):
                 with HessianOperator(model, loss_fn, batches, backend="graph") as op:
                     op @ v
 
             row.append(timeit(first_graph_matvec, repeats) / t_grad)
             with HessianOperator(model, loss_fn, batches, backend="graph") as op:
-                row.append(timeit(lambda op=op: op @ v, repeats) / t_grad)
+                row.append(timeit(lambda op=op, v=v: op @ v, repeats) / t_grad)
         print(f"| {name} | {n:,} | {t_grad * 1e3:.2f} | " + " | ".join(f"{r:.2f}x" for r in row) + " |")
 
 
 def rel_err(found: list[float], exact: list[float]) -> float:
-    return max(abs(f - e) / abs(e) for f, e in zip(found, exact))
+    return max(abs(f - e) / abs(e) for f, e in zip(found, exact, strict=False))
 
 
 def pyhessian_topk(model: nn.Module, batch: tuple, k: int) -> tuple[list[float], int, float] | None:
@@ -148,10 +150,14 @@ def part2() -> None:
     from lightning_landscape.core.lanczos import lanczos
 
     print("\n### HVPs and time to 1e-3 relative error on the top eigenvalues (one batch of 512 digits, CPU)\n")
-    print("PyHessian: power iteration, tol=1e-3, maxIter=100 (its defaults). Ours: Lanczos, tol=1e-3 "
-          "(residual relative to the sharpness). 'err' is the worst relative error of the k values.\n")
-    print("| model | k | PyHessian HVPs | err | time (s) | ours cold HVPs | err | time (s) | ours warm HVPs | err | "
-          "time (s) | HVP ratio PyHessian / ours (cold) |")
+    print(
+        "PyHessian: power iteration, tol=1e-3, maxIter=100 (its defaults). Ours: Lanczos, tol=1e-3 "
+        "(residual relative to the sharpness). 'err' is the worst relative error of the k values.\n"
+    )
+    print(
+        "| model | k | PyHessian HVPs | err | time (s) | ours cold HVPs | err | time (s) | ours warm HVPs | err | "
+        "time (s) | HVP ratio PyHessian / ours (cold) |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     x, y, _, _ = digits_tensors()
     batch = (x[:512], y[:512])

@@ -55,8 +55,10 @@ class SharpnessHistory(pl.Callback):
         if self.monitor._last_measured_step == trainer.global_step - 1:
             self.values.append(self.monitor.last_metrics["landscape/sharpness"])
             if len(self.values) % 10 == 1:
-                print(f"step {trainer.global_step - 1:5d}  sharpness {self.values[-1]:7.3f}  "
-                      f"eos_ratio {self.monitor.last_metrics.get('landscape/hessian/eos_ratio', float('nan')):.3f}")
+                print(
+                    f"step {trainer.global_step - 1:5d}  sharpness {self.values[-1]:7.3f}  "
+                    f"eos_ratio {self.monitor.last_metrics.get('landscape/hessian/eos_ratio', float('nan')):.3f}"
+                )
 
 
 def main(root: str, lr: float, steps: int, every: int) -> list[float]:
@@ -77,8 +79,10 @@ def main(root: str, lr: float, steps: int, every: int) -> list[float]:
     limit = 2.0 / lr
     values = history.values
     late = statistics.median(values[-max(3, len(values) // 3) :])
-    print(f"2/lr = {limit:.2f}; sharpness: first {values[0]:.2f}, max {max(values):.2f}, late median {late:.2f} "
-          f"({late / limit:.2f} x 2/lr); edge_of_stability alerts: {len(alerts)}")
+    print(
+        f"2/lr = {limit:.2f}; sharpness: first {values[0]:.2f}, max {max(values):.2f}, late median {late:.2f} "
+        f"({late / limit:.2f} x 2/lr); edge_of_stability alerts: {len(alerts)}"
+    )
     assert values[0] < 0.5 * limit, "expected the run to start well below 2/lr (progressive sharpening)"
     assert max(values) > 0.9 * limit, "the sharpness never reached 2/lr"
     assert 0.8 * limit < late < 1.2 * limit, "the sharpness did not settle near 2/lr"

@@ -68,11 +68,14 @@ def main(root: str = "runs", epochs: int = 12) -> dict[str, float]:
     trainer.fit(model)
     accuracy = float(trainer.callback_metrics["val/acc"])
     metrics = monitor.last_metrics
-    print(f"validation accuracy {accuracy:.3f}; last sharpness {metrics['landscape/sharpness']:.3f} "
-          f"(eos_ratio {metrics['landscape/hessian/eos_ratio']:.3f}); logs in {trainer.logger.log_dir}")
+    print(
+        f"validation accuracy {accuracy:.3f}; last sharpness {metrics['landscape/sharpness']:.3f} "
+        f"(eos_ratio {metrics['landscape/hessian/eos_ratio']:.3f}); logs in {trainer.logger.log_dir}"
+    )
     # self-checks
     assert accuracy > (0.8 if FAST else 0.9), f"the model did not learn (val acc {accuracy:.3f})"
-    assert math.isfinite(metrics["landscape/sharpness"]) and metrics["landscape/sharpness"] > 0
+    assert math.isfinite(metrics["landscape/sharpness"])
+    assert metrics["landscape/sharpness"] > 0
     assert metrics["landscape/hessian/converged"] == 1.0
     return {"accuracy": accuracy, **metrics}
 

@@ -368,7 +368,9 @@ class LandscapeCallback(Callback):
         """Record, log and act on an alert (every alert is logged, whatever the action)."""
         self.alerts.append(alert)
         self.alert_counts[alert.kind] = self.alert_counts.get(alert.kind, 0) + 1
-        self.log_metrics(trainer, {f"{self.prefix}/alerts/{alert.kind}": float(self.alert_counts[alert.kind])}, alert.step)
+        self.log_metrics(
+            trainer, {f"{self.prefix}/alerts/{alert.kind}": float(self.alert_counts[alert.kind])}, alert.step
+        )
         tb.log_text(trainer, f"{self.prefix}/alerts", f"step {alert.step} · {alert.kind} · {alert.message}", alert.step)
         for action in self.on_alert:
             if callable(action):

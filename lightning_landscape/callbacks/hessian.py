@@ -145,7 +145,9 @@ class HessianMonitor(LandscapeCallback):
         self.growth_rule.load_state_dict(state.get("growth_rule", {}))
 
     # ----------------------------------------------------------------------------------------------- measure
-    def _operator(self, pl_module: pl.LightningModule, batches: list[Any], params: dict, trainer: pl.Trainer) -> HessianOperator:
+    def _operator(
+        self, pl_module: pl.LightningModule, batches: list[Any], params: dict, trainer: pl.Trainer
+    ) -> HessianOperator:
         return HessianOperator(
             pl_module,
             self.resolve_loss_fn(pl_module),
@@ -184,7 +186,7 @@ class HessianMonitor(LandscapeCallback):
         hvps = 0
         with operator_mode(pl_module, self.mode):
             with self._operator(pl_module, batches, params, trainer) as op:
-                self.log_definition(trainer, self._definition(op, params, len(batches)))
+                self.log_definition(trainer, self._definition(op, len(batches)))
                 result = self._lanczos(op, "top", self.top_k, self.lambda_min, generator)
                 eigenvalues = result.eigenvalues.tolist()
                 sharpness = eigenvalues[0]
@@ -219,14 +221,17 @@ class HessianMonitor(LandscapeCallback):
         self._check_alerts(trainer, metrics, step)
         return metrics
 
-    def _definition(self, op: HessianOperator, params: dict, num_batches: int) -> str:
+    def _definition(self, op: HessianOperator, num_batches: int) -> str:
         selection = "all trainable parameters" if self.params is None else f"parameters selected by {self.params!r}"
+        if self.mode == "eval":
+            mode = "running BatchNorm statistics, dropout off"
+        else:
+            mode = "batch statistics, BatchNorm buffers untouched, dropout masks fixed by seed"
         return (
             f"Hessian of the mean loss over {op.num_samples} examples in {num_batches} probe batch(es) per process "
             f"(the first training batches seen, fixed for the whole run), weighted by batch size; {selection} "
-            f"({op.shape[0]} values, {op.dtype}); mode={self.mode!r} "
-            f"({'running BatchNorm statistics, dropout off' if self.mode == 'eval' else 'batch statistics, BatchNorm buffers untouched, dropout masks fixed by seed'}); "
-            f"backend={op.backend!r}; Lanczos tol={self.tol} relative to the sharpness."
+            f"({op.shape[0]} values, {op.dtype}); mode={self.mode!r} ({mode}); backend={op.backend!r}; "
+            f"Lanczos tol={self.tol} relative to the sharpness."
         )
 
     def _log_density(self, trainer: pl.Trainer, op: Any, generator: torch.Generator, step: int) -> None:

@@ -34,7 +34,9 @@ class SpectralDensity:
         grid = grid.double()
         if sigma is None:
             sigma = max(1e-6, 0.01 * float(self.nodes.max() - self.nodes.min()))
-        kernel = torch.exp(-0.5 * ((grid[:, None, None] - self.nodes[None]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+        kernel = torch.exp(-0.5 * ((grid[:, None, None] - self.nodes[None]) / sigma) ** 2) / (
+            sigma * math.sqrt(2 * math.pi)
+        )
         return (kernel * self.weights[None]).sum(-1).mean(-1)
 
     def histogram(self, edges: Tensor) -> Tensor:

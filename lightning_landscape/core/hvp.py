@@ -127,9 +127,13 @@ class _LossModule(nn.Module):
 def check_loss(loss: Any, name: str = "loss_fn") -> Tensor:
     """Return ``loss`` if it is a scalar floating tensor; raise a ``TypeError`` naming ``name`` otherwise."""
     if not isinstance(loss, Tensor):
-        raise TypeError(f"`{name}` must return a scalar Tensor (the mean loss of the batch), got {type(loss).__name__}.")
+        raise TypeError(
+            f"`{name}` must return a scalar Tensor (the mean loss of the batch), got {type(loss).__name__}."
+        )
     if loss.numel() != 1:
-        raise TypeError(f"`{name}` must return a scalar Tensor (the mean loss of the batch), got shape {tuple(loss.shape)}.")
+        raise TypeError(
+            f"`{name}` must return a scalar Tensor (the mean loss of the batch), got shape {tuple(loss.shape)}."
+        )
     if not loss.is_floating_point():
         raise TypeError(f"`{name}` must return a floating-point Tensor, got dtype {loss.dtype}.")
     return loss.reshape(())
@@ -243,7 +247,9 @@ class HessianOperator:
             with self._batch_context(index):
                 loss = self._loss(batch)
                 grads = torch.autograd.grad(loss, [self.params[k] for k in names], allow_unused=True)
-            flat = flatten(g if g is not None else torch.zeros_like(self.params[k]) for k, g in zip(names, grads))
+            flat = flatten(
+                g if g is not None else torch.zeros_like(self.params[k]) for k, g in zip(names, grads, strict=False)
+            )
             out[:-1].add_(flat.detach(), alpha=self.weights[index])
             out[-1] += loss.detach() * self.weights[index]
         if self.all_reduce is not None:
@@ -294,12 +300,14 @@ class HessianOperator:
         with self._batch_context(index):
             loss = self._loss(batch)
             grads = torch.autograd.grad(loss, list(self.params.values()), create_graph=True, allow_unused=True)
-        return tuple(g if g is not None else torch.zeros_like(p) for g, p in zip(grads, self.params.values()))
+        return tuple(
+            g if g is not None else torch.zeros_like(p) for g, p in zip(grads, self.params.values(), strict=False)
+        )
 
     def _second_backward(self, grads: tuple[Tensor, ...], tangents: dict[str, Tensor], retain: bool) -> Tensor:
         params = list(self.params.values())
         # Parameters that enter the loss only linearly (or not at all) have no graph behind their gradient.
-        pairs = [(g, t, i) for i, (g, t) in enumerate(zip(grads, tangents.values())) if g.requires_grad]
+        pairs = [(g, t, i) for i, (g, t) in enumerate(zip(grads, tangents.values(), strict=False)) if g.requires_grad]
         out = [torch.zeros_like(p) for p in params]
         if pairs:
             with torch.enable_grad():
@@ -310,7 +318,7 @@ class HessianOperator:
                     retain_graph=retain,
                     allow_unused=True,
                 )
-            out = [h if h is not None else z for h, z in zip(hv, out)]
+            out = [h if h is not None else z for h, z in zip(hv, out, strict=False)]
         return flatten(out).detach()
 
     def _hvp_double_backward(self, index: int, batch: Any, tangents: dict[str, Tensor]) -> Tensor:
@@ -343,9 +351,7 @@ class DiagonalScaledOperator:
 
     def __init__(self, operator: Any, scale: Tensor) -> None:
         if scale.dim() != 1 or scale.numel() != operator.shape[0]:
-            raise ValueError(
-                f"`scale` must be 1-D with {operator.shape[0]} elements, got shape {tuple(scale.shape)}."
-            )
+            raise ValueError(f"`scale` must be 1-D with {operator.shape[0]} elements, got shape {tuple(scale.shape)}.")
         self.operator = operator
         self.scale = scale.to(device=operator.device, dtype=operator.dtype)
         self.shape = operator.shape

@@ -139,7 +139,7 @@ def test_no_graph_or_grad_left_behind(tmp_path):
 
     class After(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            for before, p in zip(check.grads, pl_module.parameters()):
+            for before, p in zip(check.grads, pl_module.parameters(), strict=False):
                 assert (before is None and p.grad is None) or torch.equal(before, p.grad)
             assert all(p.grad is None or p.grad.grad_fn is None for p in pl_module.parameters())
 
@@ -162,8 +162,8 @@ def test_resume_keeps_probe_set_and_warm_start(tmp_path):
 
     resumed = HessianMonitor(top_k=2, every_n_steps=4, num_probe_batches=2)
     make_trainer(tmp_path, [resumed], max_steps=9).fit(ClassifierModule(), ckpt_path=path)
-    for old, new in zip(monitor._probe, resumed._probe):
-        assert all(torch.equal(a, b) for a, b in zip(old, new))
+    for old, new in zip(monitor._probe, resumed._probe, strict=False):
+        assert all(torch.equal(a, b) for a, b in zip(old, new, strict=False))
     assert resumed._last_measured_step == 8
     # the measurement at step 8 was warm-started from the checkpoint's vectors
     assert resumed._warm["top"].shape == monitor._warm["top"].shape
@@ -200,7 +200,9 @@ def test_edge_of_stability_alert_goes_to_callable_and_is_logged(tmp_path):
     kinds = [a.kind for a in received]
     assert kinds.count("edge_of_stability") == 1
     alert = next(a for a in received if a.kind == "edge_of_stability")
-    assert alert.step == 1 and alert.metric == "landscape/hessian/eos_ratio" and alert.value > alert.threshold
+    assert alert.step == 1
+    assert alert.metric == "landscape/hessian/eos_ratio"
+    assert alert.value > alert.threshold
     assert monitor.alert_counts["edge_of_stability"] == 1
 
 
@@ -280,7 +282,7 @@ def test_training_step_fallback_does_not_log(tmp_path):
     monitor = HessianMonitor(num_probe_batches=1, every_n_steps=1)
     make_trainer(tmp_path, [monitor], max_steps=3).fit(Spy())
     assert logged.count("train_loss") == 3  # only the three real training steps
-    assert "log" not in Spy.__dict__ or True
+    assert True
 
 
 def test_manual_optimization_requires_loss_fn(tmp_path):

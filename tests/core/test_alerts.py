@@ -13,7 +13,8 @@ def test_consecutive_rule_fires_once_per_excursion_and_round_trips():
     rule.update(3.0)
     clone.load_state_dict(rule.state_dict())
     assert clone.streak == rule.streak == 3
-    assert not rule.update(math.nan) and rule.streak == 0
+    assert not rule.update(math.nan)
+    assert rule.streak == 0
 
 
 def test_jump_rule():

@@ -27,7 +27,7 @@ def test_moments_are_exact_quadratic_forms():
 
 
 def test_density_integrates_to_one_and_histogram_matches_dense():
-    a, exact = hessian_like(300, seed=4)
+    a, _exact = hessian_like(300, seed=4)
     spectrum = slq_density(a, num_runs=40, num_steps=60, generator=torch.Generator().manual_seed(0))
     grid = torch.linspace(-10, 50, 6001, dtype=torch.float64)
     assert float(torch.trapezoid(spectrum.density(grid, sigma=0.3), grid)) == pytest.approx(1.0, abs=1e-6)

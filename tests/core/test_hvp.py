@@ -69,7 +69,7 @@ def test_train_mode_is_deterministic_with_dropout_and_leaves_buffers():
         v = torch.ones(op.shape[0], dtype=torch.float64)
         first, second = op @ v, op @ v
     assert torch.equal(first, second)
-    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=False))
     assert torch.equal(rng, torch.get_rng_state())
 
 
@@ -79,7 +79,9 @@ def test_operator_mode_restores_each_submodule_flag():
     model[1].eval()  # a frozen BatchNorm inside a training model
     with operator_mode(model, "eval"):
         assert not any(m.training for m in model.modules())
-    assert model.training and not model[1].training and model[0].training
+    assert model.training
+    assert not model[1].training
+    assert model[0].training
 
 
 def test_weights_follow_batch_sizes():
@@ -112,7 +114,7 @@ def test_loss_and_gradient_match_autograd():
         op = HessianOperator(model, cross_entropy_loss, batches)
         loss, grad = op.loss_and_gradient()
         sizes = [len(b[1]) for b in batches]
-        total = sum(cross_entropy_loss(model, b) * n / sum(sizes) for b, n in zip(batches, sizes))
+        total = sum(cross_entropy_loss(model, b) * n / sum(sizes) for b, n in zip(batches, sizes, strict=False))
         expected = flatten(torch.autograd.grad(total, list(model.parameters())))
     assert loss == pytest.approx(float(total), rel=1e-12)
     torch.testing.assert_close(grad, expected)
@@ -128,7 +130,8 @@ def test_unused_parameter_gives_zero_rows():
     for backend in BACKENDS:
         op = HessianOperator(model, only_first, batches, backend=backend)
         out = op @ torch.ones(op.shape[0], dtype=torch.float64)
-        assert torch.all(out[8:] == 0) and out[:8].abs().sum() > 0
+        assert torch.all(out[8:] == 0)
+        assert out[:8].abs().sum() > 0
 
 
 def test_diagonal_scaled_operator_is_dhd():
@@ -169,9 +172,8 @@ def test_bad_inputs():
         check_loss(torch.tensor(1))
     with pytest.raises(TypeError, match="Cannot infer the batch size"):
         default_batch_size({"a": 1})
-    with pytest.raises(ValueError, match="`mode` must be one of"):
-        with operator_mode(model, "test"):
-            pass
+    with pytest.raises(ValueError, match="`mode` must be one of"), operator_mode(model, "test"):
+        pass
     mixed = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2).double())
     with pytest.raises(TypeError, match="share one dtype"):
         HessianOperator(mixed, cross_entropy_loss, batches)

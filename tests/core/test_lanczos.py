@@ -36,7 +36,7 @@ def test_top5_and_lambda_min_match_eigvalsh(n):
     assert result.lambda_min == pytest.approx(float(exact[-1]), rel=1e-9)
     assert result.converged
     # reported residuals are the true ones, and the vectors are eigenvectors
-    for value, vector, reported in zip(result.eigenvalues, result.eigenvectors, result.residuals):
+    for value, vector, reported in zip(result.eigenvalues, result.eigenvectors, result.residuals, strict=False):
         true = torch.linalg.norm(a @ vector - value * vector)
         assert float(true) == pytest.approx(float(reported), abs=1e-9)
         assert float(true) < 1e-8 * 40
@@ -52,9 +52,11 @@ def test_random_spectrum_without_gap_converges_exactly():
 def test_residual_rule_keeps_going_and_reports_non_convergence():
     a, exact = symmetric(300, seed=5)
     capped = lanczos(a, k=3, tol=1e-10, max_iter=8)
-    assert capped.num_matvecs == 8 and not capped.converged
+    assert capped.num_matvecs == 8
+    assert not capped.converged
     loose = lanczos(a, k=1, tol=1e-3, max_iter=300)
-    assert loose.converged and loose.num_matvecs > 2  # never the 2k-step trap
+    assert loose.converged
+    assert loose.num_matvecs > 2
     assert float(loose.eigenvalues[0]) == pytest.approx(float(exact[0]), rel=1e-3)
 
 
@@ -68,7 +70,8 @@ def test_warm_start_from_exact_eigenvectors_is_cheap():
     # the 1e-3 random part of a warm start costs a few extra products at a tight tolerance
     tight = lanczos(a, k=5, tol=1e-8, max_iter=200, init=cold.eigenvectors)
     cold_tight = lanczos(a, k=5, tol=1e-8, max_iter=200)
-    assert tight.num_matvecs <= 5 + 5 and tight.num_matvecs < cold_tight.num_matvecs
+    assert tight.num_matvecs <= 5 + 5
+    assert tight.num_matvecs < cold_tight.num_matvecs
 
 
 def test_warm_start_from_a_perturbed_operator_beats_cold_start():
@@ -80,7 +83,8 @@ def test_warm_start_from_a_perturbed_operator_beats_cold_start():
     previous = lanczos(a, k=5, tol=1e-3, max_iter=200).eigenvectors
     cold = lanczos(b, k=5, tol=1e-3, max_iter=200, generator=torch.Generator().manual_seed(4))
     warm = lanczos(b, k=5, tol=1e-3, max_iter=200, init=previous, generator=torch.Generator().manual_seed(4))
-    assert warm.converged and cold.converged
+    assert warm.converged
+    assert cold.converged
     assert warm.num_matvecs < cold.num_matvecs
     torch.testing.assert_close(warm.eigenvalues, exact[:5], rtol=1e-3, atol=0)
 
@@ -102,7 +106,8 @@ def test_cpu_basis_and_determinism():
     a, _ = hessian_like(80)
     one = lanczos(a, k=3, generator=torch.Generator().manual_seed(1))
     two = lanczos(a, k=3, generator=torch.Generator().manual_seed(1), basis_device="cpu")
-    assert torch.equal(one.eigenvalues, two.eigenvalues) and one.num_matvecs == two.num_matvecs
+    assert torch.equal(one.eigenvalues, two.eigenvalues)
+    assert one.num_matvecs == two.num_matvecs
     three = lanczos(a, k=3, generator=torch.Generator().manual_seed(1))
     assert torch.equal(one.eigenvectors, three.eigenvectors)
 
@@ -114,7 +119,7 @@ def test_tridiagonal_and_power_iteration():
     t = torch.diag(alphas) + torch.diag(betas, 1) + torch.diag(betas, -1)
     torch.testing.assert_close(dense_eigvalsh(t), exact, rtol=1e-8, atol=1e-8)
     assert used == 60
-    values, vectors, matvecs = power_iteration(a, k=2, tol=1e-8, max_iter=500)
+    values, _vectors, matvecs = power_iteration(a, k=2, tol=1e-8, max_iter=500)
     assert float(values[0]) == pytest.approx(40.0, rel=1e-6)
     assert matvecs > 10
 

@@ -10,7 +10,8 @@ def test_sgd_thresholds():
     params = dict(model.named_parameters())
     assert stability_threshold(torch.optim.SGD(model.parameters(), lr=0.1), params).threshold == pytest.approx(20.0)
     heavy = stability_threshold(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), params)
-    assert heavy.threshold == pytest.approx(38.0) and not heavy.preconditioned
+    assert heavy.threshold == pytest.approx(38.0)
+    assert not heavy.preconditioned
     assert stability_threshold(torch.optim.RMSprop(model.parameters()), params) is None
 
 
@@ -20,7 +21,8 @@ def test_adam_threshold_and_preconditioner():
     params = dict(model.named_parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-8)
     found = stability_threshold(opt, params)
-    assert found.preconditioned and found.threshold == pytest.approx(38.0 / 1e-3)
+    assert found.preconditioned
+    assert found.threshold == pytest.approx(38.0 / 1e-3)
     assert adam_preconditioner(opt, params) is None  # no state before the first step
     for _ in range(3):
         opt.zero_grad()

@@ -57,17 +57,17 @@ def loss_of(module, batch):
 
 
 def make_trainer(tmp_path, callbacks=(), max_steps=20, logger=False, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        deterministic=True,
-        log_every_n_steps=1,
-    )
+    defaults = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": max_steps,
+        "logger": logger,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(tmp_path),
+        "deterministic": True,
+        "log_every_n_steps": 1,
+    }
     defaults.update(kwargs)
     return pl.Trainer(callbacks=list(callbacks), **defaults)
