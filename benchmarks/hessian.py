@@ -122,9 +122,12 @@ def rel_err(found: list[float], exact: list[float]) -> float:
     return max(abs(f - e) / abs(e) for f, e in zip(found, exact, strict=False))
 
 
-def pyhessian_topk(model: nn.Module, batch: tuple, k: int) -> tuple[list[float], int, float] | None:
+def pyhessian_topk(model: nn.Module, batch: tuple, k: int, tol: float, max_iter: int) -> tuple | None:
+    """PyHessian's eigenvalues() on a copy of the model: (values, HVPs, seconds), or None if not installed."""
     try:
-        from pyhessian import hessian as pyhessian_module
+        import importlib
+
+        pyhessian_module = importlib.import_module("pyhessian.hessian")
     except ImportError:
         return None
     counter = {"n": 0}
@@ -139,33 +142,56 @@ def pyhessian_topk(model: nn.Module, batch: tuple, k: int) -> tuple[list[float],
         model = copy.deepcopy(model)
         start = time.perf_counter()
         h = pyhessian_module.hessian(model, nn.CrossEntropyLoss(), data=batch, cuda=False)
-        values, _ = h.eigenvalues(top_n=k, tol=1e-3, maxIter=100)
+        values, _ = h.eigenvalues(top_n=k, tol=tol, maxIter=max_iter)
         elapsed = time.perf_counter() - start
     finally:
         pyhessian_module.hessian_vector_product = original
     return sorted(values, reverse=True), counter["n"], elapsed
 
 
+OUR_TOLS = (0.3, 0.1, 0.05, 0.02, 0.01, 5e-3, 2e-3, 1e-3)
+PYHESSIAN_TOLS = (1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6)
+
+
+def cheapest(run, tolerances, exact):
+    """The first (loosest) tolerance whose result is within 1e-3 relative error: (HVPs, error, seconds, tol)."""
+    for tol in tolerances:
+        values, hvps, seconds = run(tol)
+        error = rel_err(values, exact)
+        if error <= 1e-3:
+            return hvps, error, seconds, tol
+    return None
+
+
+def fmt(found) -> str:
+    return "not reached | | |" if found is None else f"{found[0]} | {found[1]:.1e} | {found[2]:.2f} | {found[3]:g}"
+
+
 def part2() -> None:
     from lightning_landscape.core.lanczos import lanczos
 
-    print("\n### HVPs and time to 1e-3 relative error on the top eigenvalues (one batch of 512 digits, CPU)\n")
+    print("\n### HVPs and time to reach 1e-3 relative error on the top-k eigenvalues (one batch of 512 digits, CPU)\n")
     print(
-        "PyHessian: power iteration, tol=1e-3, maxIter=100 (its defaults). Ours: Lanczos, tol=1e-3 "
-        "(residual relative to the sharpness). 'err' is the worst relative error of the k values.\n"
+        "Each method's tolerance is swept from loose to tight and the loosest one whose worst relative error over "
+        "the k values is <= 1e-3 is reported (reference: our Lanczos at tol 1e-10). PyHessian: deflated power "
+        "iteration, maxIter=1000, tolerances 1e-3 (its default) to 1e-6. Ours: Lanczos with the residual rule, "
+        "tolerances 0.3 to 1e-3 (1e-3 is the monitor's default); warm = started from the eigenvectors measured 20 "
+        "SGD steps earlier (what HessianMonitor does between measurements).\n"
     )
     print(
-        "| model | k | PyHessian HVPs | err | time (s) | ours cold HVPs | err | time (s) | ours warm HVPs | err | "
-        "time (s) | HVP ratio PyHessian / ours (cold) |"
+        "| model | k | PyHessian HVPs | err | s | tol | ours cold HVPs | err | s | tol | ours warm HVPs | err | s | tol "
+        "| PyHessian / ours cold | PyHessian / ours warm |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
     x, y, _, _ = digits_tensors()
     batch = (x[:512], y[:512])
+    defaults = []
     for name in MODELS:
         model = trained(name, [batch], steps=200)
         model.eval()
         earlier = copy.deepcopy(model)
-        # the state 20 SGD steps before: a warm start comes from a measurement on slightly different weights
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         for _ in range(20):
             opt.zero_grad()
@@ -173,24 +199,41 @@ def part2() -> None:
             opt.step()
         for k in (1, 5):
             with operator_mode(model, "eval"), HessianOperator(model, loss_fn, [batch], backend="graph") as op:
-                exact = lanczos(op, k=k, tol=1e-10, max_iter=300).eigenvalues.tolist()
-                start = time.perf_counter()
-                cold = lanczos(op, k=k, tol=1e-3, generator=torch.Generator().manual_seed(1))
-                t_cold = time.perf_counter() - start
+                exact = lanczos(op, k=k, tol=1e-10, max_iter=400).eigenvalues.tolist()
             with operator_mode(earlier, "eval"), HessianOperator(earlier, loss_fn, [batch], backend="graph") as op:
                 previous = lanczos(op, k=k, tol=1e-3, generator=torch.Generator().manual_seed(2)).eigenvectors
-            with operator_mode(model, "eval"), HessianOperator(model, loss_fn, [batch], backend="graph") as op:
-                start = time.perf_counter()
-                warm = lanczos(op, k=k, tol=1e-3, init=previous, generator=torch.Generator().manual_seed(3))
-                t_warm = time.perf_counter() - start
-            ph = pyhessian_topk(model, batch, k)
-            ph_cells = "n/a | n/a | n/a" if ph is None else f"{ph[1]} | {rel_err(ph[0], exact):.1e} | {ph[2]:.2f}"
-            ratio = "n/a" if ph is None else f"{ph[1] / cold.num_matvecs:.1f}x"
-            print(
-                f"| {name} | {k} | {ph_cells} | {cold.num_matvecs} | {rel_err(cold.eigenvalues.tolist(), exact):.1e} | "
-                f"{t_cold:.2f} | {warm.num_matvecs} | {rel_err(warm.eigenvalues.tolist(), exact):.1e} | {t_warm:.2f} "
-                f"| {ratio} |"
+
+            def ours(tol, init=None):
+                with operator_mode(model, "eval"), HessianOperator(model, loss_fn, [batch], backend="graph") as op:
+                    start = time.perf_counter()
+                    r = lanczos(op, k=k, tol=tol, init=init, generator=torch.Generator().manual_seed(1))
+                    return r.eigenvalues.tolist(), r.num_matvecs, time.perf_counter() - start
+
+            cold = cheapest(ours, OUR_TOLS, exact)
+            warm = cheapest(lambda tol: ours(tol, previous), OUR_TOLS, exact)
+            ph = None
+            if pyhessian_topk(model, batch, 1, 1e-3, 1) is not None:
+                ph = cheapest(lambda tol: pyhessian_topk(model, batch, k, tol, 1000), PYHESSIAN_TOLS, exact)
+
+            def ratio(a, b):
+                return "n/a" if a is None or b is None else f"{a[0] / b[0]:.1f}x"
+
+            print(f"| {name} | {k} | {fmt(ph)} | {fmt(cold)} | {fmt(warm)} | {ratio(ph, cold)} | {ratio(ph, warm)} |")
+            at_defaults = [ours(1e-3), ours(1e-3, previous)]
+            ph_default = pyhessian_topk(model, batch, k, 1e-3, 100)
+            if ph_default is not None:
+                at_defaults.insert(0, ph_default)
+            defaults.append(
+                f"| {name} | {k} | "
+                + " | ".join(f"{hvps} | {rel_err(values, exact):.1e}" for values, hvps, _ in at_defaults)
+                + " |"
             )
+    print("\nAt each method's default tolerance (what a user gets without tuning):\n")
+    print(
+        "| model | k | PyHessian (tol 1e-3, maxIter 100) HVPs | err | ours cold (tol 1e-3) HVPs | err | ours warm HVPs | err |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n".join(defaults))
 
 
 def main() -> None:

@@ -180,6 +180,14 @@ class HessianMonitor(LandscapeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], step: int
     ) -> dict[str, float]:
         params = select_parameters(pl_module, self.params)
+        dtype = next(iter(params.values())).dtype
+        if dtype in (torch.bfloat16, torch.float16):
+            self._warn_once(
+                "low-precision",
+                f"HessianMonitor: the parameters are {str(dtype).removeprefix('torch.')}, so every Hessian-vector "
+                "product carries about 1% noise and Lanczos amplifies it; eigenvalues are rough. Train with fp32 "
+                "master weights (precision='16-mixed' or 'bf16-mixed') for accurate curvature.",
+            )
         # Identically seeded on every rank, so every rank draws the same start vectors and runs the same Lanczos.
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         metrics: dict[str, float] = {}

@@ -14,6 +14,7 @@ from lightning_landscape import Alert, HessianMonitor, LandscapeWarning
 from lightning_landscape.callbacks._base import LandscapeAlertError
 from lightning_landscape.core.hvp import operator_mode
 from lightning_landscape.core.reference import dense_eigvalsh, dense_hessian
+from lightning_landscape.core.stability import adam_preconditioner
 from tests.helpers.lightning import ClassifierModule, loss_of, make_trainer
 
 
@@ -22,9 +23,11 @@ class StateRecorder(pl.Callback):
 
     def __init__(self):
         self.states = {}
+        self.optimizer_states = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.states.setdefault(trainer.global_step, copy.deepcopy(pl_module.state_dict()))
+        self.optimizer_states.setdefault(trainer.global_step, copy.deepcopy(trainer.optimizers[0].state_dict()))
 
 
 def _dense_top(module, state, batches, mode, k=5):
@@ -97,6 +100,36 @@ def test_twin_with_parameter_subset(tmp_path):
     assert monitor.last_metrics["landscape/sharpness"] == pytest.approx(float(expected[0]), rel=1e-6)
 
 
+def test_adam_preconditioned_sharpness_equals_dense(tmp_path):
+    model = ClassifierModule(optimizer="adam", lr=0.01, batchnorm=False, dropout=0.0).double()
+    model.x = model.x.double()
+    recorder = StateRecorder()
+    monitor = HessianMonitor(every_n_steps=3, num_probe_batches=1, loss_fn=loss_of, tol=1e-10)
+    make_trainer(tmp_path, [recorder, monitor], max_steps=7, precision="64-true").fit(model)
+    m = copy.deepcopy(model)
+    m.load_state_dict(recorder.states[6])
+    optimizer = torch.optim.Adam(m.parameters(), lr=0.01)
+    optimizer.load_state_dict(recorder.optimizer_states[6])
+    scale = adam_preconditioner(optimizer, dict(m.named_parameters())).rsqrt()
+    with operator_mode(m, "eval"):
+        hessian = dense_hessian(m, loss_of, monitor._probe)
+    expected = float(dense_eigvalsh(scale[:, None] * hessian * scale[None, :])[0])
+    logged = monitor.last_metrics
+    assert logged["landscape/hessian/preconditioned_sharpness"] == pytest.approx(expected, rel=1e-6)
+    threshold = (2 + 2 * 0.9) / ((1 - 0.9) * 0.01)
+    assert logged["landscape/hessian/stability_threshold"] == pytest.approx(threshold)
+    assert logged["landscape/hessian/eos_ratio"] == pytest.approx(expected / threshold, rel=1e-6)
+
+
+def test_low_precision_parameters_warn_about_matvec_noise(tmp_path):
+    model = ClassifierModule(batchnorm=False, dropout=0.0).to(torch.bfloat16)
+    model.x = model.x.to(torch.bfloat16)
+    monitor = HessianMonitor(every_n_steps=2, num_probe_batches=1, loss_fn=loss_of)
+    with pytest.warns(LandscapeWarning, match="bfloat16.*noise"):
+        make_trainer(tmp_path, [monitor], max_steps=1, precision="bf16-true").fit(model)
+    assert math.isfinite(monitor.last_metrics["landscape/sharpness"])
+
+
 # ----------------------------------------------------------------------------------------- non-interference
 def _seeded_run(tmp_path, callbacks, optimizer, mode_steps=200):
     pl.seed_everything(7, workers=True)
@@ -150,9 +183,21 @@ def test_no_graph_or_grad_left_behind(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- resume/state
+def record_warm_start(monitor):
+    """Make ``monitor`` remember the warm-start vectors each measurement starts from (same class, same state_key)."""
+    original = monitor.measure
+
+    def measure(trainer, pl_module, batches, step):
+        monitor.seen_warm = {k: v.clone() for k, v in monitor._warm.items()}
+        return original(trainer, pl_module, batches, step)
+
+    monitor.measure = measure
+    return monitor
+
+
 def test_resume_keeps_probe_set_and_warm_start(tmp_path):
     model = ClassifierModule()
-    monitor = HessianMonitor(top_k=2, every_n_steps=4, num_probe_batches=2)
+    monitor = HessianMonitor(top_k=2, every_n_steps=4, num_probe_batches=2, eos_patience=3)
     trainer = make_trainer(tmp_path, [monitor], max_steps=5)
     trainer.fit(model)
     path = tmp_path / "last.ckpt"
@@ -160,14 +205,14 @@ def test_resume_keeps_probe_set_and_warm_start(tmp_path):
     saved = torch.load(path, weights_only=True)["callbacks"][monitor.state_key]
     assert len(saved["probe_by_rank"][0]) == 2
 
-    resumed = HessianMonitor(top_k=2, every_n_steps=4, num_probe_batches=2)
+    resumed = record_warm_start(HessianMonitor(top_k=2, every_n_steps=4, num_probe_batches=2, eos_patience=3))
     make_trainer(tmp_path, [resumed], max_steps=9).fit(ClassifierModule(), ckpt_path=path)
-    for old, new in zip(monitor._probe, resumed._probe, strict=False):
-        assert all(torch.equal(a, b) for a, b in zip(old, new, strict=False))
-    assert resumed._last_measured_step == 8
-    # the measurement at step 8 was warm-started from the checkpoint's vectors
-    assert resumed._warm["top"].shape == monitor._warm["top"].shape
-    assert resumed.eos_rule.streak == monitor.eos_rule.streak or resumed.eos_rule.streak >= 0
+    for old, new in zip(monitor._probe, resumed._probe, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(old, new, strict=True))
+    assert resumed._last_measured_step == 8  # no re-measurement at the resume step, next one on schedule
+    # the first measurement after the resume started from the checkpoint's eigenvectors, not from scratch
+    assert torch.equal(resumed.seen_warm["top"], monitor._warm["top"])
+    assert resumed.growth_rule.previous is not None
 
 
 def test_state_dict_round_trip_is_primitives_and_tensors():
