@@ -57,10 +57,21 @@ def select_parameters(module: nn.Module, params: ParamSelector = None) -> dict[s
 
 
 def top_level_blocks(names: Iterable[str]) -> dict[str, list[str]]:
-    """Group parameter names by their first dotted component (the top-level child module), in order."""
+    """Group parameter names into the top-level blocks of the model, in order.
+
+    A wrapper module that holds everything (``self.net = nn.Sequential(...)`` in a LightningModule) is looked
+    through: the common module prefix of all names is skipped, so ``net.0.weight`` and ``net.2.bias`` give the
+    blocks ``net.0`` and ``net.2``, not one block ``net``.
+    """
+    names = list(names)
+    parts = [name.split(".") for name in names]
+    depth = 0
+    # descend while every parameter lives under the same child module (and is not a direct parameter)
+    while all(len(p) > depth + 1 for p in parts) and len({p[depth] for p in parts}) == 1:
+        depth += 1
     blocks: dict[str, list[str]] = {}
-    for name in names:
-        blocks.setdefault(name.split(".", 1)[0], []).append(name)
+    for name, p in zip(names, parts, strict=True):
+        blocks.setdefault(".".join(p[: depth + 1]), []).append(name)
     return blocks
 
 

@@ -69,6 +69,12 @@ def test_logged_eigenvalues_equal_dense_reference_and_tensorboard(tmp_path, mode
     assert logged["landscape/hessian/lambda_min"] == pytest.approx(float(eigenvalues[-1]), rel=1e-6, abs=1e-9)
     assert logged["landscape/hessian/converged"] == 1.0
     assert logged["landscape/hessian/hvps"] > 0
+    final = copy.deepcopy(model)
+    final.load_state_dict(recorder.states[10])
+    head = {k: v for k, v in final.named_parameters() if k.startswith("net.4.")}
+    with operator_mode(final, mode):
+        block_top = dense_eigvalsh(dense_hessian(final, loss_of, monitor._probe, params=head))[0]
+    assert logged["landscape/hessian/block/net.4/eig_1"] == pytest.approx(float(block_top), rel=1e-6)
     # SGD without momentum: eos_ratio = sharpness / (2 / lr)
     assert logged["landscape/hessian/eos_ratio"] == pytest.approx(logged["landscape/sharpness"] * 0.05 / 2)
 
@@ -78,7 +84,12 @@ def test_logged_eigenvalues_equal_dense_reference_and_tensorboard(tmp_path, mode
     assert [e.step for e in sharp] == [1, 5, 10]  # due at 0, run once the 2-batch probe set was complete
     assert sharp[-1].value == pytest.approx(logged["landscape/sharpness"], rel=1e-6)
     tags = events.Tags()
-    for key in ("landscape/hessian/trace", "landscape/hessian/eig_3", "landscape/hessian/block/net/eig_1"):
+    for key in (
+        "landscape/hessian/trace",
+        "landscape/hessian/eig_3",
+        "landscape/hessian/block/net.0/eig_1",
+        "landscape/hessian/block/net.4/eig_1",
+    ):
         assert key in tags["scalars"]
     assert "landscape/hessian/density" in tags["histograms"]
     assert any("hessian/definition" in t for t in tags["tensors"])

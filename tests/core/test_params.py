@@ -38,3 +38,7 @@ def test_flatten_unflatten_round_trip_and_blocks():
     with pytest.raises(ValueError, match="`vector` must have 13 elements"):
         unflatten(flat[:-1], params)
     assert top_level_blocks(params) == {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]}
+    wrapped = ["net.0.weight", "net.0.bias", "net.2.weight"]
+    assert top_level_blocks(wrapped) == {"net.0": wrapped[:2], "net.2": wrapped[2:]}
+    assert top_level_blocks(["a.b.w", "a.c.w", "d"]) == {"a": ["a.b.w", "a.c.w"], "d": ["d"]}
+    assert top_level_blocks(["only.weight"]) == {"only.weight": ["only.weight"]}
