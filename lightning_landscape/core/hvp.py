@@ -7,22 +7,22 @@ global RNG forked and seeded with ``seed + b``, so random layers (dropout) draw 
 The module's train/eval flags are the caller's business: :func:`operator_mode` sets them for the two documented
 modes and restores each submodule's exact flag afterwards.
 
-Backends (one HVP = one pass over the probe set):
+Backends (one HVP = one pass over the probe set; times are HVP / gradient on the same data, CPU, measured by
+``benchmarks/hessian.py``, see ``benchmarks/RESULTS.md``):
 
-``"func"``
-    ``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse). No graph is kept between matvecs; curvlinops
-    measured 30-37 % less peak memory than double backward at equal or better time on GPU models, which is why it is
-    the default on accelerators.
-``"double_backward"``
-    Pearlmutter's trick with ``torch.autograd.grad`` twice; recomputes the forward pass every matvec. Widest op
-    coverage (custom ``autograd.Function`` without a forward-mode rule); the automatic fallback of ``"func"``.
 ``"graph"``
     Builds each batch's gradient graph once (``create_graph=True``) and reuses it for every matvec, so a matvec is
-    one extra backward with no forward. Fastest per matvec (see ``benchmarks/RESULTS.md``), but it holds the
-    double-backward graphs of the whole probe set alive until :meth:`HessianOperator.close`. Default on CPU, where
-    host memory is plentiful and the saved forward pass is the dominant cost.
-
-Cost: one matvec costs about 2-4 gradient evaluations per probe batch (``"graph"``: about one backward).
+    one extra backward with no forward: 0.9-1.9x a gradient on CPU once built, the fastest there, hence the CPU
+    default. It holds the double-backward graphs of the whole probe set until :meth:`HessianOperator.close`.
+``"double_backward"``
+    Pearlmutter's trick with ``torch.autograd.grad`` twice, recomputing the forward pass every matvec (2.0-2.5x on
+    CPU). Widest op coverage (custom ``autograd.Function`` without a forward-mode rule); the automatic fallback of
+    ``"func"``.
+``"func"``
+    ``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse); keeps no graph between matvecs. Slowest on CPU
+    (2.8-6.6x: dual-number forward plus ``functional_call`` overhead) but, per curvlinops' published GPU
+    measurements, 30-37 % less peak memory than double backward at equal or better time, hence the default on
+    accelerators (not re-measured by us: no GPU was available when the default was set).
 """
 
 from __future__ import annotations
