@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -159,6 +160,8 @@ class LandscapeCallback(Callback):
         prefix: metric key prefix.
         strict: raise when a measurement fails instead of logging a status and warning once.
         seed: seeds the start vectors and the dropout masks of ``mode="train"``.
+        alert_cooldown_steps: a repeat of the same alert kind within this many steps is logged and counted but
+            does not warn or write another checkpoint again (callables, ``"stop"`` and ``"raise"`` always act).
 
     Raises:
         TypeError / ValueError: an argument has the wrong type or value (the message names it).
@@ -179,6 +182,7 @@ class LandscapeCallback(Callback):
         prefix: str = "landscape",
         strict: bool = False,
         seed: int = 0,
+        alert_cooldown_steps: int = 100,
     ) -> None:
         super().__init__()
         self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
@@ -194,6 +198,7 @@ class LandscapeCallback(Callback):
         self.prefix = prefix
         self.strict = check_bool("strict", strict)
         self.seed = check_int("seed", seed)
+        self.alert_cooldown_steps = check_int("alert_cooldown_steps", alert_cooldown_steps, minimum=0)
 
         # runtime state (all of it goes through state_dict)
         self._probe: list[Any] = []
@@ -205,6 +210,8 @@ class LandscapeCallback(Callback):
         self.alert_counts: dict[str, int] = {}
         self.last_metrics: dict[str, float] = {}
         self._warned: set[str] = set()
+        self._last_alert_step: dict[str, int] = {}
+        self._log_root = Path(".")
         self._definition_logged = False
 
     # ------------------------------------------------------------------------------------------ identity/state
@@ -240,6 +247,11 @@ class LandscapeCallback(Callback):
         """Inverse of :meth:`_monitor_state_dict`."""
 
     # ------------------------------------------------------------------------------------------------- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # `trainer.log_dir` is a collective under DDP (rank 0 broadcasts it): resolve it here, where every rank
+        # runs, never from a rank-0-only branch.
+        self._log_root = Path(trainer.log_dir or trainer.default_root_dir)
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -365,31 +377,50 @@ class LandscapeCallback(Callback):
 
     # ------------------------------------------------------------------------------------------------ alerts
     def emit_alert(self, trainer: pl.Trainer, alert: Alert) -> None:
-        """Record, log and act on an alert (every alert is logged, whatever the action)."""
+        """Record, log and act on an alert (every alert is logged, whatever the action).
+
+        Logged as ``{prefix}/alerts/{kind}`` (count so far), as TensorBoard text under ``{prefix}/alerts``, and
+        appended as one JSON line to ``landscape_alerts.jsonl`` in the log directory (TensorBoard samples long
+        scalar series, so an isolated alert could otherwise vanish from the chart).
+        """
+        previous = self._last_alert_step.get(alert.kind)
+        repeat = previous is not None and alert.step - previous < self.alert_cooldown_steps
+        self._last_alert_step[alert.kind] = alert.step
         self.alerts.append(alert)
         self.alert_counts[alert.kind] = self.alert_counts.get(alert.kind, 0) + 1
-        self.log_metrics(
-            trainer, {f"{self.prefix}/alerts/{alert.kind}": float(self.alert_counts[alert.kind])}, alert.step
-        )
+        count = float(self.alert_counts[alert.kind])
+        self.log_metrics(trainer, {f"{self.prefix}/alerts/{alert.kind}": count}, alert.step)
         tb.log_text(trainer, f"{self.prefix}/alerts", f"step {alert.step} · {alert.kind} · {alert.message}", alert.step)
+        self._append_jsonl(trainer, alert)
         for action in self.on_alert:
             if callable(action):
                 action(alert)
-            elif action == "warn":
+            elif action == "warn" and not repeat:
                 rank_zero_warn(f"[{alert.kind}] step {alert.step}: {alert.message}", category=LandscapeWarning)
-            elif action == "checkpoint":
-                root = Path(trainer.log_dir or trainer.default_root_dir)
-                trainer.save_checkpoint(str(root / "landscape_alerts" / f"{alert.kind}-step={alert.step}.ckpt"))
+            elif action == "checkpoint" and not repeat:
+                path = self._log_root / "landscape_alerts" / f"{alert.kind}-step={alert.step}.ckpt"
+                trainer.save_checkpoint(str(path))
             elif action == "raise":
                 raise LandscapeAlertError(alert)
 
-    def _after_measurement(self, trainer: pl.Trainer) -> None:
+    def _append_jsonl(self, trainer: pl.Trainer, alert: Alert) -> None:
+        if not trainer.is_global_zero:
+            return
+        self._log_root.mkdir(parents=True, exist_ok=True)
+        with open(self._log_root / "landscape_alerts.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(alert.to_dict()) + "\n")
+
+    def decide_stop(self, trainer: pl.Trainer, fired: bool) -> None:
+        """With ``on_alert`` containing ``"stop"``: stop every rank if any rank fired. Collective: call it on every
+        rank at the same point (decisions come from reduced values, so every rank reaches it)."""
         if "stop" not in self.on_alert:
             return
-        fired = any(a.step == self._last_measured_step for a in self.alerts)
-        # Every rank measures at the same steps, so every rank reaches this collective.
+        # stop every ddp process if any world process decides to stop
         if trainer.strategy.reduce_boolean_decision(fired, all=False):
             trainer.should_stop = True
+
+    def _after_measurement(self, trainer: pl.Trainer) -> None:
+        self.decide_stop(trainer, any(a.step == self._last_measured_step for a in self.alerts))
 
 
 __all__ = ["LandscapeAlertError", "LandscapeCallback", "model_state_guard"]

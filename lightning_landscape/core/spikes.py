@@ -151,8 +151,10 @@ class EMAZScore:
         return z, spike, ~finite
 
     def clip_value(self) -> Tensor:
-        """``mean + z_threshold * std``: where a spiking value is clipped back to (before this step's update)."""
-        return self.mean + self.z_threshold * self.std()
+        """The value at ``z = z_threshold`` in the input's units (``exp`` of it on the log scale): where a spiking
+        value is clipped back to. Call it before :meth:`update` for the statistics that judged the value."""
+        value = self.mean + self.z_threshold * self.std()
+        return value.exp() if self.log_scale else value
 
     def state_dict(self) -> dict[str, Any]:
         return {

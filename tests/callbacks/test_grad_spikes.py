@@ -1,0 +1,273 @@
+import copy
+import json
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_landscape import GradientSpikeMonitor, LandscapeWarning
+from lightning_landscape.callbacks._base import LandscapeAlertError
+from tests.helpers.digits import DigitsModule
+from tests.helpers.lightning import ClassifierModule, make_trainer
+
+
+class GradNormRecorder(pl.Callback):
+    """Independent twin: the global gradient norm with torch's own routine, listed before the monitor."""
+
+    def __init__(self):
+        self.norms = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.norms[trainer.global_step] = float(torch.nn.utils.get_total_norm(grads))
+
+
+CORRUPT = (200, 500, 900)
+
+
+@pytest.fixture(scope="module")
+def corrupted_run(tmp_path_factory):
+    """A real run on digits whose loss is multiplied by 100 at three steps (a corrupted batch)."""
+    tmp_path = tmp_path_factory.mktemp("corrupt")
+    pl.seed_everything(0)
+    received = []
+    recorder = GradNormRecorder()
+    monitor = GradientSpikeMonitor(on_alert=received.append, every_n_steps=10)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    trainer = make_trainer(tmp_path, [recorder, monitor], max_steps=1000, logger=logger, deterministic=False)
+    trainer.fit(DigitsModule(corrupt_steps=CORRUPT))
+    return monitor, received, recorder, logger
+
+
+def test_spikes_fire_exactly_at_the_corrupted_steps(corrupted_run):
+    _, received, _, _ = corrupted_run
+    assert sorted(a.step for a in received if a.kind == "grad_spike") == list(CORRUPT)
+    assert sorted(a.step for a in received if a.kind == "loss_spike") == list(CORRUPT)
+    assert {a.kind for a in received} == {"grad_spike", "loss_spike"}
+    assert all(a.value > a.threshold == 5.0 for a in received)
+
+
+def test_logged_norm_is_the_twin_of_torch_and_reads_back_from_tensorboard(corrupted_run):
+    _, _, recorder, logger = corrupted_run
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    norms = {e.step: e.value for e in events.Scalars("landscape/grad/norm")}
+    assert set(range(0, 1000, 10)) <= set(norms)  # every 10th step, plus the events
+    for step in (0, 10, 490, 990, *CORRUPT):
+        assert norms[step] == pytest.approx(recorder.norms[step], rel=1e-5)
+    sparse = events.Scalars("landscape/events/grad_spike")
+    assert [e.step for e in sparse] == list(CORRUPT)
+    tags = events.Tags()["scalars"]
+    for key in (
+        "landscape/loss/zscore",
+        "landscape/grad/zscore",
+        "landscape/update/norm",
+        "landscape/grad/norm/net.0",
+        "landscape/alerts/grad_spike",
+        "landscape/loss/value",
+        "landscape/update/ratio",
+    ):
+        assert key in tags, key
+    with open(f"{logger.log_dir}/landscape_alerts.jsonl", encoding="utf-8") as handle:
+        alerts = [json.loads(line) for line in handle]
+    assert sorted({a["step"] for a in alerts}) == list(CORRUPT)
+    assert any("alerts" in t for t in events.Tags()["tensors"])
+
+
+def spy_logged(monitor):
+    """Record every (step, metrics) the monitor logs."""
+    logged = []
+    original = monitor.log_metrics
+
+    def log_metrics(trainer, metrics, step):
+        logged.append((step, dict(metrics)))
+        original(trainer, metrics, step)
+
+    monitor.log_metrics = log_metrics
+    return logged
+
+
+def test_update_norm_is_the_applied_parameter_change(tmp_path):
+    class Snap(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 4:
+                self.before = [p.detach().clone() for p in pl_module.parameters()]
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 5:
+                after = list(pl_module.parameters())
+                self.delta = math.sqrt(
+                    sum(float((p - b).pow(2).sum()) for p, b in zip(after, self.before, strict=True))
+                )
+                self.norm = math.sqrt(sum(float(p.pow(2).sum()) for p in after))
+
+    snap = Snap()
+    monitor = GradientSpikeMonitor(every_n_steps=2)
+    logged = spy_logged(monitor)
+    make_trainer(tmp_path, [snap, monitor], max_steps=6).fit(ClassifierModule(batchnorm=False, dropout=0.0))
+    at_step = dict(logged)
+    assert sorted(at_step) == [0, 2, 4]
+    assert at_step[4]["landscape/update/norm"] == pytest.approx(snap.delta, rel=1e-5)
+    assert at_step[4]["landscape/update/ratio"] == pytest.approx(snap.delta / snap.norm, rel=1e-5)
+
+
+def test_clip_leaves_training_bitwise_unchanged_without_spikes(tmp_path):
+    def run(callbacks):
+        pl.seed_everything(3)
+        model = ClassifierModule()
+        make_trainer(tmp_path, callbacks, max_steps=150).fit(model)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    plain = run([])
+    clipped_monitor = GradientSpikeMonitor(clip=True, warmup_steps=20)
+    clipped = run([clipped_monitor])
+    assert clipped_monitor.clip_count == 0
+    assert all(torch.equal(plain[k], clipped[k]) for k in plain)
+
+
+def test_clip_brings_a_spike_back_to_the_threshold_norm(tmp_path):
+    clip_seen = {}
+
+    class After(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 120:
+                grads = [p.grad for p in pl_module.parameters()]
+                clip_seen["norm"] = float(torch.nn.utils.get_total_norm(grads))
+
+    monitor = GradientSpikeMonitor(clip=True, warmup_steps=50)
+    pl.seed_everything(0)
+    make_trainer(tmp_path, [monitor, After()], max_steps=130, deterministic=False).fit(
+        DigitsModule(corrupt_steps=(120,))
+    )
+    assert monitor.clip_count == 1
+    raw = monitor.grad_detector  # clipped to the norm at z = threshold of the statistics before the spike
+    assert clip_seen["norm"] < 5 * math.exp(float(raw.mean))
+    assert any(a.kind == "grad_spike" and a.step == 120 for a in monitor.alerts)
+
+
+def test_non_finite_loss_alerts_at_once(tmp_path):
+    received = []
+    monitor = GradientSpikeMonitor(on_alert=received.append, warmup_steps=5)
+
+    class NaNAt(ClassifierModule):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if self.global_step == 3 else loss
+
+    make_trainer(tmp_path, [monitor], max_steps=6).fit(NaNAt(batchnorm=False, dropout=0.0))
+    non_finite = [a for a in received if a.kind == "non_finite"]
+    assert non_finite[0].step == 3
+
+
+def test_raise_checkpoint_and_callable_actions(tmp_path):
+    monitor = GradientSpikeMonitor(on_alert="raise")
+    pl.seed_everything(0)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=150, deterministic=False)
+    with pytest.raises(LandscapeAlertError, match="standard deviations") as info:
+        trainer.fit(DigitsModule(corrupt_steps=(100,)))
+    assert info.value.alert.step == 100
+
+    saver = GradientSpikeMonitor(on_alert="checkpoint")
+    pl.seed_everything(0)
+    trainer = make_trainer(tmp_path, [saver], max_steps=110, deterministic=False)
+    trainer.fit(DigitsModule(corrupt_steps=(100,)))
+    written = sorted((tmp_path / "landscape_alerts").glob("*.ckpt"))
+    assert [p.name for p in written] == ["grad_spike-step=100.ckpt", "loss_spike-step=100.ckpt"]
+    resumed = make_trainer(tmp_path, [GradientSpikeMonitor()], max_steps=115, deterministic=False)
+    resumed.fit(DigitsModule(), ckpt_path=str(written[0]))
+    assert resumed.global_step == 115
+
+
+def test_stop_stops_training(tmp_path):
+    monitor = GradientSpikeMonitor(on_alert=["stop", "ignore"])
+    pl.seed_everything(0)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=400, deterministic=False)
+    trainer.fit(DigitsModule(corrupt_steps=(100,)))
+    assert trainer.global_step <= 102
+
+
+def test_state_round_trip_keeps_detector_statistics(tmp_path):
+    monitor = GradientSpikeMonitor()
+    pl.seed_everything(0)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=80, deterministic=False)
+    trainer.fit(DigitsModule())
+    state = copy.deepcopy(monitor.state_dict())
+    other = GradientSpikeMonitor()
+    other.load_state_dict(state)
+    assert torch.equal(other.grad_detector.mean, monitor.grad_detector.mean.cpu())
+    assert int(other.grad_detector.count) == 80
+    path = tmp_path / "c.ckpt"
+    trainer.save_checkpoint(path)
+    resumed = GradientSpikeMonitor()
+    make_trainer(tmp_path, [resumed], max_steps=81, deterministic=False).fit(DigitsModule(), ckpt_path=path)
+    assert int(resumed.grad_detector.count) == 81
+
+
+def test_model_untouched_without_clip(tmp_path):
+    def run(callbacks):
+        pl.seed_everything(5)
+        model = ClassifierModule(optimizer="adam", lr=0.01)
+        trainer = make_trainer(tmp_path, callbacks, max_steps=120)
+        trainer.fit(model)
+        return {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+
+    (plain, rng), (watched, rng2) = run([]), run([GradientSpikeMonitor(warmup_steps=10, every_n_steps=3)])
+    assert all(torch.equal(plain[k], watched[k]) for k in plain)
+    assert torch.equal(rng, rng2)
+
+
+def test_gradient_accumulation_scores_once_per_optimizer_step(tmp_path):
+    monitor = GradientSpikeMonitor(warmup_steps=5)
+    make_trainer(tmp_path, [monitor], max_steps=7, accumulate_grad_batches=2).fit(ClassifierModule())
+    assert int(monitor.grad_detector.count) == 7
+    assert int(monitor.loss_detector.count) == 7
+
+
+def test_groups_argument(tmp_path):
+    monitor = GradientSpikeMonitor(groups={"first": r"^net\.0\.", "weights": r"weight$"}, every_n_steps=1)
+    make_trainer(tmp_path, [monitor], max_steps=2, logger=CSVLogger(tmp_path)).fit(ClassifierModule())
+    assert {"landscape/grad/norm/first", "landscape/grad/norm/weights"} <= set(monitor.last_metrics)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"z_threshold": 0}, ValueError, "`z_threshold` must be > 0.0, got 0.0"),
+        ({"warmup_steps": 0}, ValueError, "`warmup_steps` must be an int >= 1, got 0"),
+        ({"clip": "yes"}, TypeError, "`clip` must be a bool, got 'yes'"),
+        ({"groups": ["a"]}, TypeError, "`groups` must be None, False or a mapping"),
+        ({"groups": {"a": "("}}, ValueError, "`groups\\['a'\\]` must be a valid regular expression"),
+        ({"every_n_steps": 0}, ValueError, "`every_n_steps` must be an int >= 1, got 0"),
+        ({"loss_fn": lambda m, b: 0}, TypeError, "does not take `loss_fn`"),
+        ({"alert_cooldown_steps": -1}, ValueError, "`alert_cooldown_steps` must be an int >= 0, got -1"),
+        ({"on_alert": "email"}, ValueError, "`on_alert` must be one of"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        GradientSpikeMonitor(**kwargs)
+
+
+def test_cooldown_suppresses_repeated_warnings(tmp_path):
+    monitor = GradientSpikeMonitor(alert_cooldown_steps=1000, warmup_steps=20)
+    pl.seed_everything(0)
+    with pytest.warns(LandscapeWarning) as record:
+        make_trainer(tmp_path, [monitor], max_steps=80, deterministic=False).fit(DigitsModule(corrupt_steps=(40, 60)))
+    spikes = [a for a in monitor.alerts if a.kind == "grad_spike"]
+    assert [a.step for a in spikes] == [40, 60]  # both counted and logged
+    assert sum("[grad_spike]" in str(w.message) for w in record) == 1  # but warned once
+    assert monitor.alert_counts["grad_spike"] == 2
+
+
+def test_loss_must_be_positive_for_the_log_scale_or_configured(tmp_path):
+    monitor = GradientSpikeMonitor(loss_log_scale=False, warmup_steps=5)
+
+    class Negative(ClassifierModule):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) - 10.0
+
+    make_trainer(tmp_path, [monitor], max_steps=10).fit(Negative())
+    assert float(monitor.loss_detector.mean) < 0  # scored on the linear scale, negative values and all
