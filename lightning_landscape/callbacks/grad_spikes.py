@@ -195,17 +195,30 @@ class GradientSpikeMonitor(LandscapeCallback):
         squares = norms.double() ** 2
         total = squares.sum().sqrt()
         group_norms = (squares.float() @ self._group_index).sqrt()
-        clip_to = self.grad_detector.clip_value()
-        z, spike, bad = self.grad_detector.update(total)
-        record = torch.zeros(_WIDTH, dtype=torch.float64, device=total.device)
-        record[_GRAD_NORM], record[_GRAD_Z] = total, z
-        record[_GRAD_SPIKE], record[_GRAD_BAD] = spike.double(), bad.double()
-        if self.clip:
-            # identical on every rank (DDP gradients are identical after the all-reduce); exactly 1.0 without a
-            # spike, and x * 1.0 == x bitwise, so steps without a spike are untouched
-            coefficient = torch.where(spike, clip_to / total.clamp_min(1e-30), torch.ones_like(total))
-            torch._foreach_mul_(grads, coefficient.to(grads[0].dtype))
-            record[_CLIPPED] = spike.double()
+        detector = self.grad_detector
+        if detector.on_host:
+            # CPU: plain floats; a dozen scalar tensor ops would cost more than the norms themselves
+            total_f = float(total)
+            clip_to = float(detector.clip_value()) if self.clip else math.nan
+            z, spike, bad = detector.update_float(total_f)
+            record: list[float] | Tensor = [math.nan] * _WIDTH
+            record[_GRAD_NORM], record[_GRAD_Z], record[_GRAD_SPIKE], record[_GRAD_BAD] = total_f, z, spike, bad
+            if self.clip:
+                record[_CLIPPED] = float(spike)
+                if spike:
+                    torch._foreach_mul_(grads, clip_to / max(total_f, 1e-30))
+        else:
+            clip_to_t = detector.clip_value()
+            z_t, spike_t, bad_t = detector.update(total)
+            record = torch.full((_WIDTH,), math.nan, dtype=torch.float64, device=device)
+            record[_GRAD_NORM], record[_GRAD_Z] = total, z_t
+            record[_GRAD_SPIKE], record[_GRAD_BAD] = spike_t.double(), bad_t.double()
+            if self.clip:
+                # decided on the device, no sync: exactly 1.0 without a spike, and x * 1.0 == x bitwise
+                coefficient = torch.where(spike_t, clip_to_t / total.clamp_min(1e-30), torch.ones_like(total))
+                torch._foreach_mul_(grads, coefficient.to(grads[0].dtype))
+                record[_CLIPPED] = spike_t.double()
+        # gradients are identical on every rank after DDP's all-reduce, so every rank decides the same
         self._current = (step, record, group_norms)
         if self.track_update and self._is_logged_step(trainer, step):
             self._snapshot = [p.detach().clone() for _, p in named]
@@ -225,20 +238,26 @@ class GradientSpikeMonitor(LandscapeCallback):
             step_loss = self._loss_sum.detach().double().reshape(())
             if trainer.world_size > 1:
                 step_loss = distributed.all_reduce_mean(step_loss.clone())
-            z, spike, bad = self.loss_detector.update(step_loss)
-            record[_LOSS], record[_LOSS_Z], record[_LOSS_SPIKE], record[_LOSS_BAD] = step_loss, z, spike.double(), bad
+            if isinstance(record, list):
+                z, spike, bad = self.loss_detector.update_float(float(step_loss))
+                record[_LOSS], record[_LOSS_Z], record[_LOSS_SPIKE], record[_LOSS_BAD] = float(step_loss), z, spike, bad
+            else:
+                z_t, spike_t, bad_t = self.loss_detector.update(step_loss)
+                record[_LOSS], record[_LOSS_Z] = step_loss, z_t
+                record[_LOSS_SPIKE], record[_LOSS_BAD] = spike_t.double(), bad_t.double()
         self._loss_sum = None
         if self._snapshot is not None:
             params = [p for _, p in self._trainable(pl_module) if p.grad is not None]
             if len(params) == len(self._snapshot):
                 delta = torch._foreach_sub([p.detach() for p in params], self._snapshot)
-                record[_UPDATE] = torch.stack(torch._foreach_norm(delta, 2, dtype=torch.float32)).double().norm()
-                record[_PARAM] = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32)).double().norm()
+                update = torch.stack(torch._foreach_norm(delta, 2, dtype=torch.float32)).double().norm()
+                size = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32)).double().norm()
+                record[_UPDATE], record[_PARAM] = (
+                    (float(update), float(size)) if isinstance(record, list) else (update, size)
+                )
             self._snapshot = None
-        else:
-            record[_UPDATE] = record[_PARAM] = math.nan
         self._records.append((step, record, group_norms))
-        if record.device.type == "cpu" or self._is_logged_step(trainer, step):
+        if isinstance(record, list) or self._is_logged_step(trainer, step):
             self._flush(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -259,11 +278,14 @@ class GradientSpikeMonitor(LandscapeCallback):
         if not self._records:
             return
         steps = [s for s, _, _ in self._records]
-        records = torch.stack([r for _, r, _ in self._records]).cpu()
-        groups = torch.stack([g for _, _, g in self._records]).cpu()
+        if isinstance(self._records[0][1], list):
+            rows = [r for _, r, _ in self._records]
+        else:  # the one host transfer of this window
+            rows = torch.stack([r for _, r, _ in self._records]).cpu().tolist()
+        groups = torch.stack([g for _, _, g in self._records]).cpu().tolist()
         self._records = []
         fired = False
-        for step, row, group_row in zip(steps, records.tolist(), groups.tolist(), strict=True):
+        for step, row, group_row in zip(steps, rows, groups, strict=True):
             fired |= self._handle_step(trainer, step, row, group_row)
         self.decide_stop(trainer, fired)
 

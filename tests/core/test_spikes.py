@@ -158,3 +158,25 @@ class _Holder(torch.nn.Module):
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         EMAZScore(**kwargs)
+
+
+@pytest.mark.parametrize("spike_update", ["skip", "clip", "raw"])
+@pytest.mark.parametrize("log_scale", [True, False])
+def test_host_float_path_equals_tensor_path(spike_update, log_scale):
+    values = noisy_sequence(300, seed=10, trend=0.7).tolist()
+    values[100] *= 30
+    values[150] = float("nan")
+    values[20] = float("inf")
+    kwargs = {"spike_update": spike_update, "log_scale": log_scale, "warmup_steps": 30}
+    host, device_like = EMAZScore(**kwargs), EMAZScore(shape=(1,), **kwargs)  # shape (1,) takes the tensor path
+    assert host.on_host
+    assert not device_like.on_host
+    for v in values:
+        z_host, spike_host, bad_host = host.update_float(v)
+        z, spike, bad = device_like.update(torch.tensor([v], dtype=torch.float64))
+        assert z_host == pytest.approx(float(z), rel=1e-12, abs=1e-12)
+        assert (spike_host, bad_host) == (bool(spike), bool(bad))
+    assert float(host.mean) == pytest.approx(float(device_like.mean), rel=1e-12)
+    moved = EMAZScore(**kwargs)
+    moved.load_state_dict(device_like.state_dict())
+    assert float(moved.var) == pytest.approx(float(device_like.var), rel=1e-12)

@@ -1,0 +1,154 @@
+"""Per-step overhead of GradientSpikeMonitor, A/B interleaved in one run.
+
+Three reference workloads on real data (no downloads): an MLP on scikit-learn's digits, a small CNN on the same
+digits as 8x8 images, and a small character-level transformer on the standard library's own source files. Each
+repeat trains the same seeded model for ``--steps`` optimizer steps without and with the monitor, alternating
+which goes first; the time between ``on_train_start`` and ``on_train_end`` is compared (setup excluded).
+
+    python benchmarks/grad_spikes.py --steps 300 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from _data import digits_tensors
+
+from lightning_landscape import GradientSpikeMonitor
+
+
+def stdlib_text(num_chars: int = 400_000) -> str:
+    root = Path(__import__("os").__file__).parent
+    chunks, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="ignore")
+        chunks.append(text)
+        total += len(text)
+        if total >= num_chars:
+            break
+    return "".join(chunks)[:num_chars]
+
+
+class CharTransformer(nn.Module):
+    def __init__(self, vocab: int, width: int = 128, layers: int = 2, context: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Parameter(torch.zeros(context, width))
+        layer = nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers)
+        self.head = nn.Linear(width, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens) + self.position[: tokens.shape[1]]
+        return self.head(self.blocks(h, mask=self.mask[: tokens.shape[1], : tokens.shape[1]], is_causal=True))
+
+
+class Workload(pl.LightningModule):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "transformer":
+            text = stdlib_text()
+            chars = sorted(set(text))
+            ids = torch.tensor([chars.index(c) for c in text[:200_000]])
+            windows = ids[: (len(ids) // 65) * 65].view(-1, 65)
+            self.data = TensorDataset(windows[:, :-1], windows[:, 1:])
+            self.net = CharTransformer(len(chars))
+            self.batch_size = 32
+        else:
+            x, y, _, _ = digits_tensors()
+            self.data = TensorDataset(x, y)
+            self.batch_size = 64
+            if kind == "mlp":
+                self.net = nn.Sequential(
+                    nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+                )
+            else:
+                self.net = nn.Sequential(
+                    nn.Unflatten(1, (1, 8, 8)),
+                    nn.Conv2d(1, 32, 3, padding=1),
+                    nn.ReLU(),
+                    nn.Conv2d(32, 64, 3, padding=1),
+                    nn.ReLU(),
+                    nn.MaxPool2d(2),
+                    nn.Flatten(),
+                    nn.Linear(64 * 16, 10),
+                )
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=self.batch_size, shuffle=True, drop_last=True)
+
+
+class Clock(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        self.seconds = time.perf_counter() - self.start
+
+
+def timed_run(kind: str, steps: int, monitored: bool) -> float:
+    pl.seed_everything(0, verbose=False)
+    clock = Clock()
+    callbacks = [clock] + ([GradientSpikeMonitor(on_alert="ignore")] if monitored else [])
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        log_every_n_steps=50,
+    )
+    trainer.fit(Workload(kind))
+    return clock.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x {args.repeats} repeats\n"
+    )
+    print("| workload | parameters | step without (ms) | step with (ms) | overhead (median of paired ratios) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for kind in ("mlp", "cnn", "transformer"):
+        without, with_, ratios = [], [], []
+        for repeat in range(args.repeats):
+            order = (False, True) if repeat % 2 == 0 else (True, False)
+            times = {flag: timed_run(kind, args.steps, flag) for flag in order}
+            without.append(times[False])
+            with_.append(times[True])
+            ratios.append(times[True] / times[False] - 1)
+        params = sum(p.numel() for p in Workload(kind).parameters())
+        print(
+            f"| {kind} | {params:,} | {statistics.median(without) / args.steps * 1e3:.2f} | "
+            f"{statistics.median(with_) / args.steps * 1e3:.2f} | {statistics.median(ratios):+.1%} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
