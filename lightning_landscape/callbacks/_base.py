@@ -212,12 +212,20 @@ class LandscapeCallback(Callback):
         self._warned: set[str] = set()
         self._last_alert_step: dict[str, int] = {}
         self._log_root = Path(".")
+        self._state_key: str | None = None
         self._definition_logged = False
 
     # ------------------------------------------------------------------------------------------ identity/state
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(prefix=self.prefix)
+        # Lightning reads state_key on every hook call (profiler action names), so it is computed once.
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(**self._state_key_fields())
+        return self._state_key
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        """The arguments that tell two instances of this monitor apart in one checkpoint."""
+        return {"prefix": self.prefix}
 
     def state_dict(self) -> dict[str, Any]:
         probe = self._probe_by_rank if self._probe_by_rank is not None else [self._probe]

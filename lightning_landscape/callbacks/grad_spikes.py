@@ -127,10 +127,7 @@ class GradientSpikeMonitor(LandscapeCallback):
         self._loss_sum: Tensor | None = None
         self._loss_step = -1
         self._snapshot: list[Tensor] | None = None
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(prefix=self.prefix)
+        self._parameters: list[tuple[str, torch.nn.Parameter]] | None = None
 
     def _monitor_state_dict(self) -> dict[str, Any]:
         return {
@@ -154,8 +151,15 @@ class GradientSpikeMonitor(LandscapeCallback):
     def _every_n(self, trainer: pl.Trainer) -> int:
         return self._every or max(1, trainer.log_every_n_steps)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._parameters = None
+
     def _trainable(self, pl_module: pl.LightningModule) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        # Walking named_parameters() costs ~0.1 ms a step on a small model: cache it (reset at every fit start).
+        # Parameters frozen later simply have no gradient and drop out below.
+        if self._parameters is None:
+            self._parameters = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        return self._parameters
 
     def _resolve_groups(self, names: list[str], device: torch.device) -> None:
         if self.groups is False:

@@ -128,9 +128,8 @@ class HessianMonitor(LandscapeCallback):
         # Warm-start vectors (on CPU between measurements): "top" for H, "precond" for Adam's form, "block/<name>".
         self._warm: dict[str, Tensor] = {}
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(prefix=self.prefix, params=str(self.params), mode=self.mode)
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"prefix": self.prefix, "params": str(self.params), "mode": self.mode}
 
     def _monitor_state_dict(self) -> dict[str, Any]:
         return {

@@ -91,14 +91,11 @@ class EMAZScore:
         self.device = torch.device(device)
         self.reset()
 
-    @property
-    def on_host(self) -> bool:
-        """Scalar stream on the CPU: the state is kept as Python floats (a tensor op costs ~5 us there, so the tensor
-        path would cost ~0.2 ms a step for nothing); results are identical to the tensor path."""
-        return self.device.type == "cpu" and self.shape == ()
-
     def reset(self) -> None:
         """Forget everything (back to warm-up)."""
+        # Scalar stream on the CPU: the state is kept as Python floats (a tensor op costs ~5 us there, so the tensor
+        # path would cost ~0.2 ms a step for nothing); results are identical to the tensor path.
+        self.on_host = self.device.type == "cpu" and self.shape == ()
         if self.on_host:
             self._mean = self._var = self._sum = self._sumsq = 0.0
             self._count = 0
@@ -241,5 +238,6 @@ class EMAZScore:
         """Move the state to ``device`` (in place) and return self."""
         state = self.state_dict()
         self.device = torch.device(device)
+        self.on_host = self.device.type == "cpu" and self.shape == ()
         self.load_state_dict(state)
         return self
