@@ -1,10 +1,10 @@
-"""Quickstart: an MLP on scikit-learn's digits with HessianMonitor, TensorBoard logs in ./runs.
+"""Quickstart: an MLP on scikit-learn's digits with HessianMonitor and GradientSpikeMonitor, logs in ./runs.
 
     python examples/quickstart.py            # ~1 minute on 2 CPU cores
     tensorboard --logdir runs                # then open the "landscape" section
 
 The script checks its own result: the model learns (validation accuracy > 90 %), every Hessian measurement
-converged, and the logged sharpness is finite and positive.
+converged, the logged sharpness is finite and positive, and a healthy run raises no alert.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from _data import FAST, digits_tensors, loader
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from lightning_landscape import HessianMonitor
+from lightning_landscape import GradientSpikeMonitor, HessianMonitor
 
 
 class DigitsClassifier(pl.LightningModule):
@@ -56,10 +56,11 @@ class DigitsClassifier(pl.LightningModule):
 def main(root: str = "runs", epochs: int = 12) -> dict[str, float]:
     pl.seed_everything(0)
     monitor = HessianMonitor(top_k=3, trace=True, density=True, per_block=True, every_n_steps=50, num_probe_batches=4)
+    spikes = GradientSpikeMonitor()
     trainer = pl.Trainer(
         max_epochs=epochs,
         logger=TensorBoardLogger(root, name="quickstart"),
-        callbacks=[monitor],
+        callbacks=[monitor, spikes],
         accelerator="cpu",
         log_every_n_steps=10,
         enable_checkpointing=False,
@@ -77,6 +78,8 @@ def main(root: str = "runs", epochs: int = 12) -> dict[str, float]:
     assert math.isfinite(metrics["landscape/sharpness"])
     assert metrics["landscape/sharpness"] > 0
     assert metrics["landscape/hessian/converged"] == 1.0
+    alerts = monitor.alerts + spikes.alerts
+    assert not alerts, f"a healthy run raised alerts: {alerts}"
     return {"accuracy": accuracy, **metrics}
 
 

@@ -277,10 +277,20 @@ def test_raise_and_stop_actions(tmp_path):
 def test_sharpness_growth_alert(tmp_path):
     received = []
     monitor = HessianMonitor(
-        num_probe_batches=1, every_n_steps=1, sharpness_jump=1e-9, on_alert=received.append, eos_threshold=1e9
+        num_probe_batches=1,
+        every_n_steps=1,
+        sharpness_jump=1e-9,
+        on_alert=received.append,
+        eos_threshold=1e9,
+        growth_min_eos_ratio=0.0,
     )
     make_trainer(tmp_path, [monitor], max_steps=6).fit(ClassifierModule(lr=0.5))
     assert any(a.kind == "sharpness_growth" for a in received)
+    # the same jumps far below the stability threshold (eos_ratio ~ 0.01 here) are not alerts by default
+    quiet = HessianMonitor(num_probe_batches=1, every_n_steps=1, sharpness_jump=1e-9, on_alert="raise")
+    make_trainer(tmp_path, [quiet], max_steps=6).fit(ClassifierModule(lr=0.5))
+    assert quiet.last_metrics["landscape/hessian/eos_ratio"] < 0.5
+    assert not quiet.alerts
 
 
 # ------------------------------------------------------------------------------------------- failures/input
