@@ -14,6 +14,7 @@ from lightning_landscape.core.alerts import Alert
 __version__ = "0.1.0"
 
 _LAZY = {
+    "EffectiveRankMonitor": "lightning_landscape.callbacks.rank",
     "GradientSpikeMonitor": "lightning_landscape.callbacks.grad_spikes",
     "HessianMonitor": "lightning_landscape.callbacks.hessian",
     "LandscapeCallback": "lightning_landscape.callbacks._base",

@@ -3,5 +3,6 @@
 from lightning_landscape.callbacks._base import LandscapeAlertError, LandscapeCallback
 from lightning_landscape.callbacks.grad_spikes import GradientSpikeMonitor
 from lightning_landscape.callbacks.hessian import HessianMonitor
+from lightning_landscape.callbacks.rank import EffectiveRankMonitor
 
-__all__ = ["GradientSpikeMonitor", "HessianMonitor", "LandscapeAlertError", "LandscapeCallback"]
+__all__ = ["EffectiveRankMonitor", "GradientSpikeMonitor", "HessianMonitor", "LandscapeAlertError", "LandscapeCallback"]

@@ -107,3 +107,36 @@ class RelativeJumpRule:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         previous = state.get("previous")
         self.previous = None if previous is None else float(previous)
+
+
+class DropFromMaxRule:
+    """Fires when a value falls below ``(1 - fraction)`` times the maximum of the last ``window`` values
+    (the current one included); re-arms once the value recovers above that level."""
+
+    def __init__(self, fraction: float = 0.5, window: int = 5) -> None:
+        self.fraction = check_float("fraction", fraction, minimum=0.0, maximum=1.0, strict_minimum=True)
+        self.window = check_int("window", window, minimum=2)
+        self.history: list[float] = []
+        self.armed = True
+
+    @property
+    def threshold(self) -> float:
+        """The level below which the next value fires (from the history so far)."""
+        return (1.0 - self.fraction) * max(self.history) if self.history else -math.inf
+
+    def update(self, value: float) -> bool:
+        """Feed one value; True when it is a collapse relative to the recent maximum."""
+        if not math.isfinite(value):
+            return False
+        self.history = [*self.history, value][-self.window :]
+        collapsed = value < (1.0 - self.fraction) * max(self.history)
+        fired = collapsed and self.armed
+        self.armed = not collapsed
+        return fired
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "armed": self.armed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = [float(v) for v in state.get("history", [])]
+        self.armed = bool(state.get("armed", True))

@@ -112,6 +112,21 @@ def operator_mode(module: nn.Module, mode: Mode) -> Iterator[None]:
             m.training = flag
 
 
+@contextlib.contextmanager
+def seeded_rng(device: torch.device, seed: int) -> Iterator[None]:
+    """Fork the global RNG of the CPU (and of ``device`` if it is a GPU), seed it with ``seed``, restore it after.
+
+    Only the generators in use are seeded: ``torch.manual_seed`` would also reseed every other GPU.
+    """
+    on_cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if on_cuda else []):
+        torch.default_generator.manual_seed(seed)
+        if on_cuda:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
+
+
 class _LossModule(nn.Module):
     """Wraps ``loss_fn(module, batch)`` as a module so ``torch.func.functional_call`` can swap the parameters."""
 
@@ -263,13 +278,7 @@ class HessianOperator:
             stack.enter_context(torch.enable_grad())
             stack.enter_context(torch.autocast(device_type=self.device.type, enabled=False))
             if self.seed is not None:
-                on_cuda = self.device.type == "cuda"
-                stack.enter_context(torch.random.fork_rng(devices=[self.device] if on_cuda else []))
-                # Seed only the generators this operator uses: torch.manual_seed would also reseed every other GPU.
-                torch.default_generator.manual_seed(self.seed + index)
-                if on_cuda:
-                    index_ = self.device.index if self.device.index is not None else torch.cuda.current_device()
-                    torch.cuda.default_generators[index_].manual_seed(self.seed + index)
+                stack.enter_context(seeded_rng(self.device, self.seed + index))
             yield
 
     def _loss(self, batch: Any) -> Tensor:

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from lightning_landscape.core.alerts import Alert, ConsecutiveAboveRule, RelativeJumpRule
+from lightning_landscape.core.alerts import Alert, ConsecutiveAboveRule, DropFromMaxRule, RelativeJumpRule
 
 
 def test_consecutive_rule_fires_once_per_excursion_and_round_trips():
@@ -35,3 +35,16 @@ def test_alert_round_trip_and_bad_rules():
         RelativeJumpRule(-1.0)
     with pytest.raises(TypeError, match="`threshold` must be a real number"):
         ConsecutiveAboveRule("1")
+
+
+def test_drop_from_max_rule():
+    rule = DropFromMaxRule(fraction=0.5, window=3)
+    fired = [rule.update(v) for v in [10, 12, 11, 5.9, 5.0, 4.0, 9.0, 2.0]]
+    # 5.9 < 0.5 * 12 fires; still collapsed at 5.0 (window max 11); 4.0 < 0.5*11? no -> window [5.9,5,4] re-arms;
+    # 2.0 < 0.5 * 9 fires again
+    assert fired == [False, False, False, True, False, False, False, True]
+    clone = DropFromMaxRule(fraction=0.5, window=3)
+    clone.load_state_dict(rule.state_dict())
+    assert clone.history == rule.history
+    with pytest.raises(ValueError, match="`window` must be an int >= 2, got 1"):
+        DropFromMaxRule(window=1)
