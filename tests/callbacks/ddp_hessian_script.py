@@ -1,32 +1,13 @@
-"""Run by tests/callbacks/test_hessian_ddp.py as a subprocess: two CPU processes over gloo.
+"""Run by tests/callbacks/test_hessian_ddp.py: HessianMonitor on two CPU processes over gloo."""
 
-Each rank writes its logged metrics, its probe batches and the weights at step 0 to OUT, so the test can compare
-both ranks with each other and with a dense single-process reference on the union of the probe data.
-"""
-
-import json
 import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 
 from lightning_landscape import HessianMonitor
+from tests.helpers.ddp import DumpMeasurement, ddp_trainer
 from tests.helpers.lightning import ClassifierModule, loss_of
-
-
-class Dump(pl.Callback):
-    def __init__(self, out: Path, monitor: HessianMonitor) -> None:
-        self.out, self.monitor = out, monitor
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == 1 and trainer.global_rank == 0:  # the measurement runs at step 1
-            torch.save({k: v.clone() for k, v in pl_module.state_dict().items()}, self.out / "weights.pt")
-
-    def on_train_end(self, trainer, pl_module):
-        rank = trainer.global_rank
-        (self.out / f"metrics_rank{rank}.json").write_text(json.dumps(self.monitor.last_metrics))
-        torch.save(self.monitor._probe, self.out / f"probe_rank{rank}.pt")
 
 
 def main(out: Path, mode: str) -> None:
@@ -34,20 +15,7 @@ def main(out: Path, mode: str) -> None:
     model = ClassifierModule(dropout=0.0).double()
     model.x = model.x.double()
     monitor = HessianMonitor(top_k=3, mode=mode, every_n_steps=100, num_probe_batches=2, loss_fn=loss_of, tol=1e-10)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=2,
-        precision="64-true",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Dump(out, monitor), monitor],
-        default_root_dir=str(out),
-    )
-    trainer.fit(model)
+    ddp_trainer(out, [DumpMeasurement(out, monitor), monitor], max_steps=2, precision="64-true").fit(model)
 
 
 if __name__ == "__main__":

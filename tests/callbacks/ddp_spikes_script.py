@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 from lightning_landscape import GradientSpikeMonitor
+from tests.helpers.ddp import ddp_trainer
 from tests.helpers.digits import DigitsModule
 
 
@@ -20,18 +21,7 @@ class RankOneCorrupted(DigitsModule):
 def main(out: Path) -> None:
     pl.seed_everything(0)
     monitor = GradientSpikeMonitor(on_alert=["stop", "ignore"], every_n_steps=1)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=300,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[monitor],
-        default_root_dir=str(out),
-    )
+    trainer = ddp_trainer(out, [monitor], max_steps=300)
     trainer.fit(RankOneCorrupted())
     result = {"global_step": trainer.global_step, "alerts": [a.to_dict() for a in monitor.alerts]}
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))

@@ -1,17 +1,10 @@
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from lightning_landscape.core.hvp import operator_mode
 from lightning_landscape.core.rank import alpha_req, eigenvalues_psd, rankme, singular_values
+from tests.helpers.ddp import load_dumps, run_ddp_script
 from tests.helpers.lightning import ClassifierModule
-
-ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.ddp,
@@ -20,25 +13,10 @@ pytestmark = [
 
 
 def test_two_process_ranks_equal_single_process_on_the_union(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "tests" / "callbacks" / "ddp_rank_script.py"), str(tmp_path)],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"2-process DDP run hung (killed after 240 s): {err}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    metrics = [json.loads((tmp_path / f"metrics_rank{r}.json").read_text()) for r in (0, 1)]
-    assert metrics[0], "rank 0 logged nothing"
-    assert metrics[0] == metrics[1]
-    union = [b for r in (0, 1) for b in torch.load(tmp_path / f"probe_rank{r}.pt")]
+    run_ddp_script("ddp_rank_script.py", tmp_path)
+    metrics, union, weights = load_dumps(tmp_path)
     model = ClassifierModule(dropout=0.0).double()
-    model.load_state_dict(torch.load(tmp_path / "weights.pt"))
+    model.load_state_dict(weights)
     with operator_mode(model, "eval"), torch.no_grad():
         z = torch.cat([model.net[:-1](x) for x, _ in union])
     assert metrics[0]["landscape/rank/net.4/rankme"] == pytest.approx(rankme(singular_values(z)), rel=1e-9)
