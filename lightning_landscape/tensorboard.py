@@ -55,3 +55,31 @@ def log_histogram_raw(trainer: pl.Trainer, tag: str, edges: Tensor, mass: Tensor
             bucket_counts=counts.tolist(),
             global_step=step,
         )
+
+
+def log_curve_figure(
+    trainer: pl.Trainer, tag: str, xs: list[float], ys: list[float], step: int, xlabel: str, ylabel: str
+) -> bool:
+    """Draw ``ys`` against ``xs`` as a TensorBoard image (matplotlib, an optional extra); False when unavailable."""
+    writers = list(_writers(trainer))
+    if not writers:
+        return True
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, axis = plt.subplots(figsize=(4, 3), dpi=100)
+    axis.plot(xs, ys, marker="o", markersize=3)
+    chord = [ys[0] + (ys[-1] - ys[0]) * (x - xs[0]) / (xs[-1] - xs[0]) for x in xs]
+    axis.plot(xs, chord, linestyle="--", color="grey", linewidth=1)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(f"step {step}")
+    figure.tight_layout()
+    for writer in writers:
+        writer.add_figure(tag, figure, global_step=step, close=False)
+    plt.close(figure)
+    return True

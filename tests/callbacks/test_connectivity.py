@@ -1,0 +1,126 @@
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_landscape import ModeConnectivityMonitor
+from lightning_landscape.core.barrier import interpolation_barrier
+from lightning_landscape.core.interpolation import recompute_batchnorm
+from tests.helpers.lightning import ClassifierModule, loss_of, make_trainer
+
+
+class StateRecorder(pl.Callback):
+    def __init__(self):
+        self.states = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.states.setdefault(trainer.global_step, copy.deepcopy(pl_module.state_dict()))
+
+
+def reference_loss(state, batches, bn_recompute):
+    """Independent twin: a fresh model at ``state`` (BN re-estimated by hand), eval-mode weighted loss."""
+    model = ClassifierModule(dropout=0.3)
+    model.load_state_dict(state)
+    if bn_recompute:
+        recompute_batchnorm(model, batches, loss_of)
+    model.eval()
+    with torch.no_grad():
+        total = sum(float(loss_of(model, b)) * len(b[1]) for b in batches)
+    return total / sum(len(b[1]) for b in batches)
+
+
+@pytest.mark.parametrize("bn_policy", ["recompute", "interpolate"])
+def test_logged_barrier_equals_the_twin_and_endpoints_reproduce(tmp_path, bn_policy):
+    recorder = StateRecorder()
+    monitor = ModeConnectivityMonitor(
+        num_alphas=5, bn_policy=bn_policy, every_n_steps=4, num_probe_batches=2, loss_fn=loss_of, refine_steps=2
+    )
+    logger = TensorBoardLogger(tmp_path, name="lmc")
+    make_trainer(tmp_path, [recorder, monitor], max_steps=9, logger=logger).fit(ClassifierModule(dropout=0.3, lr=0.5))
+    a, b = recorder.states[4], recorder.states[8]
+    probe = monitor._probe
+    metrics = monitor.last_metrics
+    recompute = bn_policy == "recompute"
+    assert metrics["landscape/lmc/loss_start"] == pytest.approx(reference_loss(a, probe, recompute), rel=1e-5)
+    assert metrics["landscape/lmc/loss_end"] == pytest.approx(reference_loss(b, probe, recompute), rel=1e-5)
+
+    def line(alpha):
+        state = {k: torch.lerp(a[k].float(), b[k].float(), alpha) if a[k].is_floating_point() else a[k] for k in a}
+        state = {k: (a[k] if alpha == 0 else b[k] if alpha == 1 else v) for k, v in state.items()}
+        return reference_loss(state, probe, recompute)
+
+    expected = interpolation_barrier(line, num_alphas=5, refine_steps=2)
+    assert metrics["landscape/lmc/barrier"] == pytest.approx(expected.chord, rel=1e-4, abs=1e-6)
+    assert metrics["landscape/lmc/barrier_mean"] == pytest.approx(expected.mean, rel=1e-4, abs=1e-6)
+    assert metrics["landscape/lmc/evaluations"] == 7
+
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("landscape/lmc/barrier")] == [4, 8]  # the first snapshot is at step 0
+    assert "landscape/lmc/curve" in events.Tags()["images"]
+
+
+def test_training_is_bitwise_unchanged(tmp_path):
+    def run(callbacks):
+        pl.seed_everything(2)
+        model = ClassifierModule(optimizer="adam", lr=0.01)
+        make_trainer(tmp_path, callbacks, max_steps=60).fit(model)
+        return {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+
+    (plain, rng), (watched, rng2) = (
+        run([]),
+        run([ModeConnectivityMonitor(every_n_steps=10, layerwise=True, predictors=True, mode="train")]),
+    )
+    assert all(torch.equal(plain[k], watched[k]) for k in plain)
+    assert torch.equal(rng, rng2)
+
+
+def test_layerwise_predictors_and_alert(tmp_path):
+    received = []
+    monitor = ModeConnectivityMonitor(
+        every_n_steps=2,
+        num_probe_batches=1,
+        layerwise=True,
+        predictors=True,
+        barrier_threshold=0.0,
+        barrier_patience=1,
+        bn_policy="keep",
+        on_alert=received.append,
+    )
+    make_trainer(tmp_path, [monitor], max_steps=5).fit(ClassifierModule(lr=2.0))
+    keys = set(monitor.last_metrics)
+    assert {"landscape/lmc/barrier/net.0", "landscape/lmc/barrier/net.4"} <= keys
+    assert {"landscape/lmc/predicted_barrier_hermite", "landscape/lmc/predicted_barrier_hessian"} <= keys
+    assert monitor.last_metrics["landscape/lmc/barrier"] > 0  # lr=2.0 jumps across ridges
+    assert received
+    assert {a.kind for a in received} == {"barrier_rise"}
+
+
+def test_state_round_trip_keeps_the_previous_snapshot(tmp_path):
+    monitor = ModeConnectivityMonitor(every_n_steps=3, num_probe_batches=1)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=4)
+    trainer.fit(ClassifierModule())
+    state = copy.deepcopy(monitor.state_dict())
+    other = ModeConnectivityMonitor(every_n_steps=3, num_probe_batches=1)
+    other.load_state_dict(state)
+    assert other._previous_step == 3
+    assert all(torch.equal(other._previous[k], monitor._previous[k]) for k in monitor._previous)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"num_alphas": 2}, ValueError, "`num_alphas` must be an int >= 3, got 2"),
+        ({"bn_policy": "repair"}, ValueError, "`bn_policy` must be one of"),
+        ({"layerwise": "yes"}, TypeError, "`layerwise` must be a bool"),
+        ({"refine_steps": -1}, ValueError, "`refine_steps` must be an int >= 0, got -1"),
+        ({"barrier_threshold": -0.1}, ValueError, "`barrier_threshold` must be >= 0.0, got -0.1"),
+        ({"barrier_patience": 0}, ValueError, "`patience` must be an int >= 1, got 0"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ModeConnectivityMonitor(**kwargs)
