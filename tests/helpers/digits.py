@@ -35,3 +35,17 @@ class DigitsModule(pl.LightningModule):
 
     def train_dataloader(self):
         return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=True)
+
+
+class DigitsDataModule(pl.LightningDataModule):
+    """The digits as a DataModule (for the offline ``lightning-landscape lmc`` command)."""
+
+    def __init__(self, batch_size: int = 64) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def setup(self, stage: str) -> None:
+        self.x, self.y = digits()
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=False)
