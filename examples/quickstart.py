@@ -1,4 +1,4 @@
-"""Quickstart: an MLP on scikit-learn's digits with the Hessian, gradient-spike and rank monitors; logs in ./runs.
+"""Quickstart: an MLP on scikit-learn's digits with every monitor; TensorBoard logs in ./runs.
 
     python examples/quickstart.py            # ~1 minute on 2 CPU cores
     tensorboard --logdir runs                # then open the "landscape" section
@@ -18,7 +18,7 @@ from _data import FAST, digits_tensors, loader
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from lightning_landscape import EffectiveRankMonitor, GradientSpikeMonitor, HessianMonitor
+from lightning_landscape import EffectiveRankMonitor, GradientSpikeMonitor, HessianMonitor, ModeConnectivityMonitor
 
 
 class DigitsClassifier(pl.LightningModule):
@@ -58,10 +58,11 @@ def main(root: str = "runs", epochs: int = 12) -> dict[str, float]:
     monitor = HessianMonitor(top_k=3, trace=True, density=True, per_block=True, every_n_steps=50, num_probe_batches=4)
     spikes = GradientSpikeMonitor()
     ranks = EffectiveRankMonitor(every_n_steps=50)
+    connectivity = ModeConnectivityMonitor(every_n_steps=50)
     trainer = pl.Trainer(
         max_epochs=epochs,
         logger=TensorBoardLogger(root, name="quickstart"),
-        callbacks=[monitor, spikes, ranks],
+        callbacks=[monitor, spikes, ranks, connectivity],
         accelerator="cpu",
         log_every_n_steps=10,
         enable_checkpointing=False,
@@ -79,7 +80,8 @@ def main(root: str = "runs", epochs: int = 12) -> dict[str, float]:
     assert math.isfinite(metrics["landscape/sharpness"])
     assert metrics["landscape/sharpness"] > 0
     assert metrics["landscape/hessian/converged"] == 1.0
-    alerts = monitor.alerts + spikes.alerts + ranks.alerts
+    alerts = monitor.alerts + spikes.alerts + ranks.alerts + connectivity.alerts
+    assert connectivity.last_metrics["landscape/lmc/barrier"] >= 0
     assert ranks.last_metrics["landscape/rank/net.4/rankme"] > 2
     assert not alerts, f"a healthy run raised alerts: {alerts}"
     return {"accuracy": accuracy, **metrics}
