@@ -55,10 +55,13 @@ class DigitsClassifier(pl.LightningModule):
 
 def main(root: str = "runs", epochs: int = 12) -> dict[str, float]:
     pl.seed_everything(0)
-    monitor = HessianMonitor(top_k=3, trace=True, density=True, per_block=True, every_n_steps=50, num_probe_batches=4)
+    every = 10 if FAST else 50  # the fast mode (tests) trains 2 epochs = 48 steps
+    monitor = HessianMonitor(
+        top_k=3, trace=True, density=True, per_block=True, every_n_steps=every, num_probe_batches=4
+    )
     spikes = GradientSpikeMonitor()
-    ranks = EffectiveRankMonitor(every_n_steps=50)
-    connectivity = ModeConnectivityMonitor(every_n_steps=50)
+    ranks = EffectiveRankMonitor(every_n_steps=every)
+    connectivity = ModeConnectivityMonitor(every_n_steps=every)
     trainer = pl.Trainer(
         max_epochs=epochs,
         logger=TensorBoardLogger(root, name="quickstart"),
