@@ -62,6 +62,8 @@ def barriers_from_curve(alphas: list[float], losses: list[float]) -> tuple[float
     curve = dict(zip(alphas, losses, strict=True))
     if 0.0 not in curve or 1.0 not in curve:
         raise ValueError("`alphas` must contain exactly 0.0 and 1.0 (the endpoints).")
+    if not all(math.isfinite(f) for f in losses):
+        return math.nan, math.nan, math.nan, math.nan  # a non-finite loss on the curve: no barrier to speak of
     f0, f1 = curve[0.0], curve[1.0]
     excess = {a: f - ((1 - a) * f0 + a * f1) for a, f in curve.items()}
     chord_alpha = max(excess, key=lambda a: excess[a])

@@ -96,6 +96,11 @@ def test_symmetry():
     assert forward.mean == pytest.approx(backward.mean, rel=1e-12)
 
 
+def test_non_finite_curve_gives_nan_barriers():
+    chord, alpha, mean, midpoint = barriers_from_curve([0.0, 0.5, 1.0], [1.0, float("nan"), 1.0])
+    assert all(math.isnan(v) for v in (chord, alpha, mean, midpoint))
+
+
 def test_curve_needs_endpoints():
     with pytest.raises(ValueError, match="must contain exactly 0.0 and 1.0"):
         barriers_from_curve([0.0, 0.5], [1.0, 2.0])
