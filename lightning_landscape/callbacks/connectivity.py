@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,6 +16,7 @@ from lightning_landscape.core import distributed
 from lightning_landscape.core._validation import check_bool, check_float, check_int
 from lightning_landscape.core.alerts import Alert, ConsecutiveAboveRule
 from lightning_landscape.core.barrier import (
+    barriers_from_curve,
     hermite_midpoint_predictor,
     hessian_midpoint_predictor,
     interpolation_barrier,
@@ -48,6 +50,8 @@ class ModeConnectivityMonitor(LandscapeCallback):
           current weights (Adilova et al. 2024), when ``layerwise=True``.
         - ``p/lmc/predicted_barrier_hermite``, ``p/lmc/predicted_barrier_hessian``: cheap midpoint predictors, when
           ``predictors=True``.
+        - ``p/lmc/error_barrier``, ``p/lmc/error_barrier_mean``: the same barriers on the error rate, when
+          ``error_fn`` is given.
         - ``p/lmc/evaluations``: loss evaluations this measurement cost; ``p/lmc/curve``: the curve as an image
           (needs matplotlib).
 
@@ -64,6 +68,8 @@ class ModeConnectivityMonitor(LandscapeCallback):
         refine_steps: bisection steps around the peak.
         predictors: also log the Hermite and Hessian midpoint predictors (2 gradients and 1 HVP).
         barrier_threshold, barrier_patience, relative: the ``barrier_rise`` rule.
+        error_fn: ``error_fn(pl_module, batch)`` -> the batch's error rate in [0, 1] (e.g. 1 - accuracy), for the
+            error barriers Frankle et al. report; one more forward pass per batch and alpha.
         **kwargs: the shared arguments of :class:`~lightning_landscape.callbacks._base.LandscapeCallback`.
 
     References: Frankle et al. 2020 (ICML); Entezari et al. 2022 (ICLR); Adilova et al. 2024 (ICLR); Singh et al.
@@ -83,9 +89,15 @@ class ModeConnectivityMonitor(LandscapeCallback):
         barrier_threshold: float = 0.1,
         barrier_patience: int = 2,
         relative: bool = False,
+        error_fn: Callable[[pl.LightningModule, Any], Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if error_fn is not None and not callable(error_fn):
+            raise TypeError(
+                f"`error_fn` must be None or a callable (pl_module, batch) -> error rate, got {error_fn!r}."
+            )
+        self.error_fn = error_fn
         self.num_alphas = check_int("num_alphas", num_alphas, minimum=3)
         self.bn_policy = check_bn_policy(bn_policy)
         self.layerwise = check_bool("layerwise", layerwise)
@@ -130,11 +142,14 @@ class ModeConnectivityMonitor(LandscapeCallback):
         metrics: dict[str, float] = {}
         evaluations = 0
 
+        errors: dict[float, float] = {}
+
         def loss_at(alpha: float) -> float:
             state = interpolate_state(start, end, alpha)
             if self.bn_policy == "keep":
                 state.update({k: start[k].clone() for k in bn_keys})
-            return self._loss(trainer, pl_module, loss_fn, batches, state)
+            loss, errors[alpha] = self._loss(trainer, pl_module, loss_fn, batches, state)
+            return loss
 
         full = interpolation_barrier(loss_at, self.num_alphas, self.refine_steps)
         evaluations += full.num_evaluations
@@ -149,6 +164,11 @@ class ModeConnectivityMonitor(LandscapeCallback):
                 f"{p}/lmc/loss_end": full.losses[-1],
             }
         )
+        if self.error_fn is not None:
+            # Frankle et al. report error barriers; same curve, same alphas, errors in [0, 1]
+            error_chord, _, error_mean, _ = barriers_from_curve(full.alphas, [errors[a] for a in full.alphas])
+            metrics[f"{p}/lmc/error_barrier"] = error_chord
+            metrics[f"{p}/lmc/error_barrier_mean"] = error_mean
         if self.layerwise:
             param_names = [n for n, _ in pl_module.named_parameters()]
             for block in top_level_blocks(param_names):
@@ -157,7 +177,7 @@ class ModeConnectivityMonitor(LandscapeCallback):
 
                 def block_loss_at(alpha: float, keys: set[str] = keys) -> float:
                     state = interpolate_state(end, start, 1.0 - alpha, keys=keys)
-                    return self._loss(trainer, pl_module, loss_fn, batches, state)
+                    return self._loss(trainer, pl_module, loss_fn, batches, state)[0]
 
                 layer = interpolation_barrier(block_loss_at, self.num_alphas, self.refine_steps)
                 evaluations += layer.num_evaluations
@@ -176,8 +196,9 @@ class ModeConnectivityMonitor(LandscapeCallback):
 
     def _loss(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: Any, batches: list[Any], state: dict
-    ) -> float:
-        """Size-weighted mean loss over the probe set (over every rank) at ``state``, under the BN policy."""
+    ) -> tuple[float, float]:
+        """Size-weighted mean loss (and error, NaN without ``error_fn``) over the probe set (over every rank) at
+        ``state``, under the BN policy."""
         with loaded_state(pl_module, state):
             if self.bn_policy == "recompute":
                 recompute_batchnorm(pl_module, batches, loss_fn)
@@ -187,20 +208,22 @@ class ModeConnectivityMonitor(LandscapeCallback):
                         if isinstance(layer, nn.modules.batchnorm._NormBase) and layer.track_running_stats:
                             distributed.all_reduce_mean(layer.running_mean)
                             distributed.all_reduce_mean(layer.running_var)
-            totals = torch.zeros(2, dtype=torch.float64, device=pl_module.device)
+            totals = torch.zeros(3, dtype=torch.float64, device=pl_module.device)
             with operator_mode(pl_module, self.mode), torch.no_grad():
                 for index, batch in enumerate(batches):
-                    with seeded_rng(pl_module.device, self.seed + index):
-                        loss = loss_fn(pl_module, batch)
                     size = default_batch_size(batch)
-                    totals[0] += loss.detach().double() * size
-                    totals[1] += size
+                    with seeded_rng(pl_module.device, self.seed + index):
+                        totals[0] += loss_fn(pl_module, batch).detach().double() * size
+                    if self.error_fn is not None:
+                        with seeded_rng(pl_module.device, self.seed + index):
+                            totals[1] += torch.as_tensor(self.error_fn(pl_module, batch)).double() * size
+                    totals[2] += size
         if trainer.world_size > 1:
             totals = distributed.all_reduce_sum(totals)
-        value = float(totals[0] / totals[1])
+        value = float(totals[0] / totals[2])
         if not math.isfinite(value):
             raise FloatingPointError(f"The probe-set loss along the interpolation is not finite ({value}).")
-        return value
+        return value, float(totals[1] / totals[2]) if self.error_fn is not None else math.nan
 
     def _predictors(
         self,

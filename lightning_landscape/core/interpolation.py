@@ -86,14 +86,16 @@ def loaded_state(module: nn.Module, state: Mapping[str, Tensor]) -> Iterator[Non
 def recompute_batchnorm(module: nn.Module, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any]) -> int:
     """Re-estimate every BatchNorm's running statistics over ``batches`` as a cumulative average.
 
-    Runs ``forward(module, batch)`` in train mode with dropout off, no gradient; restores each layer's momentum and
-    every module's training flag afterwards. Returns the number of batches used (0: no BatchNorm, nothing done).
+    Runs ``forward(module, batch)`` in train mode with dropout off, no gradient; restores each layer's momentum,
+    ``num_batches_tracked`` and every module's training flag afterwards. Returns the number of batches used (0: no
+    BatchNorm, nothing done).
     """
     layers = _norm_layers(module)
     if not layers:
         return 0
     flags = {m: m.training for m in module.modules()}
     momenta = {layer: layer.momentum for layer in layers}
+    tracked = {layer: layer.num_batches_tracked.clone() for layer in layers if layer.num_batches_tracked is not None}
     used = 0
     try:
         module.eval()
@@ -108,6 +110,8 @@ def recompute_batchnorm(module: nn.Module, batches: Iterable[Any], forward: Call
     finally:
         for layer, momentum in momenta.items():
             layer.momentum = momentum
+        for layer, count in tracked.items():  # the estimate replaces the statistics, not the training history
+            layer.num_batches_tracked.copy_(count)
         for m, flag in flags.items():
             m.training = flag
     return used

@@ -7,7 +7,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_landscape import ModeConnectivityMonitor
-from lightning_landscape.core.barrier import interpolation_barrier
+from lightning_landscape.core.barrier import barriers_from_curve, interpolation_barrier
 from lightning_landscape.core.interpolation import recompute_batchnorm
 from tests.helpers.lightning import ClassifierModule, loss_of, make_trainer
 
@@ -20,15 +20,20 @@ class StateRecorder(pl.Callback):
         self.states.setdefault(trainer.global_step, copy.deepcopy(pl_module.state_dict()))
 
 
-def reference_loss(state, batches, bn_recompute):
-    """Independent twin: a fresh model at ``state`` (BN re-estimated by hand), eval-mode weighted loss."""
+def error_of(module, batch):
+    x, y = batch
+    return (module(x).argmax(1) != y).double().mean()
+
+
+def reference_loss(state, batches, bn_recompute, metric=loss_of):
+    """Independent twin: a fresh model at ``state`` (BN re-estimated by hand), eval-mode weighted loss (or error)."""
     model = ClassifierModule(dropout=0.3)
     model.load_state_dict(state)
     if bn_recompute:
         recompute_batchnorm(model, batches, loss_of)
     model.eval()
     with torch.no_grad():
-        total = sum(float(loss_of(model, b)) * len(b[1]) for b in batches)
+        total = sum(float(metric(model, b)) * len(b[1]) for b in batches)
     return total / sum(len(b[1]) for b in batches)
 
 
@@ -36,7 +41,13 @@ def reference_loss(state, batches, bn_recompute):
 def test_logged_barrier_equals_the_twin_and_endpoints_reproduce(tmp_path, bn_policy):
     recorder = StateRecorder()
     monitor = ModeConnectivityMonitor(
-        num_alphas=5, bn_policy=bn_policy, every_n_steps=4, num_probe_batches=2, loss_fn=loss_of, refine_steps=2
+        num_alphas=5,
+        bn_policy=bn_policy,
+        every_n_steps=4,
+        num_probe_batches=2,
+        loss_fn=loss_of,
+        refine_steps=2,
+        error_fn=error_of,
     )
     logger = TensorBoardLogger(tmp_path, name="lmc")
     make_trainer(tmp_path, [recorder, monitor], max_steps=9, logger=logger).fit(ClassifierModule(dropout=0.3, lr=0.5))
@@ -47,15 +58,17 @@ def test_logged_barrier_equals_the_twin_and_endpoints_reproduce(tmp_path, bn_pol
     assert metrics["landscape/lmc/loss_start"] == pytest.approx(reference_loss(a, probe, recompute), rel=1e-5)
     assert metrics["landscape/lmc/loss_end"] == pytest.approx(reference_loss(b, probe, recompute), rel=1e-5)
 
-    def line(alpha):
+    def line_state(alpha):
         state = {k: torch.lerp(a[k].float(), b[k].float(), alpha) if a[k].is_floating_point() else a[k] for k in a}
-        state = {k: (a[k] if alpha == 0 else b[k] if alpha == 1 else v) for k, v in state.items()}
-        return reference_loss(state, probe, recompute)
+        return {k: (a[k] if alpha == 0 else b[k] if alpha == 1 else v) for k, v in state.items()}
 
-    expected = interpolation_barrier(line, num_alphas=5, refine_steps=2)
+    expected = interpolation_barrier(lambda al: reference_loss(line_state(al), probe, recompute), 5, 2)
+    errors = [reference_loss(line_state(al), probe, recompute, metric=error_of) for al in expected.alphas]
+    expected_error = barriers_from_curve(expected.alphas, errors)[0]
     assert metrics["landscape/lmc/barrier"] == pytest.approx(expected.chord, rel=1e-4, abs=1e-6)
     assert metrics["landscape/lmc/barrier_mean"] == pytest.approx(expected.mean, rel=1e-4, abs=1e-6)
     assert metrics["landscape/lmc/evaluations"] == 7
+    assert metrics["landscape/lmc/error_barrier"] == pytest.approx(expected_error, abs=1e-9)
 
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0})
     events.Reload()
@@ -121,6 +134,7 @@ def test_state_round_trip_keeps_the_previous_snapshot(tmp_path):
         ({"refine_steps": -1}, ValueError, "`refine_steps` must be an int >= 0, got -1"),
         ({"barrier_threshold": -0.1}, ValueError, "`barrier_threshold` must be >= 0.0, got -0.1"),
         ({"barrier_patience": 0}, ValueError, "`patience` must be an int >= 1, got 0"),
+        ({"error_fn": 1}, TypeError, "`error_fn` must be None or a callable"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
