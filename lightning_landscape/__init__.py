@@ -19,6 +19,7 @@ _LAZY = {
     "HessianMonitor": "lightning_landscape.callbacks.hessian",
     "LandscapeCallback": "lightning_landscape.callbacks._base",
     "LandscapeAlertError": "lightning_landscape.callbacks._base",
+    "LandscapeMonitor": "lightning_landscape.callbacks.bundle",
     "ModeConnectivityMonitor": "lightning_landscape.callbacks.connectivity",
 }
 

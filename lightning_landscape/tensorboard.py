@@ -83,3 +83,29 @@ def log_curve_figure(
         writer.add_figure(tag, figure, global_step=step, close=False)
     plt.close(figure)
     return True
+
+
+def dashboard_layout(prefix: str = "landscape") -> dict[str, dict[str, tuple[str, list[str]]]]:
+    """The custom-scalars layout of the "Landscape" dashboard: category -> chart title -> (kind, tag regexes)."""
+    p = prefix
+    return {
+        "Landscape": {
+            "sharpness vs stability threshold": (
+                "Multiline",
+                [rf"{p}/sharpness$", rf"{p}/hessian/stability_threshold$"],
+            ),
+            "edge-of-stability ratio": ("Multiline", [rf"{p}/hessian/eos_ratio$"]),
+            "gradient norm and spikes": ("Multiline", [rf"{p}/grad/norm$", rf"{p}/events/grad_spike$"]),
+            "loss z-score and spikes": ("Multiline", [rf"{p}/loss/zscore$", rf"{p}/events/loss_spike$"]),
+            "effective rank (RankMe)": ("Multiline", [rf"{p}/rank/.*/rankme$"]),
+            "LMC barrier": ("Multiline", [rf"{p}/lmc/barrier$", rf"{p}/lmc/barrier_mean$"]),
+            "alerts": ("Multiline", [rf"{p}/alerts/.*"]),
+        }
+    }
+
+
+def write_dashboard(trainer: pl.Trainer, prefix: str = "landscape") -> None:
+    """Write the "Landscape" custom-scalars dashboard to every TensorBoard logger (rank 0)."""
+    layout = dashboard_layout(prefix)
+    for writer in _writers(trainer):
+        writer.add_custom_scalars(layout)

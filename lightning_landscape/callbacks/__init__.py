@@ -1,6 +1,7 @@
 """Lightning callbacks: thin glue from Lightning hooks to :mod:`lightning_landscape.core`."""
 
 from lightning_landscape.callbacks._base import LandscapeAlertError, LandscapeCallback
+from lightning_landscape.callbacks.bundle import LandscapeMonitor
 from lightning_landscape.callbacks.connectivity import ModeConnectivityMonitor
 from lightning_landscape.callbacks.grad_spikes import GradientSpikeMonitor
 from lightning_landscape.callbacks.hessian import HessianMonitor
@@ -12,5 +13,6 @@ __all__ = [
     "HessianMonitor",
     "LandscapeAlertError",
     "LandscapeCallback",
+    "LandscapeMonitor",
     "ModeConnectivityMonitor",
 ]

@@ -1,0 +1,145 @@
+"""LandscapeMonitor: every monitor behind one callback and one configuration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from lightning_landscape import tensorboard as tb
+from lightning_landscape.callbacks._base import AlertAction, LandscapeCallback
+from lightning_landscape.callbacks.connectivity import ModeConnectivityMonitor
+from lightning_landscape.callbacks.grad_spikes import GradientSpikeMonitor
+from lightning_landscape.callbacks.hessian import HessianMonitor
+from lightning_landscape.callbacks.rank import EffectiveRankMonitor
+from lightning_landscape.core.alerts import Alert
+
+# Default cadence of each part, in optimizer steps (the gradient monitor runs every step).
+DEFAULT_EVERY = {"hessian": 200, "rank": 200, "connectivity": 500}
+_PARTS = {
+    "hessian": HessianMonitor,
+    "grad_spikes": GradientSpikeMonitor,
+    "rank": EffectiveRankMonitor,
+    "connectivity": ModeConnectivityMonitor,
+}
+
+
+class LandscapeMonitor(Callback):
+    """All monitors with one configuration: ``Trainer(callbacks=[LandscapeMonitor()])``.
+
+    Each part is ``True`` (defaults), ``False`` (off), or a dict of that monitor's own arguments (for example
+    ``hessian={"top_k": 3, "trace": True}``). The shared arguments given here (``loss_fn``, ``num_probe_batches``,
+    ``mode``, ``on_alert``, ``prefix``, ``strict``, ``seed``) apply to every part that takes them; a part's dict
+    overrides them. The parts log exactly the keys documented on each monitor.
+
+    Default cadences: HessianMonitor and EffectiveRankMonitor every 200 steps, ModeConnectivityMonitor every 500,
+    GradientSpikeMonitor every step (it reads the step's own gradients).
+
+    Args:
+        hessian, grad_spikes, rank, connectivity: the parts (``True`` / ``False`` / dict of arguments).
+        loss_fn, num_probe_batches, mode, on_alert, prefix, strict, seed: shared arguments.
+        dashboard: write TensorBoard's custom-scalars "Landscape" dashboard once at the start of training.
+
+    Raises:
+        TypeError / ValueError: a part is not a bool or a dict, or one of its arguments is invalid (the message of
+            the part's own validation names the argument).
+    """
+
+    def __init__(
+        self,
+        hessian: bool | dict[str, Any] = True,
+        grad_spikes: bool | dict[str, Any] = True,
+        rank: bool | dict[str, Any] = True,
+        connectivity: bool | dict[str, Any] = True,
+        *,
+        loss_fn: Callable[[pl.LightningModule, Any], Any] | None = None,
+        num_probe_batches: int = 4,
+        mode: str = "eval",
+        on_alert: AlertAction | Sequence[AlertAction] = "warn",
+        prefix: str = "landscape",
+        strict: bool = False,
+        seed: int = 0,
+        dashboard: bool = True,
+    ) -> None:
+        super().__init__()
+        shared = {"on_alert": on_alert, "prefix": prefix, "strict": strict, "seed": seed}
+        probe = {"loss_fn": loss_fn, "num_probe_batches": num_probe_batches, "mode": mode}
+        self.parts: dict[str, LandscapeCallback] = {}
+        for name, setting in {
+            "hessian": hessian,
+            "grad_spikes": grad_spikes,
+            "rank": rank,
+            "connectivity": connectivity,
+        }.items():
+            if setting is False:
+                continue
+            if setting is not True and not isinstance(setting, dict):
+                raise TypeError(
+                    f"`{name}` must be True, False or a dict of {_PARTS[name].__name__} arguments, got {setting!r}."
+                )
+            arguments = dict(shared)
+            if name != "grad_spikes":
+                arguments.update(probe)
+                arguments["every_n_steps"] = DEFAULT_EVERY[name]
+            arguments.update(setting if isinstance(setting, dict) else {})
+            self.parts[name] = _PARTS[name](**arguments)
+        if not isinstance(dashboard, bool):
+            raise TypeError(f"`dashboard` must be a bool, got {dashboard!r}.")
+        self.dashboard = dashboard
+        self.prefix = prefix
+
+    # Hooks: forwarded to every part, in a fixed order (explicit methods, so the callback pickles for ddp_spawn).
+    def _forward(self, hook: str, *args: Any) -> None:
+        for part in self.parts.values():
+            getattr(part, hook)(*args)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._forward("setup", trainer, pl_module, stage)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.dashboard:
+            tb.write_dashboard(trainer, self.prefix)
+        self._forward("on_train_start", trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._forward("on_train_batch_start", trainer, pl_module, batch, batch_idx)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._forward("on_before_optimizer_step", trainer, pl_module, optimizer)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._forward("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._forward("on_train_end", trainer, pl_module)
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert raised so far by every part, in step order."""
+        return sorted((a for part in self.parts.values() for a in part.alerts), key=lambda a: a.step)
+
+    @property
+    def last_metrics(self) -> dict[str, float]:
+        """The latest values logged by every part."""
+        merged: dict[str, float] = {}
+        for part in self.parts.values():
+            merged.update(part.last_metrics)
+        return merged
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix, parts=sorted(self.parts))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for name, part in self.parts.items():
+            if name in state_dict:
+                part.load_state_dict(state_dict[name])

@@ -1,0 +1,104 @@
+import copy
+import pickle
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_landscape import (
+    EffectiveRankMonitor,
+    GradientSpikeMonitor,
+    HessianMonitor,
+    LandscapeMonitor,
+    ModeConnectivityMonitor,
+)
+from lightning_landscape.tensorboard import dashboard_layout
+from tests.helpers.lightning import ClassifierModule, make_trainer
+
+FAST = {"hessian": {"every_n_steps": 5}, "rank": {"every_n_steps": 5}, "connectivity": {"every_n_steps": 5}}
+
+
+def test_every_part_logs_and_the_dashboard_is_written(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="bundle")
+    monitor = LandscapeMonitor(**FAST, num_probe_batches=2)
+    make_trainer(tmp_path, [monitor], max_steps=11, logger=logger).fit(ClassifierModule())
+    assert {type(p) for p in monitor.parts.values()} == {
+        HessianMonitor,
+        GradientSpikeMonitor,
+        EffectiveRankMonitor,
+        ModeConnectivityMonitor,
+    }
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for key in (
+        "landscape/sharpness",
+        "landscape/hessian/eos_ratio",
+        "landscape/grad/norm",
+        "landscape/loss/zscore",
+        "landscape/rank/net.4/rankme",
+        "landscape/lmc/barrier",
+    ):
+        assert key in scalars, key
+    assert "custom_scalars__config__" in events.Tags()["tensors"]
+    assert monitor.last_metrics["landscape/hessian/status"] == 1.0
+    assert monitor.alerts == []
+
+
+def test_parts_can_be_turned_off_and_configured():
+    monitor = LandscapeMonitor(rank=False, connectivity=False, hessian={"top_k": 3}, on_alert="ignore", seed=5)
+    assert set(monitor.parts) == {"hessian", "grad_spikes"}
+    assert monitor.parts["hessian"].top_k == 3
+    assert monitor.parts["hessian"].every_n_steps == 200
+    assert monitor.parts["grad_spikes"].on_alert == ["ignore"]
+    assert monitor.parts["hessian"].seed == 5
+    pickle.loads(pickle.dumps(monitor))  # ddp_spawn pickles callbacks
+
+
+def test_training_is_bitwise_unchanged(tmp_path):
+    def run(callbacks):
+        pl.seed_everything(4)
+        model = ClassifierModule(optimizer="adam", lr=0.01)
+        make_trainer(tmp_path, callbacks, max_steps=60).fit(model)
+        return {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+
+    (plain, rng), (watched, rng2) = run([]), run([LandscapeMonitor(**FAST, num_probe_batches=2)])
+    assert all(torch.equal(plain[k], watched[k]) for k in plain)
+    assert torch.equal(rng, rng2)
+
+
+def test_state_round_trip_through_a_checkpoint(tmp_path):
+    monitor = LandscapeMonitor(**FAST, num_probe_batches=2)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=7, logger=CSVLogger(tmp_path))
+    trainer.fit(ClassifierModule())
+    path = tmp_path / "bundle.ckpt"
+    trainer.save_checkpoint(path)
+    resumed = LandscapeMonitor(**FAST, num_probe_batches=2)
+    make_trainer(tmp_path, [resumed], max_steps=11).fit(ClassifierModule(), ckpt_path=path)
+    assert resumed.parts["connectivity"]._previous_step == 10
+    assert int(resumed.parts["grad_spikes"].grad_detector.count) == 11
+    assert torch.equal(resumed.parts["hessian"]._probe[0][0], monitor.parts["hessian"]._probe[0][0])
+    state = copy.deepcopy(monitor.state_dict())
+    assert set(state) == {"hessian", "grad_spikes", "rank", "connectivity"}
+
+
+def test_dashboard_layout_names_the_documented_charts():
+    layout = dashboard_layout("lp")["Landscape"]
+    assert layout["sharpness vs stability threshold"][1] == [r"lp/sharpness$", r"lp/hessian/stability_threshold$"]
+    assert "alerts" in layout
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"hessian": "yes"}, TypeError, "`hessian` must be True, False or a dict of HessianMonitor arguments"),
+        ({"rank": {"weights": 1}}, TypeError, "`weights` must be a bool, got 1"),
+        ({"num_probe_batches": 0}, ValueError, "`num_probe_batches` must be an int >= 1, got 0"),
+        ({"dashboard": "no"}, TypeError, "`dashboard` must be a bool"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        LandscapeMonitor(**kwargs)
