@@ -1,4 +1,4 @@
-"""Quickstart: an MLP on scikit-learn's digits with every monitor; TensorBoard logs in ./runs.
+"""Quickstart: an MLP on scikit-learn's digits with LandscapeMonitor (every monitor); TensorBoard logs in ./runs.
 
     python examples/quickstart.py            # ~1 minute on 2 CPU cores
     tensorboard --logdir runs                # then open the "landscape" section
@@ -18,7 +18,7 @@ from _data import FAST, digits_tensors, loader
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from lightning_landscape import EffectiveRankMonitor, GradientSpikeMonitor, HessianMonitor, ModeConnectivityMonitor
+from lightning_landscape import LandscapeMonitor
 
 
 class DigitsClassifier(pl.LightningModule):
@@ -56,16 +56,15 @@ class DigitsClassifier(pl.LightningModule):
 def main(root: str = "runs", epochs: int = 12) -> dict[str, float]:
     pl.seed_everything(0)
     every = 10 if FAST else 50  # the fast mode (tests) trains 2 epochs = 48 steps
-    monitor = HessianMonitor(
-        top_k=3, trace=True, density=True, per_block=True, every_n_steps=every, num_probe_batches=4
+    monitor = LandscapeMonitor(
+        hessian={"top_k": 3, "trace": True, "density": True, "per_block": True, "every_n_steps": every},
+        rank={"every_n_steps": every},
+        connectivity={"every_n_steps": every},
     )
-    spikes = GradientSpikeMonitor()
-    ranks = EffectiveRankMonitor(every_n_steps=every)
-    connectivity = ModeConnectivityMonitor(every_n_steps=every)
     trainer = pl.Trainer(
         max_epochs=epochs,
         logger=TensorBoardLogger(root, name="quickstart"),
-        callbacks=[monitor, spikes, ranks, connectivity],
+        callbacks=[monitor],
         accelerator="cpu",
         log_every_n_steps=10,
         enable_checkpointing=False,
@@ -75,18 +74,19 @@ def main(root: str = "runs", epochs: int = 12) -> dict[str, float]:
     accuracy = float(trainer.callback_metrics["val/acc"])
     metrics = monitor.last_metrics
     print(
-        f"validation accuracy {accuracy:.3f}; last sharpness {metrics['landscape/sharpness']:.3f} "
-        f"(eos_ratio {metrics['landscape/hessian/eos_ratio']:.3f}); logs in {trainer.logger.log_dir}"
+        f"validation accuracy {accuracy:.3f}; sharpness {metrics['landscape/sharpness']:.3f} "
+        f"(eos_ratio {metrics['landscape/hessian/eos_ratio']:.3f}); RankMe "
+        f"{metrics['landscape/rank/net.4/rankme']:.1f}; LMC barrier {metrics['landscape/lmc/barrier']:.4f}; "
+        f"logs in {trainer.logger.log_dir}"
     )
     # self-checks
     assert accuracy > (0.8 if FAST else 0.9), f"the model did not learn (val acc {accuracy:.3f})"
     assert math.isfinite(metrics["landscape/sharpness"])
     assert metrics["landscape/sharpness"] > 0
     assert metrics["landscape/hessian/converged"] == 1.0
-    alerts = monitor.alerts + spikes.alerts + ranks.alerts + connectivity.alerts
-    assert connectivity.last_metrics["landscape/lmc/barrier"] >= 0
-    assert ranks.last_metrics["landscape/rank/net.4/rankme"] > 2
-    assert not alerts, f"a healthy run raised alerts: {alerts}"
+    assert metrics["landscape/rank/net.4/rankme"] > 2
+    assert metrics["landscape/lmc/barrier"] >= 0
+    assert not monitor.alerts, f"a healthy run raised alerts: {monitor.alerts}"
     return {"accuracy": accuracy, **metrics}
 
 
