@@ -1,0 +1,91 @@
+"""TensorBoard's own data loading, run on the quickstart's logs: every documented key, the dashboard, alert text.
+
+The documented keys are read from README.md, so the README and the code cannot drift apart silently.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_landscape import LandscapeMonitor
+from tests.helpers.digits import DigitsModule
+from tests.helpers.lightning import make_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Documented keys the quickstart's configuration does not produce, and why.
+NOT_IN_QUICKSTART = {
+    "landscape/hessian/preconditioned_sharpness": "Adam/AdamW only; the quickstart uses SGD",
+    "landscape/lmc/barrier/{layer}": "layerwise=False by default",
+    "landscape/lmc/predicted_barrier_hermite": "predictors=False by default",
+    "landscape/lmc/error_barrier": "needs error_fn",
+    "landscape/grad/clipped": "clip=False by default",
+    "landscape/events/grad_spike": "logged only at a spike; a healthy run has none",
+    "landscape/events/loss_spike": "logged only at a spike",
+    "landscape/alerts/{kind}": "a healthy run raises no alert (checked in the second test)",
+    "landscape/alerts": "alert text: none in a healthy run (checked in the second test)",
+}
+NOT_SCALARS = {
+    "landscape/hessian/density": "histograms",
+    "landscape/lmc/curve": "images",
+    "landscape/hessian/definition": "tensors",
+}
+
+
+def documented_keys() -> set[str]:
+    keys = set(re.findall(r"`(landscape/[^`\s]+)`", (ROOT / "README.md").read_text()))
+    return {k for k in keys if k != "landscape/" and not k.endswith("/")}
+
+
+def pattern(key: str) -> re.Pattern:
+    return re.compile(re.sub(r"\\\{[a-z]+\\\}", r"[^/]+", re.escape(key)) + "$")
+
+
+@pytest.mark.slow
+def test_quickstart_logs_hold_every_documented_key_and_the_dashboard(tmp_path):
+    env = {**os.environ, "LANDSCAPE_FAST": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--root", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (log_dir,) = list((tmp_path / "quickstart").iterdir())
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    for key in sorted(documented_keys()):
+        if key in NOT_IN_QUICKSTART:
+            continue
+        kind = NOT_SCALARS.get(key, "scalars")
+        stored = key + "/text_summary" if kind == "tensors" else key  # TensorBoard's name for text
+        assert any(pattern(stored).match(tag) for tag in tags[kind]), f"{key} ({kind}) not found"
+    assert "custom_scalars__config__" in tags["tensors"]
+
+
+def test_alert_text_and_counts_reach_tensorboard(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="alerts")
+    monitor = LandscapeMonitor(hessian=False, rank=False, connectivity=False, on_alert="ignore")
+    pl.seed_everything(0)
+    make_trainer(tmp_path, [monitor], max_steps=110, logger=logger, deterministic=False).fit(
+        DigitsModule(corrupt_steps=(100,))
+    )
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert [e.step for e in events.Scalars("landscape/alerts/grad_spike")] == [100]
+    assert [e.step for e in events.Scalars("landscape/events/grad_spike")] == [100]
+    text = events.Tensors("landscape/alerts/text_summary")
+    messages = [t.tensor_proto.string_val[0].decode() for t in text]
+    assert any("grad_spike" in m and "standard deviations" in m for m in messages)
+    assert "landscape/alerts/text_summary" in tags["tensors"]
