@@ -27,6 +27,12 @@ AlertAction = str | Callable[[Alert], None]
 ALERT_ACTIONS = ("warn", "stop", "raise", "checkpoint", "ignore")
 
 
+def is_sharded(strategy: Any) -> bool:
+    """True for strategies that shard parameters or gradients across ranks (FSDP, DeepSpeed, model parallel)."""
+    names = [cls.__name__ for cls in type(strategy).__mro__]
+    return any(key in name for name in names for key in ("FSDP", "DeepSpeed", "ModelParallel"))
+
+
 class LandscapeAlertError(RuntimeError):
     """Raised by ``on_alert="raise"``; carries the :class:`Alert` as ``.alert``."""
 
@@ -169,6 +175,9 @@ class LandscapeCallback(Callback):
 
     #: Name of this monitor's group in metric keys (``{prefix}/{group}/...``), e.g. ``"hessian"``.
     group = "landscape"
+    #: True for monitors that need every parameter whole on every rank (second-order products, weight
+    #: interpolation); they refuse sharded strategies with a message instead of computing a wrong number.
+    needs_full_parameters = False
 
     def __init__(
         self,
@@ -256,6 +265,12 @@ class LandscapeCallback(Callback):
 
     # ------------------------------------------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.needs_full_parameters and is_sharded(trainer.strategy):
+            raise ValueError(
+                f"{type(self).__name__} needs every parameter whole on every rank, but strategy "
+                f"{type(trainer.strategy).__name__} shards them. Use strategy='ddp' for runs you monitor with it, or "
+                "keep only first-order monitors (GradientSpikeMonitor works under sharding)."
+            )
         # `trainer.log_dir` is a collective under DDP (rank 0 broadcasts it): resolve it here, where every rank
         # runs, never from a rank-0-only branch.
         self._log_root = Path(trainer.log_dir or trainer.default_root_dir)

@@ -77,6 +77,7 @@ class ModeConnectivityMonitor(LandscapeCallback):
     """
 
     group = "lmc"
+    needs_full_parameters = True
 
     def __init__(
         self,

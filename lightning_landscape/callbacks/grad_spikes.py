@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_landscape.callbacks._base import LandscapeCallback
+from lightning_landscape.callbacks._base import LandscapeCallback, is_sharded
 from lightning_landscape.core import distributed
 from lightning_landscape.core._validation import check_bool, check_float, check_int
 from lightning_landscape.core.alerts import Alert
@@ -128,6 +128,7 @@ class GradientSpikeMonitor(LandscapeCallback):
         self._loss_step = -1
         self._snapshot: list[Tensor] | None = None
         self._parameters: list[tuple[str, torch.nn.Parameter]] | None = None
+        self._sharded = False
 
     def _monitor_state_dict(self) -> dict[str, Any]:
         return {
@@ -153,6 +154,7 @@ class GradientSpikeMonitor(LandscapeCallback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._parameters = None
+        self._sharded = is_sharded(trainer.strategy)
 
     def _trainable(self, pl_module: pl.LightningModule) -> list[tuple[str, torch.nn.Parameter]]:
         # Walking named_parameters() costs ~0.1 ms a step on a small model: cache it (reset at every fit start).
@@ -197,6 +199,9 @@ class GradientSpikeMonitor(LandscapeCallback):
         # one fused pass, in float32 even for bf16/fp16 gradients
         norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
         squares = norms.double() ** 2
+        if self._sharded:
+            # each rank holds a shard of every gradient: the squares of the shards add up to the squares
+            squares = distributed.all_reduce_sum(squares)
         total = squares.sum().sqrt()
         group_norms = (squares.float() @ self._group_index).sqrt()
         detector = self.grad_detector

@@ -82,6 +82,7 @@ class HessianMonitor(LandscapeCallback):
     """
 
     group = "hessian"
+    needs_full_parameters = True
 
     def __init__(
         self,

@@ -96,6 +96,8 @@ class EffectiveRankMonitor(LandscapeCallback):
     """
 
     group = "rank"
+    # weight spectra need whole matrices, and the probe forward pass calls the unwrapped module: not under sharding
+    needs_full_parameters = True
 
     def __init__(
         self,
