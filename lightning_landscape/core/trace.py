@@ -1,14 +1,22 @@
-"""Stochastic trace estimators with a standard error: Hutchinson and Hutch++."""
+"""Stochastic trace estimators with a standard error: Hutchinson and Hutch++.
+
+Both spend a fixed budget of operator products and report a standard error, never a "the running mean stopped
+moving" rule: that rule (PyHessian's, LLA's) can stop after two samples by chance and says nothing about accuracy.
+Probes are drawn one at a time in float64 on the CPU from the given generator (then cast and moved), so the memory
+is a few vectors whatever the budget and identically seeded processes draw identical probes.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from lightning_landscape.core._validation import check_choice, check_int
+from lightning_landscape.core.lanczos import _check_generator, _check_operator, _dot64, _matvec, random_vector
 
 
 @dataclass(frozen=True)
@@ -16,10 +24,11 @@ class TraceResult:
     """A trace estimate.
 
     Attributes:
-        estimate: the trace estimate.
-        stderr: its standard error (0 where the estimate is exact).
+        estimate: the estimate of ``tr(A)``.
+        stderr: its standard error (sample standard deviation of the random part over the square root of its sample
+            count; ~0 where the estimate is exact, ``inf`` when a single random sample leaves it unknown).
         num_matvecs: operator products used.
-        squared_frobenius: estimate of tr(A^2) = ||A||_F^2 from the same probes (Hutchinson only).
+        squared_frobenius: unbiased estimate of ``tr(A^2) = ||A||_F^2`` from the same products, or None.
     """
 
     estimate: float
@@ -28,58 +37,131 @@ class TraceResult:
     squared_frobenius: float | None = None
 
 
-def _probes(n: int, m: int, generator: torch.Generator, distribution: str) -> Tensor:
-    if distribution == "rademacher":
-        return torch.randint(0, 2, (m, n), generator=generator, dtype=torch.int8).to(torch.float64) * 2 - 1
-    return torch.randn(m, n, generator=generator, dtype=torch.float64)
-
-
 def _stderr(samples: Tensor) -> float:
-    return float(samples.std(unbiased=True) / math.sqrt(samples.numel())) if samples.numel() > 1 else math.inf
+    if samples.numel() < 2:
+        return math.inf
+    return float(samples.std(unbiased=True)) / math.sqrt(samples.numel())
 
 
-def hutchinson_trace(op, num_matvecs: int = 30, *, generator=None, distribution: str = "rademacher") -> TraceResult:
-    """Hutchinson's estimator ``mean(v^T A v)`` (Hutchinson 1989), ``num_matvecs`` products.
+def _finite(result: TraceResult) -> TraceResult:
+    if not math.isfinite(result.estimate):
+        # FloatingPointError is what the callbacks catch to log a failed measurement instead of crashing training.
+        raise FloatingPointError(f"The trace estimate is not finite ({result.estimate}): a product was NaN or inf.")
+    return result
 
-    Rademacher probes make it exact on a diagonal matrix; ``mean ||A v||^2`` estimates ``tr(A^2)`` on the same probes.
+
+def _probe(op: Any, n: int, generator: torch.Generator, distribution: Literal["rademacher", "gaussian"]) -> Tensor:
+    return random_vector(n, generator, distribution).to(device=op.device, dtype=op.dtype)
+
+
+def hutchinson_trace(
+    op: Any,
+    num_matvecs: int = 30,
+    *,
+    generator: torch.Generator | None = None,
+    distribution: Literal["rademacher", "gaussian"] = "rademacher",
+) -> TraceResult:
+    """Hutchinson's estimator ``tr(A) ~ mean_i v_i^T A v_i`` (Hutchinson 1989; Avron & Toledo 2011).
+
+    With Rademacher probes (``+-1`` entries, the default) the variance is ``2 (||A||_F^2 - sum_i A_ii^2)``, so the
+    estimate is exact on a diagonal matrix; Gaussian probes have variance ``2 ||A||_F^2``. The same products give
+    ``||A||_F^2 = tr(A^2) ~ mean_i ||A v_i||^2`` (unbiased for any probe with ``E[v v^T] = I``).
+
+    Args:
+        op: operator (``shape``, ``dtype``, ``device``, ``op @ v``) or a dense symmetric Tensor.
+        num_matvecs: number of probes (= products), ``>= 2`` so that a standard error exists.
+        generator: CPU source of the probes (default: a fresh generator seeded with 0).
+        distribution: ``"rademacher"`` or ``"gaussian"``.
+
+    Returns:
+        TraceResult with ``stderr = std(samples) / sqrt(num_matvecs)``. Cost: ``num_matvecs`` products, one at a
+        time; relative error ``~ sqrt(2) ||A||_F / (|tr A| sqrt(num_matvecs))``.
+
+    Raises:
+        TypeError: ``num_matvecs``, ``generator`` or ``op`` has the wrong type.
+        ValueError: ``num_matvecs < 2``, an unknown ``distribution``, or an invalid ``op`` / ``generator``.
+        FloatingPointError: the operator returned a non-finite product.
     """
-    check_int("num_matvecs", num_matvecs, minimum=1)
+    n = _check_operator(op)
+    check_int("num_matvecs", num_matvecs, minimum=2)
     check_choice("distribution", distribution, ("rademacher", "gaussian"))
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    n = op.shape[0]
-    probes = _probes(n, num_matvecs, generator, distribution)
-    quad, sq = [], []
-    for v in probes:
-        av = (op @ v.to(device=op.device, dtype=op.dtype)).double().cpu()
-        quad.append(float(v @ av))
-        sq.append(float(av @ av))
-    samples = torch.tensor(quad, dtype=torch.float64)
-    return TraceResult(float(samples.mean()), _stderr(samples), num_matvecs, float(sum(sq) / len(sq)))
+    generator = _check_generator(generator)
+    quadratic, squares = [], []
+    for _ in range(num_matvecs):
+        v = _probe(op, n, generator, distribution)
+        av = _matvec(op, v, n)
+        quadratic.append(_dot64(v, av))
+        squares.append(_dot64(av, av))
+    # One host sync for all samples (the products stay on the operator's device until here).
+    samples = torch.stack(quadratic).cpu()
+    frobenius = float(torch.stack(squares).mean())
+    return _finite(TraceResult(float(samples.mean()), _stderr(samples), num_matvecs, frobenius))
 
 
-def hutchpp_trace(op, num_matvecs: int = 30, *, generator=None) -> TraceResult:
-    """Hutch++ (Meyer, Musco, Musco & Woodruff 2021): exact trace of a rank-m/3 sketch plus Hutchinson on the rest.
+def hutchpp_trace(op: Any, num_matvecs: int = 30, *, generator: torch.Generator | None = None) -> TraceResult:
+    """Hutch++ (Meyer, Musco, Musco & Woodruff 2021): exact trace on a sketched subspace, Hutchinson on the rest.
 
-    Cost ``num_matvecs`` products (>= 3): m/3 for the sketch, m/3 to project, m/3 residual probes. Exact when the
-    rank of ``A`` is at most m/3; the standard error comes from the residual Hutchinson samples.
+    The budget ``m`` is split in thirds: ``A S`` for a random ``n x m/3`` Rademacher sketch ``S``, ``Q = orth(A S)``;
+    ``tr(Q^T A Q)`` exactly (``m/3`` products); Hutchinson with the remaining ``m - 2 m/3`` Rademacher probes on
+    the deflated ``(I - Q Q^T) A (I - Q Q^T)``. The relative error falls as ``1/m`` instead of Hutchinson's
+    ``1/sqrt(m)`` when the spectrum decays (a few Hessian outliers carry most of the trace), and the estimate is
+    exact when ``rank(A) <= m/3``. ``||A||_F^2 = ||A Q||_F^2 + E ||A (I - Q Q^T) g||^2`` comes from the same
+    products.
+
+    Args:
+        op: operator or dense symmetric Tensor, ``(n, n)``.
+        num_matvecs: product budget, ``>= 3``.
+        generator: CPU source of the sketch and probes (default: a fresh generator seeded with 0).
+
+    Returns:
+        TraceResult whose ``stderr`` is that of the residual Hutchinson part (the sketched part is exact given the
+        sketch); ``inf`` with a single residual probe. Cost: at most ``num_matvecs`` products (fewer only when the
+        sketch already spans R^n, then the trace is exact), plus a QR of an ``n x m/3`` matrix and ``m/3`` vectors
+        of memory on the operator's device.
+
+    Raises:
+        TypeError: ``num_matvecs``, ``generator`` or ``op`` has the wrong type.
+        ValueError: ``num_matvecs < 3``, or an invalid ``op`` / ``generator``.
+        FloatingPointError: the operator returned a non-finite product.
     """
+    n = _check_operator(op)
     check_int("num_matvecs", num_matvecs, minimum=3)
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    n = op.shape[0]
+    generator = _check_generator(generator)
     sketch_size = min(num_matvecs // 3, n)
-    residual_probes = num_matvecs - 2 * sketch_size
+    # QR has no half-precision kernels; orthogonality in float32 is ample for a sketch of a low-precision operator.
+    work = op.dtype if op.dtype in (torch.float32, torch.float64) else torch.float32
+    sketch = torch.stack([_matvec(op, _probe(op, n, generator, "rademacher"), n) for _ in range(sketch_size)], dim=1)
+    q, _ = torch.linalg.qr(sketch.to(work))
+    del sketch
+    low_rank, frobenius = [], []
+    for i in range(q.shape[1]):
+        column = q[:, i].to(op.dtype)
+        aq = _matvec(op, column, n)
+        low_rank.append(_dot64(column, aq))
+        frobenius.append(_dot64(aq, aq))
+    matvecs = sketch_size + q.shape[1]
+    residual_probes = 0 if q.shape[1] >= n else num_matvecs - 2 * sketch_size
+    quadratic, squares = [], []
+    for _ in range(residual_probes):
+        g = _probe(op, n, generator, "rademacher").to(work)
+        g = (g - q @ (q.T @ g)).to(op.dtype)
+        ag = _matvec(op, g, n)
+        quadratic.append(_dot64(g, ag))
+        squares.append(_dot64(ag, ag))
+    matvecs += residual_probes
+    exact_part = float(torch.stack(low_rank).sum())
+    exact_frobenius = float(torch.stack(frobenius).sum())
+    if residual_probes == 0:
+        return _finite(TraceResult(exact_part, 0.0, matvecs, exact_frobenius))
+    samples = torch.stack(quadratic).cpu()
+    return _finite(
+        TraceResult(
+            exact_part + float(samples.mean()),
+            _stderr(samples),
+            matvecs,
+            exact_frobenius + float(torch.stack(squares).mean()),
+        )
+    )
 
-    def apply(v: Tensor) -> Tensor:
-        return (op @ v.to(device=op.device, dtype=op.dtype)).double().cpu()
 
-    sketch = torch.stack([apply(s) for s in _probes(n, sketch_size, generator, "rademacher")], dim=1)
-    q, _ = torch.linalg.qr(sketch)
-    low_rank = float(sum(q[:, i] @ apply(q[:, i]) for i in range(q.shape[1])))
-    samples = []
-    for g in _probes(n, residual_probes, generator, "rademacher"):
-        g_perp = g - q @ (q.T @ g)
-        samples.append(float(g_perp @ apply(g_perp)))
-    residual = torch.tensor(samples, dtype=torch.float64)
-    estimate = low_rank + (float(residual.mean()) if samples else 0.0)
-    stderr = _stderr(residual) if len(samples) > 1 else 0.0 if sketch_size >= n else math.inf
-    return TraceResult(estimate, stderr, sketch_size + q.shape[1] + residual_probes)
+__all__ = ["TraceResult", "hutchinson_trace", "hutchpp_trace"]
