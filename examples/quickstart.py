@@ -60,6 +60,9 @@ def main(root: str = "runs", epochs: int = 12) -> dict[str, float]:
         hessian={"top_k": 3, "trace": True, "density": True, "per_block": True, "every_n_steps": every},
         rank={"every_n_steps": every},
         connectivity={"every_n_steps": every},
+        # This demo measures densely to fill the dashboard: a 2 ms step makes each Hessian measurement cost ~50
+        # steps. LandscapeMonitor() keeps the default 5% budget, which would space them out on a model this small.
+        max_overhead=None,
     )
     trainer = pl.Trainer(
         max_epochs=epochs,

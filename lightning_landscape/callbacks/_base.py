@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from lightning_landscape import tensorboard as tb
 from lightning_landscape.core import distributed
 from lightning_landscape.core._validation import LandscapeWarning, check_bool, check_choice, check_int
 from lightning_landscape.core.alerts import Alert
+from lightning_landscape.core.budget import OverheadBudget
 from lightning_landscape.core.hvp import MODES, check_loss
 
 LossFn = Callable[[pl.LightningModule, Any], Tensor]
@@ -168,6 +171,10 @@ class LandscapeCallback(Callback):
         seed: seeds the start vectors and the dropout masks of ``mode="train"``.
         alert_cooldown_steps: a repeat of the same alert kind within this many steps is logged and counted but
             does not warn or write another checkpoint again (callables, ``"stop"`` and ``"raise"`` always act).
+        max_overhead: budget mode. ``None`` (default): measure exactly every ``every_n_steps``. A fraction
+            (``0.05`` = 5%): the monitor times its own work against training time and postpones a due measurement
+            until it fits the budget (``every_n_steps`` stays the shortest spacing; the first measurement always
+            runs, to learn its cost). Logs ``{prefix}/budget/overhead``. See :mod:`lightning_landscape.core.budget`.
 
     Raises:
         TypeError / ValueError: an argument has the wrong type or value (the message names it).
@@ -192,6 +199,7 @@ class LandscapeCallback(Callback):
         strict: bool = False,
         seed: int = 0,
         alert_cooldown_steps: int = 100,
+        max_overhead: float | None = None,
     ) -> None:
         super().__init__()
         self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
@@ -208,6 +216,11 @@ class LandscapeCallback(Callback):
         self.strict = check_bool("strict", strict)
         self.seed = check_int("seed", seed)
         self.alert_cooldown_steps = check_int("alert_cooldown_steps", alert_cooldown_steps, minimum=0)
+        self.max_overhead = max_overhead
+        #: The time ledger of budget mode (``LandscapeMonitor`` gives its parts one shared ledger).
+        self.budget = OverheadBudget(max_overhead) if max_overhead is not None else None
+        self._expected_cost: float | None = None  # seconds of the previous measurement
+        self._next_allowed: int | None = None  # first step the budget allows, decided once per measurement cycle
 
         # runtime state (all of it goes through state_dict)
         self._probe: list[Any] = []
@@ -219,6 +232,7 @@ class LandscapeCallback(Callback):
         self.alert_counts: dict[str, int] = {}
         self.last_metrics: dict[str, float] = {}
         self._warned: set[str] = set()
+        self._shared_warned: set[str] | None = None
         self._last_alert_step: dict[str, int] = {}
         self._log_root = Path(".")
         self._state_key: str | None = None
@@ -264,6 +278,11 @@ class LandscapeCallback(Callback):
         """Inverse of :meth:`_monitor_state_dict`."""
 
     # ------------------------------------------------------------------------------------------------- hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.budget is not None:
+            self.budget.restart()
+        self._next_allowed = None
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.needs_full_parameters and is_sharded(trainer.strategy):
             raise ValueError(
@@ -279,6 +298,8 @@ class LandscapeCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
+        if self.budget is not None:
+            self.budget.start(step)
         self._restore_loaded_probe(trainer)
         self._capture(trainer, batch)
         if step == self._last_measured_step:
@@ -286,12 +307,25 @@ class LandscapeCallback(Callback):
         due = step >= self.start_step and (step - self.start_step) % self.every_n_steps == 0
         if not (due or self._pending):
             return
-        if self._probe_by_rank is None:
+        if self._probe_by_rank is None or self._over_budget(trainer, step):
             self._pending = True
             return
         self._pending = False
         self._last_measured_step = step
         self._run(trainer, pl_module, step)
+
+    def _over_budget(self, trainer: pl.Trainer, step: int) -> bool:
+        """Budget mode: whether a due measurement must wait. Collective on the first due step after a measurement
+        (every rank reaches it, since cadence and pending state are the same on all ranks): rank 0's clock decides
+        and its decision is broadcast, so all ranks measure at the same step."""
+        if self.budget is None or self._expected_cost is None:
+            return False
+        if self._next_allowed is None:
+            wait = self.budget.steps_to_wait(self._expected_cost, step)
+            if trainer.world_size > 1:
+                wait = int(trainer.strategy.broadcast(wait, src=0))
+            self._next_allowed = step + wait
+        return step < self._next_allowed
 
     # ----------------------------------------------------------------------------------------------- probe set
     def _restore_loaded_probe(self, trainer: pl.Trainer) -> None:
@@ -336,6 +370,7 @@ class LandscapeCallback(Callback):
 
     # ------------------------------------------------------------------------------------------- measurement
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        started = time.perf_counter()
         batches = self.probe_batches(pl_module)
         try:
             with model_state_guard(pl_module), _logging_suppressed(pl_module), torch.enable_grad():
@@ -357,6 +392,15 @@ class LandscapeCallback(Callback):
             metrics = {self.key("status"): 0.0}
         else:
             metrics[self.key("status")] = 1.0
+        cost = time.perf_counter() - started
+        metrics[self.key("seconds")] = cost
+        if self.budget is not None:
+            self.budget.charge(cost)
+            self._expected_cost = cost
+            self._next_allowed = None
+            overhead = self.budget.overhead()
+            if math.isfinite(overhead):  # nan before any training time (the first measurement)
+                metrics[f"{self.prefix}/budget/overhead"] = overhead
         self.last_metrics = metrics
         self.log_metrics(trainer, metrics, step)
         self._after_measurement(trainer)
@@ -378,8 +422,9 @@ class LandscapeCallback(Callback):
         if not trainer.loggers:
             self._warn_once(
                 "no-logger",
-                f"{type(self).__name__}: the Trainer has no logger, so nothing is written; values stay in "
-                "`.last_metrics`. Pass `logger=TensorBoardLogger('runs')` to the Trainer.",
+                "lightning-landscape: the Trainer has no logger, so no metric is written (measurements and alerts go "
+                "on; values stay in `.last_metrics`). Pass `logger=TensorBoardLogger('runs')` to the Trainer.",
+                shared=True,
             )
             return
         for logger in trainer.loggers:
@@ -392,10 +437,12 @@ class LandscapeCallback(Callback):
         self._definition_logged = True
         tb.log_text(trainer, f"{self.prefix}/{self.group}/definition", text, trainer.global_step)
 
-    def _warn_once(self, key: str, message: str) -> None:
-        if key in self._warned:
+    def _warn_once(self, key: str, message: str, shared: bool = False) -> None:
+        # `shared` warnings are said once per LandscapeMonitor, not once per part (the bundle shares the set)
+        warned = self._shared_warned if shared and self._shared_warned is not None else self._warned
+        if key in warned:
             return
-        self._warned.add(key)
+        warned.add(key)
         rank_zero_warn(message, category=LandscapeWarning)
 
     # ------------------------------------------------------------------------------------------------ alerts

@@ -15,6 +15,7 @@ from lightning_landscape.callbacks.grad_spikes import GradientSpikeMonitor
 from lightning_landscape.callbacks.hessian import HessianMonitor
 from lightning_landscape.callbacks.rank import EffectiveRankMonitor
 from lightning_landscape.core.alerts import Alert
+from lightning_landscape.core.budget import OverheadBudget
 
 # Default cadence of each part, in optimizer steps (the gradient monitor runs every step).
 DEFAULT_EVERY = {"hessian": 200, "rank": 200, "connectivity": 500}
@@ -35,12 +36,16 @@ class LandscapeMonitor(Callback):
     overrides them. The parts log exactly the keys documented on each monitor.
 
     Default cadences: HessianMonitor and EffectiveRankMonitor every 200 steps, ModeConnectivityMonitor every 500,
-    GradientSpikeMonitor every step (it reads the step's own gradients).
+    GradientSpikeMonitor every step (it reads the step's own gradients), within a 5% overhead budget
+    (``max_overhead``; measured in ``benchmarks/overhead.py``).
 
     Args:
         hessian, grad_spikes, rank, connectivity: the parts (``True`` / ``False`` / dict of arguments).
         loss_fn, num_probe_batches, mode, on_alert, prefix, strict, seed: shared arguments.
         dashboard: write TensorBoard's custom-scalars "Landscape" dashboard once at the start of training.
+        max_overhead: the parts share one time budget (default 5% of training time): a due measurement waits
+            until the parts' total cost fits (the gradient monitor's per-step cost is charged too). The cadences
+            above are then the shortest spacing. ``None``: measure exactly at the cadences.
 
     Raises:
         TypeError / ValueError: a part is not a bool or a dict, or one of its arguments is invalid (the message of
@@ -62,17 +67,14 @@ class LandscapeMonitor(Callback):
         strict: bool = False,
         seed: int = 0,
         dashboard: bool = True,
+        max_overhead: float | None = 0.05,
     ) -> None:
         super().__init__()
         shared = {"on_alert": on_alert, "prefix": prefix, "strict": strict, "seed": seed}
         probe = {"loss_fn": loss_fn, "num_probe_batches": num_probe_batches, "mode": mode}
         self.parts: dict[str, LandscapeCallback] = {}
-        for name, setting in {
-            "hessian": hessian,
-            "grad_spikes": grad_spikes,
-            "rank": rank,
-            "connectivity": connectivity,
-        }.items():
+        parts_settings = {"hessian": hessian, "grad_spikes": grad_spikes, "rank": rank, "connectivity": connectivity}
+        for name, setting in parts_settings.items():
             if setting is False:
                 continue
             if setting is not True and not isinstance(setting, dict):
@@ -87,6 +89,16 @@ class LandscapeMonitor(Callback):
             self.parts[name] = _PARTS[name](**arguments)
         if not isinstance(dashboard, bool):
             raise TypeError(f"`dashboard` must be a bool, got {dashboard!r}.")
+        # One ledger for every part (unless a part was given its own `max_overhead`): the sum of their costs is
+        # what must fit, and cheap parts then get measured more often than expensive ones.
+        self.max_overhead = max_overhead
+        self.budget = OverheadBudget(max_overhead) if max_overhead is not None else None
+        warned: set[str] = set()
+        for name, part in self.parts.items():
+            part._shared_warned = warned
+            own = isinstance(parts_settings[name], dict) and "max_overhead" in parts_settings[name]
+            if self.budget is not None and not own:
+                part.budget = self.budget
         self.dashboard = dashboard
         self.prefix = prefix
 

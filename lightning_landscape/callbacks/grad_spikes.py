@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -147,12 +148,15 @@ class GradientSpikeMonitor(LandscapeCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        """No probe set: this monitor reads the training step itself."""
+        """No probe set: this monitor reads the training step itself (its hooks' time is charged to the budget)."""
+        if self.budget is not None:
+            self.budget.start(trainer.global_step)
 
     def _every_n(self, trainer: pl.Trainer) -> int:
         return self._every or max(1, trainer.log_every_n_steps)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         self._parameters = None
         self._sharded = is_sharded(trainer.strategy)
 
@@ -182,6 +186,14 @@ class GradientSpikeMonitor(LandscapeCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
+        if self.budget is None:
+            self._read_gradients(trainer, pl_module)
+            return
+        started = time.perf_counter()
+        self._read_gradients(trainer, pl_module)
+        self.budget.charge(time.perf_counter() - started)
+
+    def _read_gradients(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
         if self._current is not None and self._current[0] == step:
             return  # several optimizers (manual optimization): the first one's gradients define the step
@@ -235,6 +247,14 @@ class GradientSpikeMonitor(LandscapeCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.budget is None:
+            self._finish_step(trainer, pl_module, outputs)
+            return
+        started = time.perf_counter()
+        self._finish_step(trainer, pl_module, outputs)
+        self.budget.charge(time.perf_counter() - started)
+
+    def _finish_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> None:
         loss = self._extract_loss(outputs)
         if loss is not None:
             self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
@@ -256,9 +276,9 @@ class GradientSpikeMonitor(LandscapeCallback):
                 record[_LOSS_SPIKE], record[_LOSS_BAD] = spike_t.double(), bad_t.double()
         self._loss_sum = None
         if self._snapshot is not None:
-            params = [p for _, p in self._trainable(pl_module) if p.grad is not None]
+            params = [p.detach() for _, p in self._trainable(pl_module) if p.grad is not None]
             if len(params) == len(self._snapshot):
-                delta = torch._foreach_sub([p.detach() for p in params], self._snapshot)
+                delta = torch._foreach_sub(params, self._snapshot)
                 update = torch.stack(torch._foreach_norm(delta, 2, dtype=torch.float32)).double().norm()
                 size = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32)).double().norm()
                 record[_UPDATE], record[_PARAM] = (

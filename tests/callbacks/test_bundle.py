@@ -14,10 +14,17 @@ from lightning_landscape import (
     LandscapeMonitor,
     ModeConnectivityMonitor,
 )
+from lightning_landscape import LandscapeWarning
 from lightning_landscape.tensorboard import dashboard_layout
 from tests.helpers.lightning import ClassifierModule, make_trainer
 
-FAST = {"hessian": {"every_n_steps": 5}, "rank": {"every_n_steps": 5}, "connectivity": {"every_n_steps": 5}}
+# exact cadences (no time budget), so the steps measured do not depend on the machine's speed
+FAST = {
+    "hessian": {"every_n_steps": 5},
+    "rank": {"every_n_steps": 5},
+    "connectivity": {"every_n_steps": 5},
+    "max_overhead": None,
+}
 
 
 def test_every_part_logs_and_the_dashboard_is_written(tmp_path):
@@ -97,8 +104,24 @@ def test_dashboard_layout_names_the_documented_charts():
         ({"rank": {"weights": 1}}, TypeError, "`weights` must be a bool, got 1"),
         ({"num_probe_batches": 0}, ValueError, "`num_probe_batches` must be an int >= 1, got 0"),
         ({"dashboard": "no"}, TypeError, "`dashboard` must be a bool"),
+        ({"max_overhead": 0.0}, ValueError, "`max_overhead` must be > 0.0, got 0.0"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         LandscapeMonitor(**kwargs)
+
+
+def test_parts_share_one_budget_and_warn_once_without_a_logger(tmp_path):
+    monitor = LandscapeMonitor(**{**FAST, "max_overhead": 0.05, "rank": {"every_n_steps": 5, "max_overhead": 0.5}})
+    assert monitor.parts["hessian"].budget is monitor.budget
+    assert monitor.parts["grad_spikes"].budget is monitor.budget
+    assert monitor.parts["rank"].budget is not monitor.budget  # a part's own budget wins
+    assert monitor.parts["rank"].budget.max_overhead == 0.5
+    assert LandscapeMonitor(max_overhead=None).budget is None
+
+    quiet = LandscapeMonitor(**FAST, num_probe_batches=2)
+    with pytest.warns(LandscapeWarning) as record:
+        make_trainer(tmp_path, [quiet], max_steps=6, logger=False).fit(ClassifierModule())
+    assert sum("no logger" in str(w.message) for w in record) == 1
+    assert quiet.last_metrics["landscape/sharpness"] > 0  # measurements go on

@@ -66,9 +66,14 @@ class DumpMeasurement(pl.Callback):
         torch.save(self.monitor._probe, self.out / f"probe_rank{rank}.pt")
 
 
+def without_timings(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics minus wall-clock ones (``*/seconds``, ``*/budget/*``), which each rank measures on its own clock."""
+    return {k: v for k, v in metrics.items() if not k.endswith("/seconds") and "/budget/" not in k}
+
+
 def load_dumps(out: Path) -> tuple[list[dict], list[Any], dict]:
     """Both ranks' metrics (checked equal and non-empty), the union of the probe sets, and rank 0's weights."""
-    metrics = [json.loads((out / f"metrics_rank{r}.json").read_text()) for r in (0, 1)]
+    metrics = [without_timings(json.loads((out / f"metrics_rank{r}.json").read_text())) for r in (0, 1)]
     assert metrics[0], "rank 0 logged nothing"
     assert metrics[0] == metrics[1], "every rank must compute the same numbers"
     union = [batch for r in (0, 1) for batch in torch.load(out / f"probe_rank{r}.pt")]

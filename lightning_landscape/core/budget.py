@@ -1,0 +1,85 @@
+"""Overhead budget: a wall-clock ledger of the monitors' own time against the rest of training.
+
+``max_overhead=0.05`` promises that the time spent measuring stays within 5% of the time spent training. The
+ledger keeps two numbers: ``cost`` (seconds inside our measurements and per-step hooks, charged by the monitors)
+and the wall time since it started. Training time is their difference, so it includes everything the user's loop
+does (data loading, validation, logging), which is the time a user sees.
+
+Scheduling is cumulative, which makes it self-correcting: a periodic measurement whose cadence is due waits until
+``cost + expected_cost <= max_overhead * training_time``, with ``expected_cost`` the cost of its previous run. After
+the first measurement has been paid back, the overhead at any moment is at most the budget plus one measurement's
+cost over the training time so far. The wait is turned into a whole number of optimizer steps from the mean step
+time, so that all DDP ranks can agree on it with one broadcast (see the callbacks' base).
+
+Wall time on CUDA is host time: kernels are asynchronous, but the measurements synchronise (Lanczos reads scalars on
+the host) and the mean step time over many steps is the real throughput, so the ratio stays meaningful.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from lightning_landscape.core._validation import check_float
+
+
+class OverheadBudget:
+    """Ledger of measurement cost against training time, shared by every monitor that should fit in one budget.
+
+    Args:
+        max_overhead: the allowed ratio of our time to training time (0.05 = 5%).
+
+    Raises:
+        ValueError: ``max_overhead`` is not in (0, 1].
+    """
+
+    def __init__(self, max_overhead: float) -> None:
+        self.max_overhead = check_float("max_overhead", max_overhead, minimum=0.0, maximum=1.0, strict_minimum=True)
+        self.cost = 0.0
+        self._started_at: float | None = None
+        self._started_step = 0
+
+    def start(self, step: int, now: float | None = None) -> None:
+        """Start the clock at optimizer step ``step`` (only the first call counts)."""
+        if self._started_at is None:
+            self._started_at = time.perf_counter() if now is None else now
+            self._started_step = step
+
+    def restart(self) -> None:
+        """Forget everything (a new ``fit``: the previous one's wall time says nothing about this one)."""
+        self.cost = 0.0
+        self._started_at = None
+
+    def charge(self, seconds: float) -> None:
+        """Add ``seconds`` of our own time."""
+        self.cost += max(0.0, float(seconds))
+
+    def training_time(self, now: float | None = None) -> float:
+        """Seconds of training (wall time since the start, minus our cost)."""
+        if self._started_at is None:
+            return 0.0
+        now = time.perf_counter() if now is None else now
+        return max(0.0, now - self._started_at - self.cost)
+
+    def overhead(self, now: float | None = None) -> float:
+        """Our time over training time so far (``nan`` before any training time)."""
+        training = self.training_time(now)
+        return self.cost / training if training > 0 else math.nan
+
+    def steps_to_wait(self, expected_cost: float, step: int, now: float | None = None) -> int:
+        """Optimizer steps to wait from ``step`` before spending ``expected_cost`` seconds keeps the budget.
+
+        0 when it fits now. The mean step time since the start converts seconds into steps; before any step has
+        been timed there is no basis for a conversion, and 0 is returned (the caller measures and learns its cost).
+        """
+        training = self.training_time(now)
+        steps = step - self._started_step
+        if steps <= 0 or training <= 0:
+            return 0
+        missing = (self.cost + max(0.0, expected_cost)) / self.max_overhead - training
+        if missing <= 0:
+            return 0
+        return math.ceil(missing / (training / steps))
+
+
+__all__ = ["OverheadBudget"]

@@ -1,0 +1,80 @@
+"""Budget mode on a fake clock: each training step takes 10 ms, each measurement 100 ms (no real timing)."""
+
+import pytest
+from lightning.pytorch.callbacks import Callback
+
+from lightning_landscape.callbacks import _base
+from lightning_landscape.callbacks._base import LandscapeCallback
+from lightning_landscape.core import budget as budget_module
+from tests.helpers.lightning import ClassifierModule, make_trainer
+
+STEP_SECONDS = 0.01
+MEASUREMENT_SECONDS = 0.1
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class CostlyMonitor(LandscapeCallback):
+    group = "costly"
+
+    def __init__(self, clock: FakeClock, **kwargs) -> None:
+        super().__init__(num_probe_batches=1, **kwargs)
+        self.clock = clock
+        self.measured: list[tuple[int, float, float]] = []  # step, cost and training time before it
+
+    def measure(self, trainer, pl_module, batches, step):
+        ledger = self.budget
+        self.measured.append((step, ledger.cost if ledger else 0.0, ledger.training_time() if ledger else 0.0))
+        self.clock.now += MEASUREMENT_SECONDS
+        return {}
+
+
+class Ticker(Callback):
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    def on_train_batch_end(self, *args) -> None:
+        self.clock.now += STEP_SECONDS
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(_base, "time", fake)
+    monkeypatch.setattr(budget_module, "time", fake)
+    return fake
+
+
+@pytest.mark.parametrize("max_overhead", [0.05, 0.2])
+def test_measurements_are_spaced_to_keep_the_budget(tmp_path, clock, max_overhead):
+    monitor = CostlyMonitor(clock, every_n_steps=1, max_overhead=max_overhead)
+    make_trainer(tmp_path, [monitor, Ticker(clock)], max_steps=1000).fit(ClassifierModule())
+    steps = [s for s, _, _ in monitor.measured]
+    assert steps[0] == 0  # the first measurement learns the cost
+    # each later one starts only when the ledger, including its own expected cost, fits the budget
+    for _, cost, training in monitor.measured[1:]:
+        assert cost + MEASUREMENT_SECONDS <= max_overhead * training + 1e-9
+    # ... and not much later than needed: the budget of 1000 steps of 10 ms buys this many 100 ms measurements
+    expected = 1000 * STEP_SECONDS * max_overhead / MEASUREMENT_SECONDS
+    assert expected - 1 <= len(steps) <= expected + 1
+    assert monitor.budget.overhead() <= max_overhead + MEASUREMENT_SECONDS / monitor.budget.training_time()
+    assert monitor.last_metrics["landscape/costly/seconds"] == pytest.approx(MEASUREMENT_SECONDS)
+    assert monitor.last_metrics["landscape/budget/overhead"] <= max_overhead + 1e-9
+
+
+def test_without_a_budget_the_cadence_is_exact(tmp_path, clock):
+    monitor = CostlyMonitor(clock, every_n_steps=7)
+    make_trainer(tmp_path, [monitor, Ticker(clock)], max_steps=30).fit(ClassifierModule())
+    assert [s for s, _, _ in monitor.measured] == [0, 7, 14, 21, 28]
+    assert monitor.budget is None and "landscape/budget/overhead" not in monitor.last_metrics
+
+
+def test_max_overhead_is_validated():
+    with pytest.raises(ValueError, match="`max_overhead` must be <= 1.0, got 2.0"):
+        CostlyMonitor(FakeClock(), max_overhead=2.0)

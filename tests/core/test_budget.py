@@ -1,0 +1,38 @@
+import math
+
+import pytest
+
+from lightning_landscape.core.budget import OverheadBudget
+
+
+def test_ledger_separates_our_time_from_training_time():
+    budget = OverheadBudget(0.1)
+    assert budget.training_time(5.0) == 0.0 and math.isnan(budget.overhead(5.0))
+    budget.start(step=0, now=10.0)
+    budget.start(step=3, now=99.0)  # only the first start counts
+    budget.charge(0.5)
+    budget.charge(-1.0)  # a negative duration (clock adjustments) is ignored
+    assert budget.training_time(now=12.5) == pytest.approx(2.0)
+    assert budget.overhead(now=12.5) == pytest.approx(0.25)
+    budget.restart()
+    assert budget.cost == 0.0 and budget.training_time(now=50.0) == 0.0
+
+
+def test_steps_to_wait_pays_back_the_expected_cost_at_the_mean_step_time():
+    budget = OverheadBudget(0.1)
+    budget.start(step=0, now=0.0)
+    assert budget.steps_to_wait(1.0, step=0, now=0.0) == 0  # no step timed yet: nothing to convert with
+    budget.charge(0.2)
+    # 10 steps in 1.2 s of wall time, 0.2 s of it ours: 1.0 s of training, 0.1 s a step.
+    # Spending 0.2 s more needs (0.2 + 0.2) / 0.1 = 4 s of training: 3 s more = 30 steps.
+    assert budget.steps_to_wait(0.2, step=10, now=1.2) == 30
+    # after those 30 steps it fits
+    assert budget.steps_to_wait(0.2, step=40, now=4.2) == 0
+    # a cheap measurement fits sooner
+    assert budget.steps_to_wait(0.0, step=10, now=1.2) == 10
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5])
+def test_max_overhead_is_validated(bad):
+    with pytest.raises(ValueError, match="max_overhead"):
+        OverheadBudget(bad)
