@@ -57,7 +57,14 @@ def main(root: str = "runs", epochs: int = 12) -> dict[str, float]:
     pl.seed_everything(0)
     every = 10 if FAST else 50  # the fast mode (tests) trains 2 epochs = 48 steps
     monitor = LandscapeMonitor(
-        hessian={"top_k": 3, "trace": True, "density": True, "per_block": True, "every_n_steps": every},
+        hessian={
+            "top_k": 3,
+            "lambda_min": True,
+            "trace": True,
+            "density": True,
+            "per_block": True,
+            "every_n_steps": every,
+        },
         rank={"every_n_steps": every},
         connectivity={"every_n_steps": every},
         # This demo measures densely to fill the dashboard: a 2 ms step makes each Hessian measurement cost ~50

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lightning_landscape import tensorboard as tb
 from lightning_landscape.core import distributed
+from lightning_landscape.core._sdpa import differentiable_attention
 from lightning_landscape.core._validation import LandscapeWarning, check_bool, check_choice, check_int
 from lightning_landscape.core.alerts import Alert
 from lightning_landscape.core.budget import OverheadBudget
@@ -373,7 +374,12 @@ class LandscapeCallback(Callback):
         started = time.perf_counter()
         batches = self.probe_batches(pl_module)
         try:
-            with model_state_guard(pl_module), _logging_suppressed(pl_module), torch.enable_grad():
+            with (
+                model_state_guard(pl_module),
+                _logging_suppressed(pl_module),
+                torch.enable_grad(),
+                differentiable_attention(),
+            ):
                 if trainer.world_size > 1:
                     # DDP broadcasts rank 0's buffers at the start of each forward, but between steps every rank
                     # holds running statistics updated by its own batches. Measure every rank on rank 0's buffers

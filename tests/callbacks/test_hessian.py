@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_landscape import Alert, HessianMonitor, LandscapeWarning
 from lightning_landscape.callbacks._base import LandscapeAlertError
+from lightning_landscape.core._sdpa import differentiable_attention
 from lightning_landscape.core.hvp import operator_mode
 from lightning_landscape.core.reference import dense_eigvalsh, dense_hessian
 from lightning_landscape.core.stability import adam_preconditioner
@@ -56,6 +57,7 @@ def test_logged_eigenvalues_equal_dense_reference_and_tensorboard(tmp_path, mode
         trace_matvecs=30,
         density=True,
         per_block=True,
+        lambda_min=True,
     )
     logger = TensorBoardLogger(tmp_path, name="run")
     trainer = make_trainer(tmp_path, [recorder, monitor], max_steps=11, logger=logger, precision="64-true")
@@ -428,3 +430,43 @@ def test_quiet_with_logger(tmp_path):
         make_trainer(
             tmp_path, [HessianMonitor(num_probe_batches=1, every_n_steps=2)], max_steps=3, logger=CSVLogger(tmp_path)
         ).fit(ClassifierModule())
+
+
+class TinyTransformer(pl.LightningModule):
+    """One attention layer (PyTorch's fused attention kernels have no double backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = torch.nn.Linear(8, 1)
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(16, 5, 8, generator=g)
+        self.y = torch.randn(16, 5, 1, generator=g)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.head(self.layer(x)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.x, self.y), batch_size=8)
+
+
+def test_sharpness_through_attention_matches_the_dense_reference(tmp_path):
+    model = TinyTransformer().double()
+    model.x, model.y = model.x.double(), model.y.double()
+    recorder = StateRecorder()
+    monitor = HessianMonitor(every_n_steps=3, num_probe_batches=1, tol=1e-10)
+    make_trainer(tmp_path, [recorder, monitor], max_steps=4, precision="64-true").fit(model)
+    assert monitor.last_metrics["landscape/hessian/status"] == 1.0
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(recorder.states[3])
+
+    def loss(module, batch):
+        return module.training_step(batch, 0)
+
+    with differentiable_attention(), operator_mode(reference, "eval"):
+        top = dense_eigvalsh(dense_hessian(reference, loss, monitor._probe))[0]
+    assert monitor.last_metrics["landscape/sharpness"] == pytest.approx(float(top), rel=1e-6)

@@ -1,0 +1,157 @@
+"""Training-time overhead of each monitor and of LandscapeMonitor, A/B interleaved in one run.
+
+    python benchmarks/overhead.py                 # ~10 minutes on 2 CPU cores
+    python benchmarks/overhead.py --quick         # ~2 minutes, fewer steps and repeats
+
+Three reference workloads (``benchmarks/grad_spikes.py``'s ``Workload``): an MLP and a small CNN on scikit-learn's
+digits, a 2-layer character transformer on the standard library's source. Two tables:
+
+1. *Cost per measurement*: the seconds of one measurement of each periodic monitor at its defaults (the first, cold
+   one and the median of the later, warm-started ones), also in units of one training step. At a fixed cadence of
+   ``every_n_steps`` the overhead of a monitor is ``warm cost in steps / every_n_steps``.
+2. *Overhead*: wall time of ``trainer.fit`` for ``--steps`` steps with and without each configuration, the runs
+   of one repeat interleaved (order rotated between repeats), as the median over repeats of the paired ratio
+   ``with / without - 1``. Budget rows also give the overhead the monitors' own ledger measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+sys.path.insert(0, str(Path(__file__).parent))
+from grad_spikes import Workload  # noqa: E402
+
+from lightning_landscape import (  # noqa: E402
+    EffectiveRankMonitor,
+    GradientSpikeMonitor,
+    HessianMonitor,
+    LandscapeMonitor,
+    ModeConnectivityMonitor,
+)
+
+WORKLOADS = ("mlp", "cnn", "transformer")
+
+
+class Clock(pl.Callback):
+    """Wall time of the training loop proper (from the first hook to the last)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        self.seconds = time.perf_counter() - self.start
+
+
+def fit(kind: str, steps: int, callbacks: list[pl.Callback], root: str) -> float:
+    pl.seed_everything(0, verbose=False)
+    clock = Clock()
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=TensorBoardLogger(root, name=kind),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock, *callbacks],
+        log_every_n_steps=50,
+    )
+    trainer.fit(Workload(kind))
+    return clock.seconds
+
+
+def measurement_costs(kind: str, root: str, steps_between: int) -> dict[str, tuple[float, float]]:
+    """(cold, warm) seconds of one measurement of each periodic monitor at its defaults."""
+    costs = {}
+    for name, monitor_type in (
+        ("HessianMonitor", HessianMonitor),
+        ("EffectiveRankMonitor", EffectiveRankMonitor),
+        ("ModeConnectivityMonitor", ModeConnectivityMonitor),
+    ):
+        seconds: list[float] = []
+
+        class Record(pl.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                value = monitor.last_metrics.pop(monitor.key("seconds"), None)
+                if value is not None:
+                    seconds.append(value)
+
+        monitor = monitor_type(every_n_steps=steps_between, on_alert="ignore")
+        fit(kind, 3 * steps_between + 1, [monitor, Record()], root)
+        # connectivity's first measurement only takes the snapshot; its later ones interpolate
+        costs[name] = (seconds[0], statistics.median(seconds[1:]))
+    return costs
+
+
+def configurations() -> dict[str, callable]:
+    quiet = {"on_alert": "ignore"}
+    return {
+        "GradientSpikeMonitor()": lambda: [GradientSpikeMonitor(**quiet)],
+        "LandscapeMonitor() (5% budget)": lambda: [LandscapeMonitor(**quiet)],
+        "LandscapeMonitor(max_overhead=None)": lambda: [LandscapeMonitor(max_overhead=None, **quiet)],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default: per workload)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    root = tempfile.mkdtemp(prefix="overhead-")
+    repeats = 1 if args.quick else args.repeats
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {repeats} repeats, logs in {root}\n")
+
+    step_ms: dict[str, float] = {}
+    print("## Cost of one measurement at each monitor's defaults\n")
+    print("| workload | parameters | step (ms) | monitor | cold (s) | warm (s) | warm, in steps |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    for kind in args.workloads:
+        probe_steps = 20 if args.quick else 50
+        step_ms[kind] = fit(kind, probe_steps, [], root) / probe_steps * 1e3
+        params = sum(p.numel() for p in Workload(kind).parameters())
+        for name, (cold, warm) in measurement_costs(kind, root, 5 if args.quick else 10).items():
+            print(
+                f"| {kind} | {params:,} | {step_ms[kind]:.1f} | {name} | {cold:.3f} | {warm:.3f} | "
+                f"{warm / step_ms[kind] * 1e3:.0f} |"
+            )
+
+    print(f"\n## Overhead of whole runs (median of paired ratios over {repeats} repeats)\n")
+    print("| workload | steps | configuration | without (s) | with (s) | overhead | ledger's own estimate |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    configs = configurations()
+    for kind in args.workloads:
+        steps = args.steps or (200 if args.quick else (1000 if kind != "transformer" else 600))
+        names = ["none", *configs]
+        times: dict[str, list[float]] = {n: [] for n in names}
+        ledgers: dict[str, list[float]] = {n: [] for n in names}
+        for repeat in range(repeats):
+            order = names[repeat % len(names) :] + names[: repeat % len(names)]
+            for name in order:
+                callbacks = [] if name == "none" else configs[name]()
+                times[name].append(fit(kind, steps, callbacks, root))
+                budget = getattr(callbacks[0], "budget", None) if callbacks else None
+                if budget is not None:
+                    ledgers[name].append(budget.overhead())
+        for name in configs:
+            ratios = [w / wo - 1 for w, wo in zip(times[name], times["none"], strict=True)]
+            ledger = f"{statistics.median(ledgers[name]):+.1%}" if ledgers[name] else ""
+            print(
+                f"| {kind} | {steps} | {name} | {statistics.median(times['none']):.2f} | "
+                f"{statistics.median(times[name]):.2f} | {statistics.median(ratios):+.1%} | {ledger} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
