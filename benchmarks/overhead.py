@@ -28,9 +28,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).parent))
-from grad_spikes import Workload  # noqa: E402
+from grad_spikes import Workload
 
-from lightning_landscape import (  # noqa: E402
+from lightning_landscape import (
     EffectiveRankMonitor,
     GradientSpikeMonitor,
     HessianMonitor,

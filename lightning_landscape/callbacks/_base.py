@@ -23,7 +23,7 @@ from lightning_landscape.core import distributed
 from lightning_landscape.core._sdpa import differentiable_attention
 from lightning_landscape.core._validation import LandscapeWarning, check_bool, check_choice, check_int
 from lightning_landscape.core.alerts import Alert
-from lightning_landscape.core.budget import OverheadBudget
+from lightning_landscape.core.budget import MIN_TIMED_STEPS, OverheadBudget
 from lightning_landscape.core.hvp import MODES, check_loss
 
 LossFn = Callable[[pl.LightningModule, Any], Tensor]
@@ -174,8 +174,9 @@ class LandscapeCallback(Callback):
             does not warn or write another checkpoint again (callables, ``"stop"`` and ``"raise"`` always act).
         max_overhead: budget mode. ``None`` (default): measure exactly every ``every_n_steps``. A fraction
             (``0.05`` = 5%): the monitor times its own work against training time and postpones a due measurement
-            until it fits the budget (``every_n_steps`` stays the shortest spacing; the first measurement always
-            runs, to learn its cost). Logs ``{prefix}/budget/overhead``. See :mod:`lightning_landscape.core.budget`.
+            until it fits the budget (``every_n_steps`` stays the shortest spacing; the first one waits for an
+            estimate of its cost, ``first_cost_steps`` times the mean step time, to fit). Logs
+            ``{prefix}/budget/overhead``. See :mod:`lightning_landscape.core.budget`.
 
     Raises:
         TypeError / ValueError: an argument has the wrong type or value (the message names it).
@@ -186,6 +187,9 @@ class LandscapeCallback(Callback):
     #: True for monitors that need every parameter whole on every rank (second-order products, weight
     #: interpolation); they refuse sharded strategies with a message instead of computing a wrong number.
     needs_full_parameters = False
+    #: Budget mode's estimate of a first measurement's cost, in training steps (later ones use the measured cost).
+    #: Rough by design: ``benchmarks/overhead.py`` measures each monitor's cost per step on the reference workloads.
+    first_cost_steps = 50.0
 
     def __init__(
         self,
@@ -222,6 +226,7 @@ class LandscapeCallback(Callback):
         self.budget = OverheadBudget(max_overhead) if max_overhead is not None else None
         self._expected_cost: float | None = None  # seconds of the previous measurement
         self._next_allowed: int | None = None  # first step the budget allows, decided once per measurement cycle
+        self._provisional = False  # _next_allowed is only the step at which to decide again
 
         # runtime state (all of it goes through state_dict)
         self._probe: list[Any] = []
@@ -283,6 +288,7 @@ class LandscapeCallback(Callback):
         if self.budget is not None:
             self.budget.restart()
         self._next_allowed = None
+        self._provisional = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.needs_full_parameters and is_sharded(trainer.strategy):
@@ -316,17 +322,31 @@ class LandscapeCallback(Callback):
         self._run(trainer, pl_module, step)
 
     def _over_budget(self, trainer: pl.Trainer, step: int) -> bool:
-        """Budget mode: whether a due measurement must wait. Collective on the first due step after a measurement
-        (every rank reaches it, since cadence and pending state are the same on all ranks): rank 0's clock decides
-        and its decision is broadcast, so all ranks measure at the same step."""
-        if self.budget is None or self._expected_cost is None:
+        """Budget mode: whether a due measurement must wait.
+
+        Collective when it decides: on the first due step after a measurement, and again at a provisional date
+        (every rank reaches those steps, since cadence and pending state are the same on all ranks). Rank 0's clock
+        decides and its decision is broadcast, so all ranks measure at the same step.
+        """
+        if self.budget is None:
             return False
-        if self._next_allowed is None:
-            wait = self.budget.steps_to_wait(self._expected_cost, step)
+        if self._next_allowed is None or (self._provisional and step >= self._next_allowed):
+            decision = self._budget_wait(step)
             if trainer.world_size > 1:
-                wait = int(trainer.strategy.broadcast(wait, src=0))
+                decision = trainer.strategy.broadcast(decision, src=0)
+            wait, self._provisional = int(decision[0]), bool(decision[1])
             self._next_allowed = step + wait
-        return step < self._next_allowed
+        return self._provisional or step < self._next_allowed
+
+    def _budget_wait(self, step: int) -> tuple[int, bool]:
+        """(steps to wait, provisional): provisional means "not enough steps timed yet, decide again then"."""
+        expected = self._expected_cost
+        if expected is None:  # never measured: estimate the cost from the mean step time
+            per_step = self.budget.seconds_per_step(step)
+            if per_step is None:
+                return MIN_TIMED_STEPS, True
+            expected = self.first_cost_steps * per_step
+        return self.budget.steps_to_wait(expected, step), False
 
     # ----------------------------------------------------------------------------------------------- probe set
     def _restore_loaded_probe(self, trainer: pl.Trainer) -> None:

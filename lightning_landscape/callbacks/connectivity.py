@@ -78,6 +78,7 @@ class ModeConnectivityMonitor(LandscapeCallback):
 
     group = "lmc"
     needs_full_parameters = True
+    first_cost_steps = 1.0  # budget mode's first estimate: the first measurement only copies the weights
 
     def __init__(
         self,

@@ -123,7 +123,8 @@ class GradientSpikeMonitor(LandscapeCallback):
         self.clip_count = 0
         self._group_index: Tensor | None = None
         self._group_names: list[str] = []
-        self._records: list[tuple[int, Tensor, Tensor]] = []
+        self._group_members: list[list[int]] = []  # parameter positions of each group (host path)
+        self._records: list[tuple[int, list[float] | Tensor, list[float] | Tensor]] = []
         self._current: tuple[int, Tensor, Tensor] | None = None
         self._loss_sum: Tensor | None = None
         self._loss_step = -1
@@ -182,6 +183,7 @@ class GradientSpikeMonitor(LandscapeCallback):
             for n in members:
                 index[position[n], j] = 1.0
         self._group_index = index.to(device)
+        self._group_members = [[position[n] for n in members] for members in blocks.values()]
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -210,16 +212,22 @@ class GradientSpikeMonitor(LandscapeCallback):
             self.loss_detector.to(device)
         # one fused pass, in float32 even for bf16/fp16 gradients
         norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
-        squares = norms.double() ** 2
-        if self._sharded:
-            # each rank holds a shard of every gradient: the squares of the shards add up to the squares
-            squares = distributed.all_reduce_sum(squares)
-        total = squares.sum().sqrt()
-        group_norms = (squares.float() @ self._group_index).sqrt()
         detector = self.grad_detector
+        group_norms: list[float] | Tensor
+        if detector.on_host and not self._sharded:
+            # CPU: one readback, then plain floats; each scalar tensor op costs ~5 us, more than this arithmetic
+            squares_list = [v * v for v in norms.tolist()]
+            total_f = math.sqrt(sum(squares_list))
+            group_norms = [math.sqrt(sum(squares_list[i] for i in members)) for members in self._group_members]
+        else:
+            squares = norms.double() ** 2
+            if self._sharded:
+                # each rank holds a shard of every gradient: the squares of the shards add up to the squares
+                squares = distributed.all_reduce_sum(squares)
+            total = squares.sum().sqrt()
+            group_norms = (squares.float() @ self._group_index).sqrt()
+            total_f = float(total) if detector.on_host else math.nan
         if detector.on_host:
-            # CPU: plain floats; a dozen scalar tensor ops would cost more than the norms themselves
-            total_f = float(total)
             clip_to = float(detector.clip_value()) if self.clip else math.nan
             z, spike, bad = detector.update_float(total_f)
             record: list[float] | Tensor = [math.nan] * _WIDTH
@@ -264,14 +272,14 @@ class GradientSpikeMonitor(LandscapeCallback):
         self._current = None
         if self.watch_loss and self._loss_sum is not None:
             # Lightning divides the loss by accumulate_grad_batches, so the sum over micro-batches is the step mean
-            step_loss = self._loss_sum.detach().double().reshape(())
+            step_loss = self._loss_sum
             if trainer.world_size > 1:
-                step_loss = distributed.all_reduce_mean(step_loss.clone())
+                step_loss = distributed.all_reduce_mean(step_loss.detach().double().reshape(()).clone())
             if isinstance(record, list):
                 z, spike, bad = self.loss_detector.update_float(float(step_loss))
                 record[_LOSS], record[_LOSS_Z], record[_LOSS_SPIKE], record[_LOSS_BAD] = float(step_loss), z, spike, bad
             else:
-                z_t, spike_t, bad_t = self.loss_detector.update(step_loss)
+                z_t, spike_t, bad_t = self.loss_detector.update(step_loss.detach().double().reshape(()))
                 record[_LOSS], record[_LOSS_Z] = step_loss, z_t
                 record[_LOSS_SPIKE], record[_LOSS_BAD] = spike_t.double(), bad_t.double()
         self._loss_sum = None
@@ -311,7 +319,10 @@ class GradientSpikeMonitor(LandscapeCallback):
             rows = [r for _, r, _ in self._records]
         else:  # the one host transfer of this window
             rows = torch.stack([r for _, r, _ in self._records]).cpu().tolist()
-        groups = torch.stack([g for _, _, g in self._records]).cpu().tolist()
+        if isinstance(self._records[0][2], list):
+            groups = [g for _, _, g in self._records]
+        else:
+            groups = torch.stack([g for _, _, g in self._records]).cpu().tolist()
         self._records = []
         fired = False
         for step, row, group_row in zip(steps, rows, groups, strict=True):

@@ -98,6 +98,8 @@ class EffectiveRankMonitor(LandscapeCallback):
     group = "rank"
     # weight spectra need whole matrices, and the probe forward pass calls the unwrapped module: not under sharding
     needs_full_parameters = True
+    # budget mode's first estimate: a forward pass over the probe set and an eigendecomposition, 2-23 steps
+    first_cost_steps = 20.0
 
     def __init__(
         self,

@@ -6,9 +6,10 @@ and the wall time since it started. Training time is their difference, so it inc
 does (data loading, validation, logging), which is the time a user sees.
 
 Scheduling is cumulative, which makes it self-correcting: a periodic measurement whose cadence is due waits until
-``cost + expected_cost <= max_overhead * training_time``, with ``expected_cost`` the cost of its previous run. After
-the first measurement has been paid back, the overhead at any moment is at most the budget plus one measurement's
-cost over the training time so far. The wait is turned into a whole number of optimizer steps from the mean step
+``cost + expected_cost <= max_overhead * training_time``, with ``expected_cost`` the cost of its previous run, or
+for the first run an estimate in training steps given by the monitor (``first_cost_steps``) times the mean step
+time. The overhead at any moment is then at most the budget plus one measurement's cost (or the error of the first
+estimate) over the training time so far. The wait is turned into a whole number of optimizer steps from the mean step
 time, so that all DDP ranks can agree on it with one broadcast (see the callbacks' base).
 
 Wall time on CUDA is host time: kernels are asynchronous, but the measurements synchronise (Lanczos reads scalars on
@@ -21,6 +22,9 @@ import math
 import time
 
 from lightning_landscape.core._validation import check_float
+
+#: Steps timed before a mean step time is trusted (the first steps include warm-up work: allocations, caches).
+MIN_TIMED_STEPS = 10
 
 
 class OverheadBudget:
@@ -66,6 +70,14 @@ class OverheadBudget:
         training = self.training_time(now)
         return self.cost / training if training > 0 else math.nan
 
+    def seconds_per_step(self, step: int, now: float | None = None) -> float | None:
+        """Mean training seconds per optimizer step since the start; ``None`` before ``MIN_TIMED_STEPS`` steps."""
+        steps = step - self._started_step
+        training = self.training_time(now)
+        if steps < MIN_TIMED_STEPS or training <= 0:
+            return None
+        return training / steps
+
     def steps_to_wait(self, expected_cost: float, step: int, now: float | None = None) -> int:
         """Optimizer steps to wait from ``step`` before spending ``expected_cost`` seconds keeps the budget.
 
@@ -82,4 +94,4 @@ class OverheadBudget:
         return math.ceil(missing / (training / steps))
 
 
-__all__ = ["OverheadBudget"]
+__all__ = ["MIN_TIMED_STEPS", "OverheadBudget"]
