@@ -127,14 +127,18 @@ def main() -> None:
             )
 
     print(f"\n## Overhead of whole runs (median of paired ratios over {repeats} repeats)\n")
-    print("| workload | steps | configuration | without (s) | with (s) | overhead | ledger's own estimate |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    print(
+        "| workload | steps | configuration | without (s) | with (s) | overhead | ledger's own estimate "
+        "| measurements made |"
+    )
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |")
     configs = configurations()
     for kind in args.workloads:
         steps = args.steps or (200 if args.quick else (1000 if kind != "transformer" else 600))
         names = ["none", *configs]
         times: dict[str, list[float]] = {n: [] for n in names}
         ledgers: dict[str, list[float]] = {n: [] for n in names}
+        counts: dict[str, str] = {}
         for repeat in range(repeats):
             order = names[repeat % len(names) :] + names[: repeat % len(names)]
             for name in order:
@@ -143,12 +147,18 @@ def main() -> None:
                 budget = getattr(callbacks[0], "budget", None) if callbacks else None
                 if budget is not None:
                     ledgers[name].append(budget.overhead())
+                if callbacks and isinstance(callbacks[0], LandscapeMonitor):
+                    counts[name] = ", ".join(
+                        f"{part} {callbacks[0].parts[part].num_measurements}"
+                        for part in ("hessian", "rank", "connectivity")
+                    )
         for name in configs:
             ratios = [w / wo - 1 for w, wo in zip(times[name], times["none"], strict=True)]
             ledger = f"{statistics.median(ledgers[name]):+.1%}" if ledgers[name] else ""
             print(
                 f"| {kind} | {steps} | {name} | {statistics.median(times['none']):.2f} | "
-                f"{statistics.median(times[name]):.2f} | {statistics.median(ratios):+.1%} | {ledger} |",
+                f"{statistics.median(times[name]):.2f} | {statistics.median(ratios):+.1%} | {ledger} | "
+                f"{counts.get(name, '')} |",
                 flush=True,
             )
 

@@ -243,6 +243,8 @@ class LandscapeCallback(Callback):
         self._log_root = Path(".")
         self._state_key: str | None = None
         self._definition_logged = False
+        #: Measurements run by this process since construction (budget mode decides how many fit).
+        self.num_measurements = 0
 
     # ------------------------------------------------------------------------------------------ identity/state
     @property
@@ -392,6 +394,7 @@ class LandscapeCallback(Callback):
     # ------------------------------------------------------------------------------------------- measurement
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         started = time.perf_counter()
+        self.num_measurements += 1
         batches = self.probe_batches(pl_module)
         try:
             with (

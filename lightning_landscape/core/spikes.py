@@ -56,7 +56,7 @@ class EMAZScore:
         min_std: absolute floor of the standard deviation.
         min_relative_std: floor of the standard deviation relative to ``|mean|``.
         eps: added to the standard deviation (ZClip: 1e-6).
-        log_scale: score ``log(x)`` instead of ``x`` (values <= 0 are clamped to 1e-30).
+        log_scale: score ``log(x)`` instead of ``x`` (values <= 0 are skipped: they carry no scale).
         shape: shape of one observation (``()`` for a scalar stream).
         device: where the state lives.
 
@@ -142,7 +142,10 @@ class EMAZScore:
             z, spike, bad = self.update_float(float(value))
             return torch.tensor(z, dtype=torch.float64), torch.tensor(spike), torch.tensor(bad)
         x = torch.as_tensor(value).detach().to(device=self.device, dtype=torch.float64).reshape(self.shape)
-        finite = torch.isfinite(x)
+        is_finite = torch.isfinite(x)
+        # "finite" below means usable: on the log scale a zero (a saturated loss, a batch with no gradient) carries
+        # no scale information and would drag log-statistics to -69; it is skipped like a non-finite value.
+        finite = is_finite & (x > 0) if self.log_scale else is_finite
         if self.log_scale:
             x = torch.log(x.clamp_min(1e-30))
         x_safe = torch.where(finite, x, self._mean)
@@ -178,7 +181,7 @@ class EMAZScore:
         self._mean = torch.where(just_warm, init_mean, torch.where(do_ema, ema_mean, self._mean))
         self._var = torch.where(just_warm, init_var, torch.where(do_ema, ema_var, self._var))
         self._count = torch.where(warm, self._count + finite.to(torch.int64), new_count)
-        return z, spike, ~finite
+        return z, spike, ~is_finite
 
     def update_float(self, value: float) -> tuple[float, bool, bool]:
         """:meth:`update` for a scalar stream on the host, in Python floats (same arithmetic, same results)."""
@@ -186,7 +189,9 @@ class EMAZScore:
             raise RuntimeError("`update_float` needs a scalar detector on the CPU; use `update`.")
         if not math.isfinite(value):
             return 0.0, False, True
-        x = math.log(max(value, 1e-30)) if self.log_scale else value
+        if self.log_scale and value <= 0:
+            return 0.0, False, False  # no scale information (see `update`)
+        x = math.log(value) if self.log_scale else value
         if self._count < self.warmup_steps:
             self._sum += x
             self._sumsq += x * x

@@ -91,6 +91,21 @@ def test_non_finite_values_are_flagged_and_ignored():
     assert math.isfinite(float(detector.mean)) and int(detector.count) == 58
 
 
+@pytest.mark.parametrize("shape", [(), (1,)])
+def test_zeros_carry_no_scale_on_the_log_scale(shape):
+    # A saturated loss or an all-zero gradient is exactly 0: log(0) would drag the mean to -69 and inflate the
+    # variance so much that the real spike right after it went unseen (the corrupted-batch scenario of
+    # benchmarks/early_warning.py). Zeros are skipped: not flagged, not counted, the spike is still caught.
+    values = noisy_sequence(80, seed=3).tolist()
+    values[60] = values[61] = 0.0
+    values[62] *= 50
+    detector = EMAZScore(shape=shape)
+    _, spikes, bad = run(detector, [torch.tensor(v).reshape(shape) for v in values] if shape else values)
+    assert [i for i, s in enumerate(spikes) if s] == [62]
+    assert not any(bad)
+    assert int(detector.count) == 78  # the two zeros are not counted
+
+
 def test_state_round_trip_continues_identically():
     values = noisy_sequence(400, seed=6)
     values[300] *= 20
@@ -167,6 +182,7 @@ def test_host_float_path_equals_tensor_path(spike_update, log_scale):
     values[100] *= 30
     values[150] = float("nan")
     values[20] = float("inf")
+    values[120] = values[10] = 0.0  # skipped on the log scale, an ordinary value on the linear one
     kwargs = {"spike_update": spike_update, "log_scale": log_scale, "warmup_steps": 30}
     host, device_like = EMAZScore(**kwargs), EMAZScore(shape=(1,), **kwargs)  # shape (1,) takes the tensor path
     assert host.on_host
