@@ -227,6 +227,9 @@ class LandscapeCallback(Callback):
         self._expected_cost: float | None = None  # seconds of the previous measurement
         self._next_allowed: int | None = None  # first step the budget allows, decided once per measurement cycle
         self._provisional = False  # _next_allowed is only the step at which to decide again
+        # set False by a measurement that was cheaper than the next will be (a first snapshot): budget mode then
+        # estimates the next one with `first_cost_steps` instead of trusting this cost
+        self._cost_is_typical = True
 
         # runtime state (all of it goes through state_dict)
         self._probe: list[Any] = []
@@ -425,7 +428,8 @@ class LandscapeCallback(Callback):
         metrics[self.key("seconds")] = cost
         if self.budget is not None:
             self.budget.charge(cost)
-            self._expected_cost = cost
+            self._expected_cost = cost if self._cost_is_typical else None
+            self._cost_is_typical = True
             self._next_allowed = None
             overhead = self.budget.overhead()
             if math.isfinite(overhead):  # nan before any training time (the first measurement)

@@ -78,7 +78,8 @@ class ModeConnectivityMonitor(LandscapeCallback):
 
     group = "lmc"
     needs_full_parameters = True
-    first_cost_steps = 1.0  # budget mode's first estimate: the first measurement only copies the weights
+    # budget mode's estimate of an interpolation before one has run: 18-30 training steps on the reference workloads
+    first_cost_steps = 30.0
 
     def __init__(
         self,
@@ -135,6 +136,7 @@ class ModeConnectivityMonitor(LandscapeCallback):
         previous, self._previous, previous_step = self._previous, current, self._previous_step
         self._previous_step = step
         if previous is None:
+            self._cost_is_typical = False  # a copy of the weights says nothing about an interpolation's cost
             return {}  # the first snapshot: nothing to connect yet
         device = pl_module.device
         start = {k: v.to(device) for k, v in previous.items()}

@@ -12,9 +12,9 @@ from lightning_landscape import (
     GradientSpikeMonitor,
     HessianMonitor,
     LandscapeMonitor,
+    LandscapeWarning,
     ModeConnectivityMonitor,
 )
-from lightning_landscape import LandscapeWarning
 from lightning_landscape.tensorboard import dashboard_layout
 from tests.helpers.lightning import ClassifierModule, make_trainer
 
