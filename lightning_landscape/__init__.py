@@ -20,6 +20,7 @@ _LAZY = {
     "LandscapeCallback": "lightning_landscape.callbacks._base",
     "LandscapeAlertError": "lightning_landscape.callbacks._base",
     "LandscapeMonitor": "lightning_landscape.callbacks.bundle",
+    "LogitMonitor": "lightning_landscape.callbacks.logits",
     "ModeConnectivityMonitor": "lightning_landscape.callbacks.connectivity",
 }
 

@@ -97,6 +97,10 @@ def dashboard_layout(prefix: str = "landscape") -> dict[str, dict[str, tuple[str
             "edge-of-stability ratio": ("Multiline", [rf"{p}/hessian/eos_ratio$"]),
             "gradient norm and spikes": ("Multiline", [rf"{p}/grad/norm$", rf"{p}/events/grad_spike$"]),
             "loss z-score and spikes": ("Multiline", [rf"{p}/loss/zscore$", rf"{p}/events/loss_spike$"]),
+            "attention logits (max) and output log-partition": (
+                "Multiline",
+                [rf"{p}/logits/attention/max$", rf"{p}/logits/output/log_partition$"],
+            ),
             "effective rank (RankMe)": ("Multiline", [rf"{p}/rank/.*/rankme$"]),
             "LMC barrier": ("Multiline", [rf"{p}/lmc/barrier$", rf"{p}/lmc/barrier_mean$"]),
             "alerts": ("Multiline", [rf"{p}/alerts/.*"]),

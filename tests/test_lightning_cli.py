@@ -21,6 +21,8 @@ trainer:
         rank:
           every_n_steps: 5
         connectivity: false
+        logits:
+          attention_logit_threshold: 40.0
         num_probe_batches: 1
         max_overhead: null  # exact cadences, so the 5-step cadence runs in this short fit
         on_alert: [warn, stop]
@@ -36,7 +38,8 @@ def test_landscape_monitor_from_yaml(tmp_path):
     cli = LightningCLI(ClassifierModule, run=False, args=["--config", str(config)], save_config_callback=None)
     cli.trainer.fit(cli.model)
     monitor = next(c for c in cli.trainer.callbacks if isinstance(c, LandscapeMonitor))
-    assert sorted(monitor.parts) == ["grad_spikes", "hessian", "rank"]
+    assert sorted(monitor.parts) == ["grad_spikes", "hessian", "logits", "rank"]
+    assert monitor.parts["logits"].attention_logit_threshold == 40.0
     assert monitor.parts["hessian"].top_k == 2
     assert monitor.parts["rank"].on_alert == ["warn", "stop"]
     assert "landscape/hessian/eig_2" in monitor.last_metrics

@@ -5,6 +5,7 @@ from lightning_landscape.callbacks.bundle import LandscapeMonitor
 from lightning_landscape.callbacks.connectivity import ModeConnectivityMonitor
 from lightning_landscape.callbacks.grad_spikes import GradientSpikeMonitor
 from lightning_landscape.callbacks.hessian import HessianMonitor
+from lightning_landscape.callbacks.logits import LogitMonitor
 from lightning_landscape.callbacks.rank import EffectiveRankMonitor
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "LandscapeAlertError",
     "LandscapeCallback",
     "LandscapeMonitor",
+    "LogitMonitor",
     "ModeConnectivityMonitor",
 ]

@@ -13,15 +13,17 @@ from lightning_landscape.callbacks._base import AlertAction, LandscapeCallback
 from lightning_landscape.callbacks.connectivity import ModeConnectivityMonitor
 from lightning_landscape.callbacks.grad_spikes import GradientSpikeMonitor
 from lightning_landscape.callbacks.hessian import HessianMonitor
+from lightning_landscape.callbacks.logits import LogitMonitor
 from lightning_landscape.callbacks.rank import EffectiveRankMonitor
 from lightning_landscape.core.alerts import Alert
 from lightning_landscape.core.budget import OverheadBudget
 
 # Default cadence of each part, in optimizer steps (the gradient monitor runs every step).
-DEFAULT_EVERY = {"hessian": 200, "rank": 200, "connectivity": 500}
+DEFAULT_EVERY = {"hessian": 200, "rank": 200, "connectivity": 500, "logits": 10}
 _PARTS = {
     "hessian": HessianMonitor,
     "grad_spikes": GradientSpikeMonitor,
+    "logits": LogitMonitor,
     "rank": EffectiveRankMonitor,
     "connectivity": ModeConnectivityMonitor,
 }
@@ -36,11 +38,15 @@ class LandscapeMonitor(Callback):
     overrides them. The parts log exactly the keys documented on each monitor.
 
     Default cadences: HessianMonitor and EffectiveRankMonitor every 200 steps, ModeConnectivityMonitor every 500,
-    GradientSpikeMonitor every step (it reads the step's own gradients), within a 5% overhead budget
-    (``max_overhead``; measured in ``benchmarks/overhead.py``).
+    LogitMonitor every 10 (one forward pass over one probe batch: the cheap early warning of attention-logit
+    growth), GradientSpikeMonitor every step (it reads the step's own gradients), all within a 5% overhead budget
+    (``max_overhead``; measured in ``benchmarks/overhead.py``). Fast signals (gradient and loss z-scores, attention
+    logits) and slow ones (curvature against the stability threshold, rank collapse, barriers) thus run side by side:
+    the cheap ones every few steps, the expensive ones as often as the budget allows.
 
     Args:
-        hessian, grad_spikes, rank, connectivity: the parts (``True`` / ``False`` / dict of arguments).
+        hessian, grad_spikes, rank, connectivity, logits: the parts (``True`` / ``False`` / dict of arguments). The
+            logits part reads one probe batch unless its dict sets ``num_probe_batches``.
         loss_fn, num_probe_batches, mode, on_alert, prefix, strict, seed: shared arguments.
         dashboard: write TensorBoard's custom-scalars "Landscape" dashboard once at the start of training.
         max_overhead: the parts share one time budget (default 5% of training time): a due measurement waits
@@ -58,6 +64,7 @@ class LandscapeMonitor(Callback):
         grad_spikes: bool | dict[str, Any] = True,
         rank: bool | dict[str, Any] = True,
         connectivity: bool | dict[str, Any] = True,
+        logits: bool | dict[str, Any] = True,
         *,
         loss_fn: Callable[[pl.LightningModule, Any], Any] | None = None,
         num_probe_batches: int = 4,
@@ -73,7 +80,13 @@ class LandscapeMonitor(Callback):
         shared = {"on_alert": on_alert, "prefix": prefix, "strict": strict, "seed": seed}
         probe = {"loss_fn": loss_fn, "num_probe_batches": num_probe_batches, "mode": mode}
         self.parts: dict[str, LandscapeCallback] = {}
-        parts_settings = {"hessian": hessian, "grad_spikes": grad_spikes, "rank": rank, "connectivity": connectivity}
+        parts_settings = {
+            "hessian": hessian,
+            "grad_spikes": grad_spikes,
+            "rank": rank,
+            "connectivity": connectivity,
+            "logits": logits,
+        }
         for name, setting in parts_settings.items():
             if setting is False:
                 continue
@@ -85,6 +98,8 @@ class LandscapeMonitor(Callback):
             if name != "grad_spikes":
                 arguments.update(probe)
                 arguments["every_n_steps"] = DEFAULT_EVERY[name]
+            if name == "logits":
+                arguments.pop("num_probe_batches")  # its own default, one batch: it runs every few steps
             arguments.update(setting if isinstance(setting, dict) else {})
             self.parts[name] = _PARTS[name](**arguments)
         if not isinstance(dashboard, bool):

@@ -41,6 +41,13 @@ def all_reduce_mean(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: Tensor) -> Tensor:
+    """Element-wise maximum of ``tensor`` over ranks, in place, returned (unchanged in one process)."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def broadcast(tensor: Tensor, src: int = 0) -> Tensor:
     """Overwrite ``tensor`` on every rank with rank ``src``'s value and return it."""
     if is_distributed():

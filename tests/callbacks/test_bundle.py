@@ -13,6 +13,7 @@ from lightning_landscape import (
     HessianMonitor,
     LandscapeMonitor,
     LandscapeWarning,
+    LogitMonitor,
     ModeConnectivityMonitor,
 )
 from lightning_landscape.tensorboard import dashboard_layout
@@ -36,7 +37,9 @@ def test_every_part_logs_and_the_dashboard_is_written(tmp_path):
         GradientSpikeMonitor,
         EffectiveRankMonitor,
         ModeConnectivityMonitor,
+        LogitMonitor,
     }
+    assert monitor.parts["logits"].num_probe_batches == 1  # its own default, not the shared 2
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
@@ -47,6 +50,7 @@ def test_every_part_logs_and_the_dashboard_is_written(tmp_path):
         "landscape/loss/zscore",
         "landscape/rank/net.4/rankme",
         "landscape/lmc/barrier",
+        "landscape/logits/output/log_partition",
     ):
         assert key in scalars, key
     assert "custom_scalars__config__" in events.Tags()["tensors"]
@@ -55,7 +59,9 @@ def test_every_part_logs_and_the_dashboard_is_written(tmp_path):
 
 
 def test_parts_can_be_turned_off_and_configured():
-    monitor = LandscapeMonitor(rank=False, connectivity=False, hessian={"top_k": 3}, on_alert="ignore", seed=5)
+    monitor = LandscapeMonitor(
+        rank=False, connectivity=False, logits=False, hessian={"top_k": 3}, on_alert="ignore", seed=5
+    )
     assert set(monitor.parts) == {"hessian", "grad_spikes"}
     assert monitor.parts["hessian"].top_k == 3
     assert monitor.parts["hessian"].every_n_steps == 200
@@ -88,7 +94,7 @@ def test_state_round_trip_through_a_checkpoint(tmp_path):
     assert int(resumed.parts["grad_spikes"].grad_detector.count) == 11
     assert torch.equal(resumed.parts["hessian"]._probe[0][0], monitor.parts["hessian"]._probe[0][0])
     state = copy.deepcopy(monitor.state_dict())
-    assert set(state) == {"hessian", "grad_spikes", "rank", "connectivity"}
+    assert set(state) == {"hessian", "grad_spikes", "rank", "connectivity", "logits"}
 
 
 def test_dashboard_layout_names_the_documented_charts():
@@ -125,3 +131,16 @@ def test_parts_share_one_budget_and_warn_once_without_a_logger(tmp_path):
         make_trainer(tmp_path, [quiet], max_steps=6, logger=False).fit(ClassifierModule())
     assert sum("no logger" in str(w.message) for w in record) == 1
     assert quiet.last_metrics["landscape/sharpness"] > 0  # measurements go on
+
+
+def test_a_model_without_linear_layers_keeps_training_with_one_warning(tmp_path):
+    class ConvOnly(ClassifierModule):
+        def __init__(self):
+            super().__init__(batchnorm=False)
+            self.net = torch.nn.Sequential(torch.nn.Unflatten(1, (1, 5)), torch.nn.Conv1d(1, 3, 5), torch.nn.Flatten())
+
+    monitor = LandscapeMonitor(hessian=False, rank=False, connectivity=False, max_overhead=None)
+    with pytest.warns(LandscapeWarning, match="LogitMonitor found nothing to watch") as record:
+        make_trainer(tmp_path, [monitor], max_steps=25).fit(ConvOnly())
+    assert sum("nothing to watch" in str(w.message) for w in record) == 1
+    assert monitor.parts["logits"].num_measurements == 3

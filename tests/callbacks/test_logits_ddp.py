@@ -1,0 +1,38 @@
+"""LogitMonitor under 2-process DDP equals one process on the union of both ranks' probe sets."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_landscape.core.hvp import operator_mode
+from lightning_landscape.core.logits import attention_logits, top_right_singular_vector
+from tests.callbacks.test_logits import TinyLM
+from tests.helpers.ddp import load_dumps, run_ddp_script
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_two_process_ranks_equal_single_process_on_the_union(tmp_path):
+    run_ddp_script("ddp_logits_script.py", tmp_path)
+    metrics, union, weights = load_dumps(tmp_path)
+    model = TinyLM().double()
+    model.load_state_dict(weights)
+    layer = model.blocks.layers[0]
+    maxima, log_z, inputs = [], [], []
+    with operator_mode(model, "eval"), torch.no_grad():
+        for (window,) in union:
+            tokens = window[:, :-1]
+            h = layer.norm1(model.embed(tokens))
+            mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1]).isneginf()
+            maxima.append(float(attention_logits(layer.self_attn, h, h).masked_fill(mask, -math.inf).max()))
+            log_z.append(torch.logsumexp(model(tokens), -1).reshape(-1))
+            inputs.append(model.blocks(model.embed(tokens), mask=mask, is_causal=True).reshape(-1, 16))
+    m = metrics[0]
+    assert m["landscape/logits/attention/max"] == pytest.approx(max(maxima), rel=1e-10)
+    assert m["landscape/logits/output/log_partition"] == pytest.approx(float(torch.cat(log_z).mean()), rel=1e-10)
+    v, _ = top_right_singular_vector(model.head.weight, iterations=2000, tol=1e-13)
+    projection = torch.cat(inputs) @ v
+    expected = max(int((projection > 0).sum()), int((projection < 0).sum())) / int((projection != 0).sum())
+    assert m["landscape/logits/alignment/head/sign_fraction"] == pytest.approx(expected, abs=1.5 / len(projection))

@@ -1,0 +1,142 @@
+"""Forward-pass signals against dense float64 references: attention logits, log-partition, spectral alignment."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_landscape.core.logits import (
+    LogitProbe,
+    allowed_positions,
+    attention_logits,
+    attention_statistics,
+    log_partition,
+    majority_sign_fraction,
+    sign_counts,
+    top_right_singular_vector,
+)
+
+
+def _mha(batch_first: bool, kdim: int | None = None, bias: bool = True) -> nn.MultiheadAttention:
+    torch.manual_seed(0)
+    return nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=kdim, vdim=kdim, bias=bias).double()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kdim", [None, 6])
+@pytest.mark.parametrize("bias", [True, False])
+def test_attention_logits_softmax_to_the_modules_own_weights(batch_first, kdim, bias):
+    mha = _mha(batch_first, kdim, bias)
+    shape_q = (3, 5, 8) if batch_first else (5, 3, 8)
+    shape_k = (3, 4, kdim or 8) if batch_first else (4, 3, kdim or 8)
+    query, key = torch.randn(shape_q, dtype=torch.float64), torch.randn(shape_k, dtype=torch.float64)
+    _, weights = mha(query, key, key, need_weights=True, average_attn_weights=False)
+    logits = attention_logits(mha, query, key)
+    assert logits.shape == (3, 2, 5, 4)
+    torch.testing.assert_close(torch.softmax(logits, -1), weights, rtol=1e-12, atol=1e-12)
+
+
+def test_masked_positions_are_left_out_and_the_entropy_is_the_softmaxs():
+    mha = _mha(True)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    causal = nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
+    padding = torch.zeros(2, 5, dtype=torch.float64)
+    padding[1, 3:] = -math.inf
+    _, weights = mha(x, x, x, attn_mask=causal, key_padding_mask=padding, need_weights=True, average_attn_weights=False)
+    logits = attention_logits(mha, x, x)
+    allowed = allowed_positions(logits, causal, padding, is_causal=True)
+    assert allowed.sum() == 2 * 2 * 15 - 2 * (1 + 2)  # causal rows, minus the padded keys of the second sample
+    maximum, entropy, rows = attention_statistics(logits, allowed)
+    assert maximum == pytest.approx(float(logits.detach()[allowed].max()), rel=1e-14)
+    assert rows == 2 * 2 * 5
+    dense = -(weights * torch.log(weights.clamp_min(1e-300))).sum(-1)  # zero weights contribute 0
+    assert entropy == pytest.approx(float(dense.sum()), rel=1e-10)
+    # the bool and the float form of the same mask agree, and is_causal alone means the causal mask
+    assert torch.equal(allowed_positions(logits, causal.isneginf(), padding.isneginf(), True), allowed)
+    assert torch.equal(allowed_positions(logits, None, padding, True), allowed)
+
+
+def test_uniform_attention_has_entropy_log_s_and_fully_masked_rows_are_skipped():
+    logits = torch.zeros(1, 1, 2, 4, dtype=torch.float64)
+    allowed = torch.ones_like(logits, dtype=torch.bool)
+    allowed[0, 0, 1] = False
+    maximum, entropy, rows = attention_statistics(logits, allowed)
+    assert (maximum, rows) == (0.0, 1)
+    assert entropy == pytest.approx(math.log(4), rel=1e-14)
+
+
+def test_log_partition_is_logsumexp_in_float64():
+    logits = torch.randn(4, 7, 11) * 30
+    expected = torch.log(torch.exp(logits.double()).sum(-1))
+    torch.testing.assert_close(log_partition(logits), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_power_iteration_finds_the_top_right_singular_vector():
+    torch.manual_seed(1)
+    weight = torch.randn(20, 12, dtype=torch.float64)
+    _, s, vh = torch.linalg.svd(weight)
+    v, sigma = top_right_singular_vector(weight, iterations=2000, tol=1e-13)
+    assert sigma == pytest.approx(float(s[0]), rel=1e-10)
+    assert abs(float(v @ vh[0])) == pytest.approx(1.0, abs=1e-8)
+    assert v[v.abs().argmax()] > 0  # the sign is fixed
+    # a warm start at the answer converges at once
+    again, _ = top_right_singular_vector(weight, v, iterations=1)
+    torch.testing.assert_close(again, v, rtol=0, atol=1e-10)
+
+
+def test_sign_fraction_counts_rows_on_each_side_and_ignores_the_vectors_sign():
+    x = torch.tensor([[1.0, 0.0], [2.0, 1.0], [-1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    v = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    assert sign_counts(x, v) == (2, 1)  # the last row is orthogonal: no sign
+    assert majority_sign_fraction(*sign_counts(x, v)) == pytest.approx(2 / 3)
+    assert majority_sign_fraction(*sign_counts(x, -v)) == pytest.approx(2 / 3)
+    assert math.isnan(majority_sign_fraction(0, 0))
+
+
+def test_u1_and_v1_conventions_give_the_same_signs():
+    # sign(u1 . W x) = sign(v1 . x) since u1^T W = s1 v1^T: the two published conventions are one statistic
+    torch.manual_seed(2)
+    weight, x = torch.randn(6, 9, dtype=torch.float64), torch.randn(50, 9, dtype=torch.float64)
+    u, _, vh = torch.linalg.svd(weight)
+    assert torch.equal(torch.sign((x @ weight.T) @ u[:, 0]), torch.sign(x @ vh[0]))
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.hidden = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h, _ = self.attn(x, x, x, need_weights=False)
+        return self.head(torch.relu(self.hidden(h)))
+
+
+def test_probe_collects_without_changing_outputs_and_removes_its_hooks():
+    torch.manual_seed(3)
+    model = _Tiny().double()
+    x = torch.randn(2, 4, 8, dtype=torch.float64)
+    reference = model(x)
+    v, _ = top_right_singular_vector(model.hidden.weight)
+    with LogitProbe({"attn": model.attn}, ("head", model.head), {"hidden": (model.hidden, v)}) as stats:
+        out = model(x)
+    assert torch.equal(out, reference)
+    assert not model.attn._forward_pre_hooks and not model.head._forward_hooks and not model.hidden._forward_pre_hooks
+    logits = attention_logits(model.attn, x, x)
+    assert stats.attention["attn"].maximum == pytest.approx(float(logits.max()), rel=1e-14)
+    assert stats.output.mean_log_partition == pytest.approx(float(torch.logsumexp(reference, -1).mean()), rel=1e-12)
+    hidden_in = model.attn(x, x, x, need_weights=False)[0].reshape(-1, 8)
+    positive, negative = int((hidden_in @ v > 0).sum()), int((hidden_in @ v < 0).sum())
+    assert (stats.alignment["hidden"].positive, stats.alignment["hidden"].negative) == (positive, negative)
+
+
+def test_probe_records_non_finite_activations_by_module():
+    model = _Tiny().double()
+    with LogitProbe({}, ("head", model.head), {}) as stats:
+        model(torch.full((1, 2, 8), math.inf, dtype=torch.float64))
+    assert stats.non_finite == ["head"]
+    assert stats.output is None
