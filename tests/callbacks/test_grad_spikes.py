@@ -271,3 +271,42 @@ def test_loss_must_be_positive_for_the_log_scale_or_configured(tmp_path):
 
     make_trainer(tmp_path, [monitor], max_steps=10).fit(Negative())
     assert float(monitor.loss_detector.mean) < 0  # scored on the linear scale, negative values and all
+
+
+class RampingGradients(ClassifierModule):
+    """The loss (hence every gradient) is scaled by ``1.25 ** (step - start)`` from ``start`` on: a sustained rise."""
+
+    def __init__(self, start: int | None):
+        super().__init__(batchnorm=False, dropout=0.0, lr=1e-4)
+        self.start = start
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        step = self.trainer.global_step
+        return loss * (1.25 ** (step - self.start) if self.start is not None and step >= self.start else 1.0)
+
+
+def test_grad_growth_fires_on_a_sustained_rise_and_not_on_a_steady_run(tmp_path):
+    def run(start):
+        pl.seed_everything(0)
+        alerts = []
+        monitor = GradientSpikeMonitor(on_alert=alerts.append, watch_loss=False, track_update=False)
+        make_trainer(tmp_path, [monitor], max_steps=300, deterministic=False).fit(RampingGradients(start))
+        return [(a.step, a.kind) for a in alerts], monitor
+
+    steady, _ = run(None)
+    assert steady == []
+    rising, monitor = run(200)
+    kinds = [kind for _, kind in rising]
+    assert kinds[0] == "grad_growth"  # before any single step is a 5-sigma spike
+    assert 200 < rising[0][0] <= 210  # three steps above z = 2.5 within a few steps of the start of the rise
+    assert monitor.growth_rule.patience == 3
+
+
+def test_grad_growth_can_be_turned_off_and_its_streak_is_checkpointed():
+    assert GradientSpikeMonitor(growth_z=None).growth_rule is None
+    monitor = GradientSpikeMonitor()
+    monitor.growth_rule.streak = 2
+    fresh = GradientSpikeMonitor()
+    fresh.load_state_dict(copy.deepcopy(monitor.state_dict()))
+    assert fresh.growth_rule.streak == 2
