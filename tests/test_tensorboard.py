@@ -32,6 +32,9 @@ NOT_IN_QUICKSTART = {
     "landscape/events/loss_spike": "logged only at a spike",
     "landscape/alerts/{kind}": "a healthy run raises no alert (checked in the second test)",
     "landscape/alerts": "alert text: none in a healthy run (checked in the second test)",
+    "landscape/logits/attention/max": "the quickstart's MLP has no attention (tests/callbacks/test_logits.py reads it)",
+    "landscape/logits/attention/{name}/entropy": "no attention in the quickstart's MLP",
+    "landscape/logits/alignment/{name}/sign_fraction": "alignment=False by default (tests/callbacks/test_logits.py)",
 }
 NOT_SCALARS = {
     "landscape/hessian/density": "histograms",
