@@ -171,6 +171,11 @@ class HessianOperator:
             RNG alone (only safe when the loss is deterministic).
         all_reduce: in-place sum over ranks (``core.distributed.all_reduce_sum``) for the global-data Hessian under
             data parallelism: one collective per matvec on the flat vector, plus one for the sample count.
+        batch_probes: how :meth:`matmat` multiplies a block of vectors: ``True``, one vmapped backward pass per
+            batch for the whole block (autograd's ``is_grads_batched``); ``False``, one product per vector. ``None``
+            (default): batched on accelerators, where a product is bound by per-kernel overhead, one at a time on
+            CPU, where we measured it slower beyond toy sizes (0.6-1.0x at 26k-300k parameters, 1.3-1.9x at 2.4k;
+            ``benchmarks/RESULTS.md``).
 
     Raises:
         TypeError: ``loss_fn`` is not callable, or the parameters mix dtypes or devices.
@@ -188,6 +193,7 @@ class HessianOperator:
         batch_size_fn: Callable[[Any], int] | None = None,
         seed: int | None = 0,
         all_reduce: Callable[[Tensor], Tensor] | None = None,
+        batch_probes: bool | None = None,
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable, got {loss_fn!r}.")
@@ -208,6 +214,9 @@ class HessianOperator:
         self.seed = seed
         self.all_reduce = all_reduce
         self.backend = default_backend(self.device) if backend == "auto" else backend
+        if batch_probes is not None and not isinstance(batch_probes, bool):
+            raise TypeError(f"`batch_probes` must be None or a bool, got {batch_probes!r}.")
+        self.batch_probes = self.device.type != "cpu" if batch_probes is None else batch_probes
         self._fallback_allowed = backend == "auto"
         size_fn = batch_size_fn or default_batch_size
         sizes = torch.tensor([float(size_fn(b)) for b in self.batches], dtype=torch.float64)
@@ -253,6 +262,55 @@ class HessianOperator:
             raise NonFiniteLossError("A Hessian-vector product over the probe set is not finite.")
         self.num_matvecs += 1
         return out
+
+    def matmat(self, block: Tensor) -> Tensor:
+        """Return ``H @ block`` for an ``(n, k)`` block of vectors (``k`` products; see ``batch_probes``).
+
+        Raises:
+            ValueError: ``block`` has the wrong shape.
+            NonFiniteLossError: the loss or a product is NaN or infinite.
+        """
+        if block.dim() != 2 or block.shape[0] != self.shape[0]:
+            raise ValueError(f"`block` must be 2-D with {self.shape[0]} rows, got shape {tuple(block.shape)}.")
+        if not self.batch_probes or self.backend == "func" or block.shape[1] == 1:
+            return torch.stack([self.matvec(column) for column in block.unbind(1)], dim=1)
+        block = block.to(device=self.device, dtype=self.dtype)
+        count = block.shape[1]
+        rows = block.T.contiguous()  # (k, n): one vector per row, split into (k, *shape) per parameter
+        tangents = {
+            name: chunk.reshape(count, *p.shape)
+            for (name, p), chunk in zip(
+                self.params.items(), rows.split([p.numel() for p in self.params.values()], dim=1), strict=True
+            )
+        }
+        out = torch.zeros(count, self.shape[0], dtype=self.dtype, device=self.device)
+        try:
+            for index, batch in enumerate(self.batches):
+                if self.backend == "graph":
+                    if self._graphs[index] is None:
+                        self._graphs[index] = self._gradients(index, batch)
+                    grads, retain = self._graphs[index], True
+                else:
+                    grads, retain = self._gradients(index, batch), False
+                out.add_(self._second_backward(grads, tangents, retain, batched=count), alpha=self.weights[index])
+        except RuntimeError as err:
+            if isinstance(err, NonFiniteLossError):
+                raise
+            # an op without a batching rule: products one at a time from now on
+            warnings.warn(
+                f"Batched Hessian-vector products failed ({str(err).splitlines()[0][:200]}); multiplying one vector "
+                "at a time (batch_probes=False).",
+                LandscapeWarning,
+                stacklevel=2,
+            )
+            self.batch_probes = False
+            return self.matmat(block)
+        if self.all_reduce is not None:
+            out = self.all_reduce(out)
+        if not bool(torch.isfinite(out).all()):
+            raise NonFiniteLossError("A Hessian-vector product over the probe set is not finite.")
+        self.num_matvecs += count
+        return out.T
 
     def loss_and_gradient(self) -> tuple[float, Tensor]:
         """The mean loss and its flat gradient over the probe set (global under ``all_reduce``)."""
@@ -313,11 +371,16 @@ class HessianOperator:
             g if g is not None else torch.zeros_like(p) for g, p in zip(grads, self.params.values(), strict=False)
         )
 
-    def _second_backward(self, grads: tuple[Tensor, ...], tangents: dict[str, Tensor], retain: bool) -> Tensor:
+    def _second_backward(
+        self, grads: tuple[Tensor, ...], tangents: dict[str, Tensor], retain: bool, batched: int = 0
+    ) -> Tensor:
+        """One backward through the gradient graph: ``H v`` flat, or with ``batched = k`` tangents of shape
+        ``(k, *p.shape)``, the ``(k, n)`` rows ``H v_i`` from one vmapped pass."""
         params = list(self.params.values())
         # Parameters that enter the loss only linearly (or not at all) have no graph behind their gradient.
         pairs = [(g, t, i) for i, (g, t) in enumerate(zip(grads, tangents.values(), strict=False)) if g.requires_grad]
-        out = [torch.zeros_like(p) for p in params]
+        lead = (batched,) if batched else ()
+        out = [torch.zeros(*lead, *p.shape, dtype=p.dtype, device=p.device) for p in params]
         if pairs:
             with torch.enable_grad():
                 hv = torch.autograd.grad(
@@ -326,8 +389,11 @@ class HessianOperator:
                     grad_outputs=[t for _, t, _ in pairs],
                     retain_graph=retain,
                     allow_unused=True,
+                    is_grads_batched=bool(batched),
                 )
             out = [h if h is not None else z for h, z in zip(hv, out, strict=False)]
+        if batched:
+            return torch.cat([h.detach().reshape(batched, -1) for h in out], dim=1)
         return flatten(out).detach()
 
     def _hvp_double_backward(self, index: int, batch: Any, tangents: dict[str, Tensor]) -> Tensor:

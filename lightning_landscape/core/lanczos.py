@@ -116,6 +116,19 @@ def _matvec(op: Any, v: Tensor, n: int) -> Tensor:
     return out.detach()
 
 
+def _matmat(op: Any, block: Tensor, n: int) -> Tensor:
+    """``op @ block`` for an ``(n, k)`` block: the operator's own ``matmat`` when it has one (several products per
+    pass), else one matvec per column (also for a dense Tensor, so that it and a matrix-free wrapper of it give
+    bitwise the same results)."""
+    if not isinstance(op, Tensor) and hasattr(op, "matmat"):
+        out = op.matmat(block)
+        if not isinstance(out, Tensor) or out.shape != block.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"`op`.matmat(V) must return a Tensor of shape {tuple(block.shape)}, got {got}.")
+        return out.detach()
+    return torch.stack([_matvec(op, column, n) for column in block.unbind(1)], dim=1)
+
+
 def _dot64(a: Tensor, b: Tensor) -> Tensor:
     """``a . b`` accumulated in float64 (a 0-d tensor on the vectors' device, so no host sync here)."""
     if a.dtype == torch.float64 and b.dtype == torch.float64:

@@ -2,8 +2,10 @@
 
 Both spend a fixed budget of operator products and report a standard error, never a "the running mean stopped
 moving" rule: that rule (PyHessian's, LLA's) can stop after two samples by chance and says nothing about accuracy.
-Probes are drawn one at a time in float64 on the CPU from the given generator (then cast and moved), so the memory
-is a few vectors whatever the budget and identically seeded processes draw identical probes.
+Probes are drawn one at a time in float64 on the CPU from the given generator (then cast and moved), so identically
+seeded processes draw identical probes. Products are taken in blocks of at most ``block_size`` vectors through the
+operator's ``matmat`` when it has one (:meth:`HessianOperator.matmat` batches them into one backward pass where that
+pays), so the memory is ``block_size`` vectors plus, for Hutch++, the ``m/3`` sketch.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_landscape.core._validation import check_choice, check_int
-from lightning_landscape.core.lanczos import _check_generator, _check_operator, _dot64, _matvec, random_vector
+from lightning_landscape.core.lanczos import _check_generator, _check_operator, _dot64, _matmat, random_vector
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,21 @@ def _finite(result: TraceResult) -> TraceResult:
     return result
 
 
+#: Most probe vectors multiplied in one block (bounds the temporary memory of a batched product).
+BLOCK_SIZE = 16
+
+
 def _probe(op: Any, n: int, generator: torch.Generator, distribution: Literal["rademacher", "gaussian"]) -> Tensor:
     return random_vector(n, generator, distribution).to(device=op.device, dtype=op.dtype)
+
+
+def _probes(op: Any, n: int, count: int, generator: torch.Generator, distribution: str) -> Tensor:
+    """``count`` probes as the columns of an ``(n, count)`` block, drawn in order one at a time."""
+    return torch.stack([_probe(op, n, generator, distribution) for _ in range(count)], dim=1)
+
+
+def _blocks(total: int) -> list[int]:
+    return [min(BLOCK_SIZE, total - start) for start in range(0, total, BLOCK_SIZE)]
 
 
 def hutchinson_trace(
@@ -74,8 +89,8 @@ def hutchinson_trace(
         distribution: ``"rademacher"`` or ``"gaussian"``.
 
     Returns:
-        TraceResult with ``stderr = std(samples) / sqrt(num_matvecs)``. Cost: ``num_matvecs`` products, one at a
-        time; relative error ``~ sqrt(2) ||A||_F / (|tr A| sqrt(num_matvecs))``.
+        TraceResult with ``stderr = std(samples) / sqrt(num_matvecs)``. Cost: ``num_matvecs`` products, in blocks;
+        relative error ``~ sqrt(2) ||A||_F / (|tr A| sqrt(num_matvecs))``.
 
     Raises:
         TypeError: ``num_matvecs``, ``generator`` or ``op`` has the wrong type.
@@ -87,11 +102,12 @@ def hutchinson_trace(
     check_choice("distribution", distribution, ("rademacher", "gaussian"))
     generator = _check_generator(generator)
     quadratic, squares = [], []
-    for _ in range(num_matvecs):
-        v = _probe(op, n, generator, distribution)
-        av = _matvec(op, v, n)
-        quadratic.append(_dot64(v, av))
-        squares.append(_dot64(av, av))
+    for size in _blocks(num_matvecs):
+        probes = _probes(op, n, size, generator, distribution)
+        products = _matmat(op, probes, n)
+        for v, av in zip(probes.unbind(1), products.unbind(1), strict=True):
+            quadratic.append(_dot64(v, av))
+            squares.append(_dot64(av, av))
     # One host sync for all samples (the products stay on the operator's device until here).
     samples = torch.stack(quadratic).cpu()
     frobenius = float(torch.stack(squares).mean())
@@ -130,24 +146,28 @@ def hutchpp_trace(op: Any, num_matvecs: int = 30, *, generator: torch.Generator 
     sketch_size = min(num_matvecs // 3, n)
     # QR has no half-precision kernels; orthogonality in float32 is ample for a sketch of a low-precision operator.
     work = op.dtype if op.dtype in (torch.float32, torch.float64) else torch.float32
-    sketch = torch.stack([_matvec(op, _probe(op, n, generator, "rademacher"), n) for _ in range(sketch_size)], dim=1)
+    sketch = torch.cat(
+        [_matmat(op, _probes(op, n, size, generator, "rademacher"), n) for size in _blocks(sketch_size)], dim=1
+    )
     q, _ = torch.linalg.qr(sketch.to(work))
     del sketch
     low_rank, frobenius = [], []
-    for i in range(q.shape[1]):
-        column = q[:, i].to(op.dtype)
-        aq = _matvec(op, column, n)
-        low_rank.append(_dot64(column, aq))
-        frobenius.append(_dot64(aq, aq))
+    for columns in q.split(BLOCK_SIZE, dim=1):
+        columns = columns.to(op.dtype)
+        products = _matmat(op, columns, n)
+        for column, aq in zip(columns.unbind(1), products.unbind(1), strict=True):
+            low_rank.append(_dot64(column, aq))
+            frobenius.append(_dot64(aq, aq))
     matvecs = sketch_size + q.shape[1]
     residual_probes = 0 if q.shape[1] >= n else num_matvecs - 2 * sketch_size
     quadratic, squares = [], []
-    for _ in range(residual_probes):
-        g = _probe(op, n, generator, "rademacher").to(work)
+    for size in _blocks(residual_probes):
+        g = _probes(op, n, size, generator, "rademacher").to(work)
         g = (g - q @ (q.T @ g)).to(op.dtype)
-        ag = _matvec(op, g, n)
-        quadratic.append(_dot64(g, ag))
-        squares.append(_dot64(ag, ag))
+        products = _matmat(op, g, n)
+        for column, ag in zip(g.unbind(1), products.unbind(1), strict=True):
+            quadratic.append(_dot64(column, ag))
+            squares.append(_dot64(ag, ag))
     matvecs += residual_probes
     exact_part = float(torch.stack(low_rank).sum())
     exact_frobenius = float(torch.stack(frobenius).sum())

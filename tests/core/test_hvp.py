@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_landscape import LandscapeWarning
 from lightning_landscape.core.hvp import (
     DiagonalScaledOperator,
     HessianOperator,
@@ -182,3 +183,47 @@ def test_bad_inputs():
 def test_default_batch_size_finds_nested_tensors():
     assert default_batch_size({"x": [torch.zeros(7, 2)], "y": torch.zeros(7)}) == 7
     assert default_batch_size((torch.tensor(1.0), torch.zeros(5, 1))) == 5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_probes", [True, False])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_matmat_equals_dense_hessian_times_block(kind, batch_probes, backend):
+    model, batches = _model_and_batches(kind)
+    with operator_mode(model, "train"):  # dropout and batch statistics: the seeded masks must match per vector
+        dense = dense_hessian(model, cross_entropy_loss, batches, seed=3)
+        op = HessianOperator(model, cross_entropy_loss, batches, backend=backend, seed=3, batch_probes=batch_probes)
+        block = torch.randn(op.shape[0], 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        torch.testing.assert_close(op.matmat(block), dense @ block, rtol=1e-10, atol=1e-12)
+        op.close()
+    assert op.num_matvecs == 5
+    assert op.batch_probes is batch_probes  # no fallback was needed
+
+
+def test_batched_products_fall_back_to_one_at_a_time_with_a_warning(monkeypatch):
+    model, batches = _model_and_batches("mlp")
+    op = HessianOperator(model, cross_entropy_loss, batches, backend="graph", batch_probes=True)
+    real = op._second_backward
+
+    def no_batching_rule(grads, tangents, retain, batched=0):
+        if batched:
+            raise RuntimeError("Batching rule not implemented for aten::something")
+        return real(grads, tangents, retain)
+
+    monkeypatch.setattr(op, "_second_backward", no_batching_rule)
+    block = torch.randn(op.shape[0], 3, dtype=torch.float64)
+    with pytest.warns(LandscapeWarning, match="one vector at a time"):
+        out = op.matmat(block)
+    assert op.batch_probes is False
+    expected = torch.stack([op @ column for column in block.unbind(1)], dim=1)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_batch_probes_defaults_to_off_on_cpu_and_is_validated():
+    model, batches = _model_and_batches("mlp")
+    assert HessianOperator(model, cross_entropy_loss, batches).batch_probes is False
+    with pytest.raises(TypeError, match="`batch_probes` must be None or a bool"):
+        HessianOperator(model, cross_entropy_loss, batches, batch_probes="yes")
+    op = HessianOperator(model, cross_entropy_loss, batches)
+    with pytest.raises(ValueError, match="`block` must be 2-D"):
+        op.matmat(torch.zeros(op.shape[0]))

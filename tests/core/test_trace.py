@@ -144,3 +144,20 @@ def test_non_finite_products_raise_floating_point_error(estimator):
 
     with pytest.raises(FloatingPointError, match="The trace estimate is not finite"):
         estimator(Broken(torch.eye(20, dtype=torch.float64)), 6)
+
+
+def test_block_products_give_the_same_estimate_as_one_at_a_time():
+    # 60 products: a sketch of 20 (two blocks of at most 16), 20 for Q, 20 residual probes
+    from lightning_landscape.core.hvp import HessianOperator
+    from tests.helpers.models import classification_batches, cross_entropy_loss, tiny_mlp
+
+    model, batches = tiny_mlp(dropout=0.0), classification_batches(2, 8)
+    results = []
+    for batch_probes in (False, True):
+        op = HessianOperator(model, cross_entropy_loss, batches, batch_probes=batch_probes)
+        results.append(hutchpp_trace(op, 60, generator=torch.Generator().manual_seed(3)))
+        assert op.num_matvecs == 60
+    one, blocked = results
+    assert blocked.num_matvecs == one.num_matvecs == 60
+    assert blocked.estimate == pytest.approx(one.estimate, rel=1e-10)
+    assert blocked.stderr == pytest.approx(one.stderr, rel=1e-8)
