@@ -35,6 +35,7 @@ from lightning_landscape import (
     GradientSpikeMonitor,
     HessianMonitor,
     LandscapeMonitor,
+    LogitMonitor,
     ModeConnectivityMonitor,
 )
 
@@ -75,6 +76,7 @@ def measurement_costs(kind: str, root: str, steps_between: int) -> dict[str, tup
         ("HessianMonitor", HessianMonitor),
         ("EffectiveRankMonitor", EffectiveRankMonitor),
         ("ModeConnectivityMonitor", ModeConnectivityMonitor),
+        ("LogitMonitor", LogitMonitor),
     ):
         seconds: list[float] = []
 
@@ -150,7 +152,7 @@ def main() -> None:
                 if callbacks and isinstance(callbacks[0], LandscapeMonitor):
                     counts[name] = ", ".join(
                         f"{part} {callbacks[0].parts[part].num_measurements}"
-                        for part in ("hessian", "rank", "connectivity")
+                        for part in ("hessian", "rank", "connectivity", "logits")
                     )
         for name in configs:
             ratios = [w / wo - 1 for w, wo in zip(times[name], times["none"], strict=True)]

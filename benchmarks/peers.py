@@ -503,8 +503,11 @@ def scaling_section(rep: Report, directory: Path, widths: tuple, steps: int) -> 
 
 def headline(rep: Report, summary: dict) -> None:
     lines = ["\n### headline: HVP ratio peer / ours for top-k at 1e-3 (loosest setting reaching it)\n"]
-    for (task, label), by_tool in summary.items():
-        if not isinstance(task, str) or task not in ("top1", "top5") or "ours" not in by_tool:
+    for key, by_tool in summary.items():
+        if not isinstance(key, tuple):
+            continue  # "tasks": the list of tasks run
+        task, label = key
+        if task not in ("top1", "top5") or "ours" not in by_tool:
             continue
         ours = by_tool["ours"][0]
         for tool, rows in by_tool.items():

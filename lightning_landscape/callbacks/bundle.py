@@ -119,8 +119,13 @@ class LandscapeMonitor(Callback):
 
     # Hooks: forwarded to every part, in a fixed order (explicit methods, so the callback pickles for ddp_spawn).
     def _forward(self, hook: str, *args: Any) -> None:
-        for part in self.parts.values():
-            getattr(part, hook)(*args)
+        if self.budget is None:
+            for part in self.parts.values():
+                getattr(part, hook)(*args)
+            return
+        with self.budget.section():  # the ledger sees all of the parts' time, bookkeeping included
+            for part in self.parts.values():
+                getattr(part, hook)(*args)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._forward("setup", trainer, pl_module, stage)

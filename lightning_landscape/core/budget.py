@@ -18,8 +18,10 @@ the host) and the mean step time over many steps is the real throughput, so the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 
 from lightning_landscape.core._validation import check_float
 
@@ -42,6 +44,7 @@ class OverheadBudget:
         self.cost = 0.0
         self._started_at: float | None = None
         self._started_step = 0
+        self._section_depth = 0
 
     def start(self, step: int, now: float | None = None) -> None:
         """Start the clock at optimizer step ``step`` (only the first call counts)."""
@@ -55,8 +58,28 @@ class OverheadBudget:
         self._started_at = None
 
     def charge(self, seconds: float) -> None:
-        """Add ``seconds`` of our own time."""
-        self.cost += max(0.0, float(seconds))
+        """Add ``seconds`` of our own time (ignored inside a :meth:`section`, which charges its whole span)."""
+        if self._section_depth == 0:
+            self.cost += max(0.0, float(seconds))
+
+    @contextlib.contextmanager
+    def section(self) -> Iterator[None]:
+        """Charge the whole wall time of the ``with`` block once, instead of what the code inside charges.
+
+        ``LandscapeMonitor`` wraps each hook it forwards to its parts in one section, so the ledger also sees the
+        parts' bookkeeping between measurements (probe capture, cadence checks, per-step reads), not only the
+        measurements themselves.
+        """
+        if self._section_depth:
+            yield
+            return
+        started = time.perf_counter()
+        self._section_depth = 1
+        try:
+            yield
+        finally:
+            self._section_depth = 0
+            self.charge(time.perf_counter() - started)
 
     def training_time(self, now: float | None = None) -> float:
         """Seconds of training (wall time since the start, minus our cost)."""
