@@ -93,9 +93,23 @@ def measurement_costs(kind: str, root: str, steps_between: int) -> dict[str, tup
     return costs
 
 
+class EmptyHooks(pl.Callback):
+    """The three per-step hooks the bundle uses, doing nothing: Lightning's own cost of calling a callback."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        pass
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        pass
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        pass
+
+
 def configurations() -> dict[str, callable]:
     quiet = {"on_alert": "ignore"}
     return {
+        "empty callback (Lightning's dispatch)": lambda: [EmptyHooks()],
         "GradientSpikeMonitor()": lambda: [GradientSpikeMonitor(**quiet)],
         "LandscapeMonitor() (5% budget)": lambda: [LandscapeMonitor(**quiet)],
         "LandscapeMonitor(max_overhead=None)": lambda: [LandscapeMonitor(max_overhead=None, **quiet)],

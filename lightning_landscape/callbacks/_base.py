@@ -312,8 +312,11 @@ class LandscapeCallback(Callback):
         step = trainer.global_step
         if self.budget is not None:
             self.budget.start(step)
-        self._restore_loaded_probe(trainer)
-        self._capture(trainer, batch)
+        # the checks below run every step: skip the calls once there is nothing to restore or capture
+        if self._loaded_probe_by_rank is not None:
+            self._restore_loaded_probe(trainer)
+        if self._probe_by_rank is None:
+            self._capture(trainer, batch)
         if step == self._last_measured_step:
             return  # a later micro-batch of the same optimizer step (gradient accumulation)
         due = step >= self.start_step and (step - self.start_step) % self.every_n_steps == 0

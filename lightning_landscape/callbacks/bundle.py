@@ -166,7 +166,10 @@ class LandscapeMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(prefix=self.prefix, parts=sorted(self.parts))
+        # Lightning reads it on every hook call (profiler action names): computed once.
+        if getattr(self, "_state_key", None) is None:
+            self._state_key = self._generate_state_key(prefix=self.prefix, parts=sorted(self.parts))
+        return self._state_key
 
     def state_dict(self) -> dict[str, Any]:
         return {name: part.state_dict() for name, part in self.parts.items()}

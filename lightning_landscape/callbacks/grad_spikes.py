@@ -293,8 +293,9 @@ class GradientSpikeMonitor(LandscapeCallback):
             if trainer.world_size > 1:
                 step_loss = distributed.all_reduce_mean(step_loss.detach().double().reshape(()).clone())
             if isinstance(record, list):
-                z, spike, bad = self.loss_detector.update_float(float(step_loss))
-                record[_LOSS], record[_LOSS_Z], record[_LOSS_SPIKE], record[_LOSS_BAD] = float(step_loss), z, spike, bad
+                value = float(step_loss)
+                z, spike, bad = self.loss_detector.update_float(value)
+                record[_LOSS], record[_LOSS_Z], record[_LOSS_SPIKE], record[_LOSS_BAD] = value, z, spike, bad
             else:
                 z_t, spike_t, bad_t = self.loss_detector.update(step_loss.detach().double().reshape(()))
                 record[_LOSS], record[_LOSS_Z] = step_loss, z_t
@@ -310,6 +311,10 @@ class GradientSpikeMonitor(LandscapeCallback):
                     (float(update), float(size)) if isinstance(record, list) else (update, size)
                 )
             self._snapshot = None
+        if isinstance(record, list) and not self._records:
+            # host path (CPU): nothing pending, so decide on this step at once without the batching of _flush
+            self.decide_stop(trainer, self._handle_step(trainer, step, record, group_norms))
+            return
         self._records.append((step, record, group_norms))
         if isinstance(record, list) or self._is_logged_step(trainer, step):
             self._flush(trainer)

@@ -36,3 +36,26 @@ def test_steps_to_wait_pays_back_the_expected_cost_at_the_mean_step_time():
 def test_max_overhead_is_validated(bad):
     with pytest.raises(ValueError, match="max_overhead"):
         OverheadBudget(bad)
+
+
+def test_a_section_charges_its_whole_span_once_instead_of_what_is_charged_inside(monkeypatch):
+    from lightning_landscape.core import budget as budget_module
+
+    class Clock:
+        now = 100.0
+
+        def perf_counter(self):
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(budget_module, "time", clock)
+    ledger = OverheadBudget(0.05)
+    ledger.start(0)
+    with ledger.section():
+        clock.now += 0.3  # bookkeeping nobody charges
+        ledger.charge(0.2)  # a part's own measurement, inside the section: not counted twice
+        with ledger.section():  # nested: part of the outer span
+            clock.now += 0.2
+    assert ledger.cost == pytest.approx(0.5)
+    ledger.charge(0.1)  # outside any section, charges count again
+    assert ledger.cost == pytest.approx(0.6)
