@@ -7,8 +7,9 @@ Each scenario is trained twice with the same seed: *unstable* and its *control* 
 learning rate, or without the corruption). Every monitor watches both runs with ``on_alert`` recording alerts
 (monitors never change training, so the trajectories are those of an unmonitored run):
 
-- the fast signals at their defaults: ``GradientSpikeMonitor`` (``grad_spike``, ``loss_spike``, ``non_finite``) and
-  ``LogitMonitor`` (``attention_logit_growth``, ``logit_divergence``, ``alignment_collapse``);
+- the fast signals at their defaults: ``GradientSpikeMonitor`` (``grad_spike``, ``loss_spike``, ``non_finite``,
+  ``grad_growth``) and ``LogitMonitor`` (``attention_logit_growth``; ``logit_divergence`` and ``alignment_collapse``
+  are off by default);
 - the slow signals at a dense fixed cadence, to see what they could tell: ``HessianMonitor`` (``edge_of_stability``,
   ``sharpness_growth``), ``EffectiveRankMonitor`` (``rank_collapse``), ``ModeConnectivityMonitor`` (``barrier_rise``);
 - ``LandscapeMonitor()`` exactly as a user adds it (defaults, 5% budget), in a separate run;
@@ -44,16 +45,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from _data import digits_tensors
 from grad_spikes import CharTransformer, stdlib_text
 
-import lightning_landscape
 from lightning_landscape import (
     EffectiveRankMonitor,
     GradientSpikeMonitor,
     HessianMonitor,
     LandscapeMonitor,
+    LogitMonitor,
     ModeConnectivityMonitor,
 )
-
-LogitMonitor = getattr(lightning_landscape, "LogitMonitor", None)
 
 
 # ------------------------------------------------------------------------------------------------ scenarios
@@ -281,9 +280,7 @@ def dense_monitors(every: int, record) -> list[pl.Callback]:
         EffectiveRankMonitor(every_n_steps=every, num_probe_batches=1, **shared),
         ModeConnectivityMonitor(every_n_steps=every, num_probe_batches=1, **shared),
     ]
-    if LogitMonitor is not None:
-        monitors.append(LogitMonitor(**shared))
-    return monitors
+    return [*monitors, LogitMonitor(**shared)]
 
 
 def run_scenario(scenario: Scenario, root: str) -> list[dict[str, Any]]:
@@ -299,6 +296,7 @@ def run_scenario(scenario: Scenario, root: str) -> list[dict[str, Any]]:
         train(make, scenario.steps, [LandscapeMonitor(on_alert=bundle_alerts.append)], root, scenario.name)
         first = first_alerts(alerts)
         first["LandscapeMonitor() (any)"] = min((a.step for a in bundle_alerts), default=None)
+        bundle_kind = min(bundle_alerts, key=lambda a: a.step).kind if bundle_alerts else None
         first["baseline: ZClip z > 2.5"] = zclip_first_alert(trajectory.grad_norms)
         first["baseline: KillLossSpike"] = kill_loss_spike_first_alert(trajectory.losses)
         rows.append(
@@ -307,6 +305,7 @@ def run_scenario(scenario: Scenario, root: str) -> list[dict[str, Any]]:
                 "variant": variant,
                 "divergence": trajectory.divergence,
                 "first": {k: v for k, v in first.items() if v is not None},
+                "bundle_first_kind": bundle_kind,
                 "seconds": time.perf_counter() - started,
                 "losses": trajectory.losses,
                 "grad_norms": trajectory.grad_norms,
@@ -336,8 +335,11 @@ def table(rows: list[dict[str, Any]]) -> str:
             step = unstable["first"].get(signal)
             lead = "" if step is None or divergence is None else divergence - step
             false_alarm = control["first"].get(signal)
+            label = signal
+            if signal.startswith("LandscapeMonitor") and unstable.get("bundle_first_kind"):
+                label = f"LandscapeMonitor() (first: {unstable['bundle_first_kind']})"
             lines.append(
-                f"| {name} | {divergence} | {signal} | {'' if step is None else step} | {lead} | "
+                f"| {name} | {divergence} | {label} | {'' if step is None else step} | {lead} | "
                 f"{'none' if false_alarm is None else f'at step {false_alarm}'} |"
             )
     return "\n".join(lines)
@@ -350,7 +352,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     root = tempfile.mkdtemp(prefix="early-warning-")
-    print(f"torch {torch.__version__}; LogitMonitor {'present' if LogitMonitor else 'absent'}; logs in {root}")
+    print(f"torch {torch.__version__}; logs in {root}")
     rows = []
     for scenario in SCENARIOS:
         if args.only and scenario.name not in args.only:

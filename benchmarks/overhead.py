@@ -1,7 +1,8 @@
 """Training-time overhead of each monitor and of LandscapeMonitor, A/B interleaved in one run.
 
-    python benchmarks/overhead.py                 # ~10 minutes on 2 CPU cores
-    python benchmarks/overhead.py --quick         # ~2 minutes, fewer steps and repeats
+    python benchmarks/overhead.py                 # ~25 minutes on 2 CPU cores
+    python benchmarks/overhead.py --quick         # ~3 minutes, fewer steps and repeats
+    python benchmarks/overhead.py --no-costs --repeats 5 --workloads transformer
 
 Three reference workloads (``benchmarks/grad_spikes.py``'s ``Workload``): an MLP and a small CNN on scikit-learn's
 digits, a 2-layer character transformer on the standard library's source. Two tables:
@@ -9,9 +10,11 @@ digits, a 2-layer character transformer on the standard library's source. Two ta
 1. *Cost per measurement*: the seconds of one measurement of each periodic monitor at its defaults (the first, cold
    one and the median of the later, warm-started ones), also in units of one training step. At a fixed cadence of
    ``every_n_steps`` the overhead of a monitor is ``warm cost in steps / every_n_steps``.
-2. *Overhead*: wall time of ``trainer.fit`` for ``--steps`` steps with and without each configuration, the runs
-   of one repeat interleaved (order rotated between repeats), as the median over repeats of the paired ratio
-   ``with / without - 1``. Budget rows also give the overhead the monitors' own ledger measured.
+2. *Overhead*: wall and process CPU time of ``trainer.fit`` for ``--steps`` steps with and without each
+   configuration, the runs of one repeat interleaved (order rotated between repeats), as the median over repeats of
+   the paired ratio ``with / without - 1``. Budget rows also give the overhead the monitors' own ledger measured. The
+   "empty callback" row (three hooks that do nothing) is Lightning's own cost of calling a callback, and on a shared
+   machine also a gauge of the noise: it should read 0.
 """
 
 from __future__ import annotations
@@ -40,16 +43,19 @@ from lightning_landscape import (
 )
 
 WORKLOADS = ("mlp", "cnn", "transformer")
+CPU_SECONDS: list[float] = []  # process CPU time of each fit, in call order
 
 
 class Clock(pl.Callback):
-    """Wall time of the training loop proper (from the first hook to the last)."""
+    """Wall and process CPU time of the training loop proper (from the first hook to the last). CPU time is less
+    sensitive to other tenants of a shared machine than wall time; both are reported."""
 
     def on_train_start(self, trainer, pl_module):
-        self.start = time.perf_counter()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def on_train_end(self, trainer, pl_module):
         self.seconds = time.perf_counter() - self.start
+        self.cpu_seconds = time.process_time() - self.cpu_start
 
 
 def fit(kind: str, steps: int, callbacks: list[pl.Callback], root: str) -> float:
@@ -66,6 +72,7 @@ def fit(kind: str, steps: int, callbacks: list[pl.Callback], root: str) -> float
         log_every_n_steps=50,
     )
     trainer.fit(Workload(kind))
+    CPU_SECONDS.append(clock.cpu_seconds)
     return clock.seconds
 
 
@@ -122,6 +129,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--no-costs", action="store_true", help="skip the first table (cost per measurement)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     root = tempfile.mkdtemp(prefix="overhead-")
@@ -132,27 +140,28 @@ def main() -> None:
     print("## Cost of one measurement at each monitor's defaults\n")
     print("| workload | parameters | step (ms) | monitor | cold (s) | warm (s) | warm, in steps |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
-    for kind in args.workloads:
+    for kind in [] if args.no_costs else args.workloads:
         probe_steps = 20 if args.quick else 50
         step_ms[kind] = fit(kind, probe_steps, [], root) / probe_steps * 1e3
         params = sum(p.numel() for p in Workload(kind).parameters())
         for name, (cold, warm) in measurement_costs(kind, root, 5 if args.quick else 10).items():
             print(
                 f"| {kind} | {params:,} | {step_ms[kind]:.1f} | {name} | {cold:.3f} | {warm:.3f} | "
-                f"{warm / step_ms[kind] * 1e3:.0f} |"
+                f"{warm / step_ms[kind] * 1e3:.1f} |"
             )
 
     print(f"\n## Overhead of whole runs (median of paired ratios over {repeats} repeats)\n")
     print(
-        "| workload | steps | configuration | without (s) | with (s) | overhead | ledger's own estimate "
-        "| measurements made |"
+        "| workload | steps | configuration | without (s) | with (s) | overhead (wall) | overhead (CPU time) "
+        "| ledger's own estimate | measurements made |"
     )
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     configs = configurations()
     for kind in args.workloads:
         steps = args.steps or (200 if args.quick else (1000 if kind != "transformer" else 600))
         names = ["none", *configs]
         times: dict[str, list[float]] = {n: [] for n in names}
+        cpu: dict[str, list[float]] = {n: [] for n in names}
         ledgers: dict[str, list[float]] = {n: [] for n in names}
         counts: dict[str, str] = {}
         for repeat in range(repeats):
@@ -160,6 +169,7 @@ def main() -> None:
             for name in order:
                 callbacks = [] if name == "none" else configs[name]()
                 times[name].append(fit(kind, steps, callbacks, root))
+                cpu[name].append(CPU_SECONDS[-1])
                 budget = getattr(callbacks[0], "budget", None) if callbacks else None
                 if budget is not None:
                     ledgers[name].append(budget.overhead())
@@ -170,11 +180,12 @@ def main() -> None:
                     )
         for name in configs:
             ratios = [w / wo - 1 for w, wo in zip(times[name], times["none"], strict=True)]
+            cpu_ratios = [w / wo - 1 for w, wo in zip(cpu[name], cpu["none"], strict=True)]
             ledger = f"{statistics.median(ledgers[name]):+.1%}" if ledgers[name] else ""
             print(
                 f"| {kind} | {steps} | {name} | {statistics.median(times['none']):.2f} | "
-                f"{statistics.median(times[name]):.2f} | {statistics.median(ratios):+.1%} | {ledger} | "
-                f"{counts.get(name, '')} |",
+                f"{statistics.median(times[name]):.2f} | {statistics.median(ratios):+.1%} | "
+                f"{statistics.median(cpu_ratios):+.1%} | {ledger} | {counts.get(name, '')} |",
                 flush=True,
             )
 

@@ -14,6 +14,8 @@ and relative error against an exact reference.
   the same budget of 30 and 90 products, median |relative error| over 5 seeds. On the 300k model: each tool's
   defaults, HVPs and time only (no exact trace at that size).
 * density: 1 run x 30 Lanczos steps on the 300k model, HVPs and time only.
+* hvp: the time of one Hessian-vector product per tool on the same model and batch (each tool's operator built once,
+  two warm-up products, then 30 rounds in which every tool multiplies the same random vector in turn; median).
 * scaling: time per top-1 measurement (ours, tol 1e-3) on 64-w-w-10 MLPs of ~0.1M, ~1M and ~10M parameters.
 
 The peers are not dependencies; install them in a separate environment (``--system-site-packages``) and run
@@ -49,7 +51,7 @@ from lightning_landscape.core.hvp import HessianOperator, operator_mode
 
 TOOLS = ("ours", "pyhessian", "eigenthings", "curvlinops")
 PEER_MODULES = {"pyhessian": "pyhessian.hessian", "eigenthings": "hessian_eigenthings", "curvlinops": "curvlinops"}
-TASKS = ("top1", "top5", "trace", "density", "scaling")
+TASKS = ("hvp", "top1", "top5", "trace", "density", "scaling")
 TARGET = 1e-3
 SCALING_WIDTHS = (280, 960, 3120)  # 64-w-w-10: ~0.1M, ~1M, ~10M parameters
 
@@ -480,6 +482,66 @@ def reference_eigs_smallest(model, batch) -> list[float]:
         return [lanczos(op, k=1, smallest=True, tol=1e-6, max_iter=200).lambda_min]
 
 
+def product_functions(model: nn.Module, batch: tuple, tools: list[str]) -> dict:
+    """``{tool: v -> H v}`` for a flat vector ``v``, each on the tool's own operator (built once)."""
+    functions = {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    sizes = [p.numel() for p in params]
+
+    def as_list(v):
+        return [chunk.view_as(p) for chunk, p in zip(torch.split(v, sizes), params, strict=True)]
+
+    op = HessianOperator(model, loss_fn, [batch], backend="auto")
+    functions["ours"] = op.matvec
+    # vmapped block of 10 products (batch_probes=True), reported per product
+    batched = HessianOperator(model, loss_fn, [batch], backend="auto", batch_probes=True)
+    functions["ours, batched x10"] = lambda v: batched.matmat(v[:, None].expand(-1, 10).contiguous())
+    if "pyhessian" in tools:
+        module = importlib.import_module("pyhessian.hessian")
+        h = module.hessian(model, nn.CrossEntropyLoss(), data=batch, cuda=False)
+        functions["pyhessian"] = lambda v: module.hessian_vector_product(h.gradsH, h.params, as_list(v))
+    if "eigenthings" in tools:
+        he = importlib.import_module("hessian_eigenthings")
+        eop = he.HessianOperator(model, [batch], he.supervised_loss(nn.functional.cross_entropy))
+        functions["eigenthings"] = eop.matvec
+    if "curvlinops" in tools:
+        cl = importlib.import_module("curvlinops")
+        cop = cl.HessianLinearOperator(model, nn.CrossEntropyLoss(), params, [batch], check_deterministic=False)
+        functions["curvlinops"] = lambda v: cop @ v
+    return functions
+
+
+def hvp_section(rep: Report, paths: dict, tools: list[str], rounds: int) -> None:
+    columns = ["ours", "ours, batched x10", *tools[1:]]
+    rep.add(
+        "\n### time of one Hessian-vector product (median over rounds; tools interleaved in each round)\n",
+        "| model | parameters | " + " | ".join(f"{t} (ms)" for t in columns) + " | ours / fastest peer |",
+        "| --- | ---: | " + " | ".join("---:" for _ in columns) + " | ---: |",
+    )
+    for name, path in paths.items():
+        model, batch = load(str(path))
+        with operator_mode(model, "eval"):
+            functions = product_functions(model, batch, tools)
+            v = torch.randn(sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(0))
+            times: dict[str, list[float]] = {tool: [] for tool in functions}
+            for fn in functions.values():
+                fn(v), fn(v)  # warm-up: first products allocate and build graphs
+            for _ in range(rounds):
+                for tool, fn in functions.items():
+                    start = time.perf_counter()
+                    fn(v)
+                    times[tool].append(time.perf_counter() - start)
+        median = {tool: statistics.median(t) * 1e3 for tool, t in times.items()}
+        median["ours, batched x10"] /= 10
+        peers = [median[t] for t in median if not t.startswith("ours")]
+        ratio = f"{median['ours'] / min(peers):.2f}x" if peers else ""
+        rep.add(
+            f"| {name} | {flat_params(model).numel():,} | "
+            + " | ".join(f"{median[t]:.2f}" if t in median else "n/a" for t in columns)
+            + f" | {ratio} |"
+        )
+
+
 def scaling_section(rep: Report, directory: Path, widths: tuple, steps: int) -> None:
     rep.add(
         f"\n### scaling: ours, top-1 at tol 1e-3 (64-w-w-10 MLPs trained {steps} SGD steps; median of 3 runs)\n",
@@ -566,6 +628,10 @@ def main() -> None:
         small = prepare("mlp-small", directory, 200)
         wide = None if args.quick else prepare("mlp-wide", directory, 200)
         check_reference(rep, small)
+        if "hvp" in tasks:
+            hvp_section(
+                rep, {"mlp-small": small} | ({"mlp-wide": wide} if wide else {}), tools, 5 if args.quick else 30
+            )
         eigen_section(rep, {"mlp-small": small} | ({"mlp-wide": wide} if wide else {}), tools, args.quick, summary)
         if "trace" in tasks:
             trace_section(rep, small, wide, tools, args.quick)

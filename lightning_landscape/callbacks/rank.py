@@ -98,8 +98,9 @@ class EffectiveRankMonitor(LandscapeCallback):
     group = "rank"
     # weight spectra need whole matrices, and the probe forward pass calls the unwrapped module: not under sharding
     needs_full_parameters = True
-    # budget mode's first estimate: a forward pass over the probe set and an eigendecomposition, 2-23 steps
-    first_cost_steps = 20.0
+    # budget mode's first estimate: a forward pass over the probe set and an eigendecomposition, 1-30 steps on the
+    # reference workloads (the CNN's is the highest); pessimistic on purpose, see ModeConnectivityMonitor
+    first_cost_steps = 40.0
 
     def __init__(
         self,
