@@ -137,9 +137,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {repeats} repeats, logs in {root}\n")
 
     step_ms: dict[str, float] = {}
-    print("## Cost of one measurement at each monitor's defaults\n")
-    print("| workload | parameters | step (ms) | monitor | cold (s) | warm (s) | warm, in steps |")
-    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    if not args.no_costs:
+        print("## Cost of one measurement at each monitor's defaults\n")
+        print("| workload | parameters | step (ms) | monitor | cold (s) | warm (s) | warm, in steps |")
+        print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
     for kind in [] if args.no_costs else args.workloads:
         probe_steps = 20 if args.quick else 50
         step_ms[kind] = fit(kind, probe_steps, [], root) / probe_steps * 1e3

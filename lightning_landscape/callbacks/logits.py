@@ -272,50 +272,41 @@ class LogitMonitor(LandscapeCallback):
         self._alert_armed[kind] = not condition
         return condition and armed
 
+    def _alert(
+        self, trainer: pl.Trainer, step: int, kind: str, metric: str, value: float, threshold: float, message: str
+    ) -> None:
+        self.emit_alert(trainer, Alert(step, kind, type(self).__name__, metric, value, threshold, message))
+
     def _check_alerts(
         self, trainer: pl.Trainer, metrics: dict[str, float], fractions: dict[str, float], step: int
     ) -> None:
         p = f"{self.prefix}/{self.group}"
-        source = type(self).__name__
         attention_max = metrics.get(f"{p}/attention/max")
-        if attention_max is not None and self._fires(
-            "attention_logit_growth", attention_max > self.attention_logit_threshold
-        ):
-            self.emit_alert(
+        limit = self.attention_logit_threshold
+        if attention_max is not None and self._fires("attention_logit_growth", attention_max > limit):
+            self._alert(
                 trainer,
-                Alert(
-                    step=step,
-                    kind="attention_logit_growth",
-                    source=source,
-                    metric=f"{p}/attention/max",
-                    value=attention_max,
-                    threshold=self.attention_logit_threshold,
-                    message=(
-                        f"The largest attention logit reached {attention_max:.3g} "
-                        f"(> {self.attention_logit_threshold:g}): attention is saturating onto single keys, the "
-                        "precursor of divergence in Wortsman et al. 2023. Lower the learning rate or add "
-                        "qk-layernorm."
-                    ),
-                ),
+                step,
+                "attention_logit_growth",
+                f"{p}/attention/max",
+                attention_max,
+                limit,
+                f"The largest attention logit reached {attention_max:.3g} (> {limit:g}): attention is saturating "
+                "onto single keys, the precursor of divergence in Wortsman et al. 2023. Lower the learning rate or "
+                "add qk-layernorm.",
             )
         drift = metrics.get(f"{p}/output/drift")
         limit = self.log_partition_drift
         if drift is not None and limit is not None and self._fires("logit_divergence", abs(drift) > limit):
-            self.emit_alert(
+            self._alert(
                 trainer,
-                Alert(
-                    step=step,
-                    kind="logit_divergence",
-                    source=source,
-                    metric=f"{p}/output/drift",
-                    value=drift,
-                    threshold=self.log_partition_drift,
-                    message=(
-                        f"The output log-partition moved by {drift:+.3g} nats since the first measurement "
-                        f"(limit {self.log_partition_drift:g}): the output logits are diverging in magnitude. "
-                        "Lower the learning rate or add a z-loss."
-                    ),
-                ),
+                step,
+                "logit_divergence",
+                f"{p}/output/drift",
+                drift,
+                limit,
+                f"The output log-partition moved by {drift:+.3g} nats since the first measurement (limit "
+                f"{limit:g}): the output logits are diverging in magnitude. Lower the learning rate or add a z-loss.",
             )
         collapsed = {
             name: f
@@ -324,19 +315,14 @@ class LogitMonitor(LandscapeCallback):
         }
         if self._fires("alignment_collapse", bool(collapsed)):
             name, fraction = max(collapsed.items(), key=lambda item: item[1])
-            self.emit_alert(
+            self._alert(
                 trainer,
-                Alert(
-                    step=step,
-                    kind="alignment_collapse",
-                    source=source,
-                    metric=f"{p}/alignment/{name}/sign_fraction",
-                    value=fraction,
-                    threshold=self.alignment_threshold,
-                    message=(
-                        f"Spectral alignment of `{name}` collapsed: {fraction:.1%} of its inputs project onto the "
-                        f"weight's top singular direction with one sign (started at "
-                        f"{self._initial_fraction[name]:.1%}). Qiu et al. 2025 report this before loss explosions."
-                    ),
-                ),
+                step,
+                "alignment_collapse",
+                f"{p}/alignment/{name}/sign_fraction",
+                fraction,
+                self.alignment_threshold,
+                f"Spectral alignment of `{name}` collapsed: {fraction:.1%} of its inputs project onto the weight's "
+                f"top singular direction with one sign (started at {self._initial_fraction[name]:.1%}). Qiu et al. "
+                "2025 report this before loss explosions.",
             )

@@ -48,3 +48,19 @@ def test_drop_from_max_rule():
     assert clone.history == rule.history
     with pytest.raises(ValueError, match="`window` must be an int >= 2, got 1"):
         DropFromMaxRule(window=1)
+
+
+def test_every_alert_kind_raised_in_the_code_is_listed():
+    import re
+    from pathlib import Path
+
+    from lightning_landscape.core.alerts import ALERT_KINDS
+
+    root = Path(__file__).resolve().parents[2] / "lightning_landscape" / "callbacks"
+    source = "\n".join(path.read_text() for path in root.glob("*.py"))
+    raised = set(re.findall(r'kind="([a-z_]+)"', source)) | set(
+        re.findall(r'_alert\(\s*trainer,\s*step,\s*"([a-z_]+)"', source)
+    )
+    raised |= set(re.findall(r'Alert\(\s*step,\s*"([a-z_]+)"', source))
+    assert raised, "the patterns no longer find the alert kinds"
+    assert raised <= set(ALERT_KINDS), raised - set(ALERT_KINDS)
