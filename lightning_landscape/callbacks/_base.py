@@ -347,14 +347,20 @@ class LandscapeCallback(Callback):
         return self._provisional or step < self._next_allowed
 
     def _budget_wait(self, step: int) -> tuple[int, bool]:
-        """(steps to wait, provisional): provisional means "not enough steps timed yet, decide again then"."""
+        """(steps to wait, provisional): provisional means "decide again at that step" instead of "measure then".
+
+        Every wait is provisional: the ledger is shared, so by the date computed now other parts' measurements and
+        the per-step work may have spent what this one was waiting for; it measures only when it fits at that
+        moment. (Until ``MIN_TIMED_STEPS`` steps are timed there is no step time to convert a cost with.)
+        """
         expected = self._expected_cost
         if expected is None:  # never measured: estimate the cost from the mean step time
             per_step = self.budget.seconds_per_step(step)
             if per_step is None:
                 return MIN_TIMED_STEPS, True
             expected = self.first_cost_steps * per_step
-        return self.budget.steps_to_wait(expected, step), False
+        wait = self.budget.steps_to_wait(expected, step)
+        return wait, wait > 0
 
     # ----------------------------------------------------------------------------------------------- probe set
     def _restore_loaded_probe(self, trainer: pl.Trainer) -> None:

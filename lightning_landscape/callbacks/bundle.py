@@ -118,14 +118,29 @@ class LandscapeMonitor(Callback):
         self.prefix = prefix
 
     # Hooks: forwarded to every part, in a fixed order (explicit methods, so the callback pickles for ddp_spawn).
+    def _implementing(self, hook: str) -> list[Callable[..., Any]]:
+        """The parts' bound ``hook`` methods, skipping parts that inherit Lightning's no-op (cached: per-step hooks
+        are called thousands of times)."""
+        cache = self.__dict__.setdefault("_hook_cache", {})
+        if hook not in cache:
+            default = getattr(Callback, hook)
+            cache[hook] = [getattr(p, hook) for p in self.parts.values() if getattr(type(p), hook) is not default]
+        return cache[hook]
+
     def _forward(self, hook: str, *args: Any) -> None:
+        methods = self._implementing(hook)
         if self.budget is None:
-            for part in self.parts.values():
-                getattr(part, hook)(*args)
+            for method in methods:
+                method(*args)
             return
         with self.budget.section():  # the ledger sees all of the parts' time, bookkeeping included
-            for part in self.parts.values():
-                getattr(part, hook)(*args)
+            for method in methods:
+                method(*args)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_hook_cache", None)  # bound methods: rebuilt after unpickling (ddp_spawn pickles callbacks)
+        return state
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._forward("setup", trainer, pl_module, stage)
