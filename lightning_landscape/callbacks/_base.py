@@ -351,7 +351,9 @@ class LandscapeCallback(Callback):
 
         Every wait is provisional: the ledger is shared, so by the date computed now other parts' measurements and
         the per-step work may have spent what this one was waiting for; it measures only when it fits at that
-        moment. (Until ``MIN_TIMED_STEPS`` steps are timed there is no step time to convert a cost with.)
+        moment. While it waits it reserves its expected cost, which the other parts count, so a cheap frequent part
+        cannot starve a costly one. (Until ``MIN_TIMED_STEPS`` steps are timed there is no step time to convert a
+        cost with.)
         """
         expected = self._expected_cost
         if expected is None:  # never measured: estimate the cost from the mean step time
@@ -359,7 +361,11 @@ class LandscapeCallback(Callback):
             if per_step is None:
                 return MIN_TIMED_STEPS, True
             expected = self.first_cost_steps * per_step
-        wait = self.budget.steps_to_wait(expected, step)
+        wait = self.budget.steps_to_wait(expected, step, owner=id(self))
+        if wait > 0:
+            self.budget.reserve(id(self), expected)  # the other parts count it while this one waits
+        else:
+            self.budget.release(id(self))
         return wait, wait > 0
 
     # ----------------------------------------------------------------------------------------------- probe set

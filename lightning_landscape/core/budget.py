@@ -45,6 +45,9 @@ class OverheadBudget:
         self._started_at: float | None = None
         self._started_step = 0
         self._section_depth = 0
+        # expected costs of measurements that are waiting for their date, by owner: a part sharing the ledger counts
+        # the others' reservations, so a cheap frequent part cannot starve a costly one of the budget it waits for
+        self._reserved: dict[int, float] = {}
 
     def start(self, step: int, now: float | None = None) -> None:
         """Start the clock at optimizer step ``step`` (only the first call counts)."""
@@ -56,6 +59,15 @@ class OverheadBudget:
         """Forget everything (a new ``fit``: the previous one's wall time says nothing about this one)."""
         self.cost = 0.0
         self._started_at = None
+        self._reserved.clear()
+
+    def reserve(self, owner: int, seconds: float) -> None:
+        """Hold ``seconds`` of future budget for ``owner``'s next measurement (replaces its previous reservation)."""
+        self._reserved[owner] = max(0.0, float(seconds))
+
+    def release(self, owner: int) -> None:
+        """Drop ``owner``'s reservation (it measured, or no longer waits)."""
+        self._reserved.pop(owner, None)
 
     def charge(self, seconds: float) -> None:
         """Add ``seconds`` of our own time (ignored inside a :meth:`section`, which charges its whole span)."""
@@ -101,8 +113,9 @@ class OverheadBudget:
             return None
         return training / steps
 
-    def steps_to_wait(self, expected_cost: float, step: int, now: float | None = None) -> int:
-        """Optimizer steps to wait from ``step`` before spending ``expected_cost`` seconds keeps the budget.
+    def steps_to_wait(self, expected_cost: float, step: int, now: float | None = None, owner: int | None = None) -> int:
+        """Optimizer steps to wait from ``step`` before spending ``expected_cost`` seconds keeps the budget, counting
+        what the other owners have reserved.
 
         0 when it fits now. The mean step time since the start converts seconds into steps; before any step has
         been timed there is no basis for a conversion, and 0 is returned (the caller measures and learns its cost).
@@ -111,7 +124,8 @@ class OverheadBudget:
         steps = step - self._started_step
         if steps <= 0 or training <= 0:
             return 0
-        missing = (self.cost + max(0.0, expected_cost)) / self.max_overhead - training
+        others = sum(seconds for key, seconds in self._reserved.items() if key != owner)
+        missing = (self.cost + others + max(0.0, expected_cost)) / self.max_overhead - training
         if missing <= 0:
             return 0
         return math.ceil(missing / (training / steps))

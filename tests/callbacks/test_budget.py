@@ -80,3 +80,31 @@ def test_without_a_budget_the_cadence_is_exact(tmp_path, clock):
 def test_max_overhead_is_validated():
     with pytest.raises(ValueError, match="`max_overhead` must be <= 1.0, got 2.0"):
         CostlyMonitor(FakeClock(), max_overhead=2.0)
+
+
+def test_parts_sharing_one_ledger_each_measure_only_when_they_fit_at_that_moment(tmp_path, clock):
+    # A cheap part (10 ms, every step) and a costly one (100 ms) share a 5% ledger. The costly one's date is decided
+    # early; by then the cheap one has spent budget too, so the date must be re-checked, not trusted.
+    from lightning_landscape.core.budget import OverheadBudget
+
+    class Cheap(CostlyMonitor):
+        group = "cheap"
+        first_cost_steps = 1.0
+
+        def measure(self, trainer, pl_module, batches, step):
+            ledger = self.budget
+            self.measured.append((step, ledger.cost, ledger.training_time()))
+            self.clock.now += 0.01
+            return {}
+
+    ledger = OverheadBudget(0.05)
+    costly = CostlyMonitor(clock, every_n_steps=1, max_overhead=0.05, prefix="a")
+    cheap = Cheap(clock, every_n_steps=1, max_overhead=0.05, prefix="b")
+    costly.budget = cheap.budget = ledger
+    make_trainer(tmp_path, [costly, cheap, Ticker(clock)], max_steps=1000).fit(ClassifierModule())
+    assert costly.measured and cheap.measured
+    for _, cost, training in costly.measured:
+        assert cost + MEASUREMENT_SECONDS <= 0.05 * training + 1e-9
+    for _, cost, training in cheap.measured:
+        assert cost + 0.01 <= 0.05 * training + 1e-9
+    assert ledger.overhead() <= 0.05 + MEASUREMENT_SECONDS / ledger.training_time()

@@ -59,3 +59,18 @@ def test_a_section_charges_its_whole_span_once_instead_of_what_is_charged_inside
     assert ledger.cost == pytest.approx(0.5)
     ledger.charge(0.1)  # outside any section, charges count again
     assert ledger.cost == pytest.approx(0.6)
+
+
+def test_reservations_of_other_owners_count_and_ones_own_does_not():
+    ledger = OverheadBudget(0.1)
+    ledger.start(0, now=0.0)
+    # 10 steps of 0.1 s: 1 s of training, room for 0.1 s
+    assert ledger.steps_to_wait(0.1, 10, now=1.0, owner=1) == 0
+    ledger.reserve(2, 0.1)  # another part waits for 0.1 s
+    assert ledger.steps_to_wait(0.1, 10, now=1.0, owner=1) == 10  # needs 2 s of training: 10 more steps
+    assert ledger.steps_to_wait(0.1, 10, now=1.0, owner=2) == 0  # its own reservation is not counted against it
+    ledger.release(2)
+    assert ledger.steps_to_wait(0.1, 10, now=1.0, owner=1) == 0
+    ledger.reserve(3, 0.5)
+    ledger.restart()
+    assert ledger._reserved == {}
