@@ -230,6 +230,8 @@ class LandscapeCallback(Callback):
         # set False by a measurement that was cheaper than the next will be (a first snapshot): budget mode then
         # estimates the next one with `first_cost_steps` instead of trusting this cost
         self._cost_is_typical = True
+        #: Fraction of the budget this monitor's own measurements may spend (set by ``LandscapeMonitor``).
+        self.budget_share = 1.0
 
         # runtime state (all of it goes through state_dict)
         self._probe: list[Any] = []
@@ -351,9 +353,9 @@ class LandscapeCallback(Callback):
 
         Every wait is provisional: the ledger is shared, so by the date computed now other parts' measurements and
         the per-step work may have spent what this one was waiting for; it measures only when it fits at that
-        moment. While it waits it reserves its expected cost, which the other parts count, so a cheap frequent part
-        cannot starve a costly one. (Until ``MIN_TIMED_STEPS`` steps are timed there is no step time to convert a
-        cost with.)
+        moment. With ``budget_share`` below 1 (``LandscapeMonitor`` splits its budget evenly between its periodic
+        parts) it also keeps its own spending within its share, so a cheap frequent part cannot starve a costly one.
+        (Until ``MIN_TIMED_STEPS`` steps are timed there is no step time to convert a cost with.)
         """
         expected = self._expected_cost
         if expected is None:  # never measured: estimate the cost from the mean step time
@@ -361,11 +363,7 @@ class LandscapeCallback(Callback):
             if per_step is None:
                 return MIN_TIMED_STEPS, True
             expected = self.first_cost_steps * per_step
-        wait = self.budget.steps_to_wait(expected, step, owner=id(self))
-        if wait > 0:
-            self.budget.reserve(id(self), expected)  # the other parts count it while this one waits
-        else:
-            self.budget.release(id(self))
+        wait = self.budget.steps_to_wait(expected, step, owner=id(self), share=self.budget_share)
         return wait, wait > 0
 
     # ----------------------------------------------------------------------------------------------- probe set
@@ -442,7 +440,7 @@ class LandscapeCallback(Callback):
         cost = time.perf_counter() - started
         metrics[self.key("seconds")] = cost
         if self.budget is not None:
-            self.budget.charge(cost)
+            self.budget.charge(cost, owner=id(self))
             self._expected_cost = cost if self._cost_is_typical else None
             self._cost_is_typical = True
             self._next_allowed = None

@@ -109,11 +109,16 @@ class LandscapeMonitor(Callback):
         self.max_overhead = max_overhead
         self.budget = OverheadBudget(max_overhead) if max_overhead is not None else None
         warned: set[str] = set()
+        sharing = []
         for name, part in self.parts.items():
             part._shared_warned = warned
             own = isinstance(parts_settings[name], dict) and "max_overhead" in parts_settings[name]
             if self.budget is not None and not own:
                 part.budget = self.budget
+                if name != "grad_spikes":  # its per-step work is charged but never postponed: no share
+                    sharing.append(part)
+        for part in sharing:  # equal shares, so that neither cheap nor costly parts starve the others
+            part.budget_share = 1.0 / len(sharing)
         self.dashboard = dashboard
         self.prefix = prefix
 

@@ -45,9 +45,9 @@ class OverheadBudget:
         self._started_at: float | None = None
         self._started_step = 0
         self._section_depth = 0
-        # expected costs of measurements that are waiting for their date, by owner: a part sharing the ledger counts
-        # the others' reservations, so a cheap frequent part cannot starve a costly one of the budget it waits for
-        self._reserved: dict[int, float] = {}
+        # each owner's own measurement seconds: with a share below 1 an owner may spend only its share of the
+        # budget, so a cheap frequent part cannot starve a costly one (nor the other way round)
+        self.cost_by_owner: dict[int, float] = {}
 
     def start(self, step: int, now: float | None = None) -> None:
         """Start the clock at optimizer step ``step`` (only the first call counts)."""
@@ -59,20 +59,16 @@ class OverheadBudget:
         """Forget everything (a new ``fit``: the previous one's wall time says nothing about this one)."""
         self.cost = 0.0
         self._started_at = None
-        self._reserved.clear()
+        self.cost_by_owner.clear()
 
-    def reserve(self, owner: int, seconds: float) -> None:
-        """Hold ``seconds`` of future budget for ``owner``'s next measurement (replaces its previous reservation)."""
-        self._reserved[owner] = max(0.0, float(seconds))
-
-    def release(self, owner: int) -> None:
-        """Drop ``owner``'s reservation (it measured, or no longer waits)."""
-        self._reserved.pop(owner, None)
-
-    def charge(self, seconds: float) -> None:
-        """Add ``seconds`` of our own time (ignored inside a :meth:`section`, which charges its whole span)."""
+    def charge(self, seconds: float, owner: int | None = None) -> None:
+        """Add ``seconds`` of our own time (to the total only outside a :meth:`section`, which charges its whole
+        span; to ``owner``'s own tally always)."""
+        seconds = max(0.0, float(seconds))
         if self._section_depth == 0:
-            self.cost += max(0.0, float(seconds))
+            self.cost += seconds
+        if owner is not None:
+            self.cost_by_owner[owner] = self.cost_by_owner.get(owner, 0.0) + seconds
 
     @contextlib.contextmanager
     def section(self) -> Iterator[None]:
@@ -113,9 +109,11 @@ class OverheadBudget:
             return None
         return training / steps
 
-    def steps_to_wait(self, expected_cost: float, step: int, now: float | None = None, owner: int | None = None) -> int:
-        """Optimizer steps to wait from ``step`` before spending ``expected_cost`` seconds keeps the budget, counting
-        what the other owners have reserved.
+    def steps_to_wait(
+        self, expected_cost: float, step: int, now: float | None = None, owner: int | None = None, share: float = 1.0
+    ) -> int:
+        """Optimizer steps to wait from ``step`` before spending ``expected_cost`` seconds keeps the budget, and, for
+        an ``owner`` with a ``share`` below 1, keeps its own spending within ``share`` of the budget.
 
         0 when it fits now. The mean step time since the start converts seconds into steps; before any step has
         been timed there is no basis for a conversion, and 0 is returned (the caller measures and learns its cost).
@@ -124,8 +122,11 @@ class OverheadBudget:
         steps = step - self._started_step
         if steps <= 0 or training <= 0:
             return 0
-        others = sum(seconds for key, seconds in self._reserved.items() if key != owner)
-        missing = (self.cost + others + max(0.0, expected_cost)) / self.max_overhead - training
+        expected_cost = max(0.0, expected_cost)
+        missing = (self.cost + expected_cost) / self.max_overhead - training
+        if owner is not None and share < 1.0:
+            own = self.cost_by_owner.get(owner, 0.0)
+            missing = max(missing, (own + expected_cost) / (share * self.max_overhead) - training)
         if missing <= 0:
             return 0
         return math.ceil(missing / (training / steps))

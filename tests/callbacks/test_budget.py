@@ -84,7 +84,8 @@ def test_max_overhead_is_validated():
 
 def test_parts_sharing_one_ledger_each_measure_only_when_they_fit_at_that_moment(tmp_path, clock):
     # A cheap part (10 ms, every step) and a costly one (100 ms) share a 5% ledger. The costly one's date is decided
-    # early; by then the cheap one has spent budget too, so the date must be re-checked, not trusted.
+    # early; by then the cheap one has spent budget too, so the date must be re-checked, not trusted; and with equal
+    # shares the cheap one, which could measure every 20 steps, cannot starve the costly one.
     from lightning_landscape.core.budget import OverheadBudget
 
     class Cheap(CostlyMonitor):
@@ -101,6 +102,7 @@ def test_parts_sharing_one_ledger_each_measure_only_when_they_fit_at_that_moment
     costly = CostlyMonitor(clock, every_n_steps=1, max_overhead=0.05, prefix="a")
     cheap = Cheap(clock, every_n_steps=1, max_overhead=0.05, prefix="b")
     costly.budget = cheap.budget = ledger
+    costly.budget_share = cheap.budget_share = 0.5  # what LandscapeMonitor does for its periodic parts
     make_trainer(tmp_path, [costly, cheap, Ticker(clock)], max_steps=1000).fit(ClassifierModule())
     assert costly.measured and cheap.measured
     for _, cost, training in costly.measured:
@@ -108,3 +110,5 @@ def test_parts_sharing_one_ledger_each_measure_only_when_they_fit_at_that_moment
     for _, cost, training in cheap.measured:
         assert cost + 0.01 <= 0.05 * training + 1e-9
     assert ledger.overhead() <= 0.05 + MEASUREMENT_SECONDS / ledger.training_time()
+    spent = [ledger.cost_by_owner[id(part)] for part in (costly, cheap)]
+    assert max(spent) <= 0.025 * ledger.training_time() + MEASUREMENT_SECONDS  # each within its half

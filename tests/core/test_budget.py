@@ -61,16 +61,18 @@ def test_a_section_charges_its_whole_span_once_instead_of_what_is_charged_inside
     assert ledger.cost == pytest.approx(0.6)
 
 
-def test_reservations_of_other_owners_count_and_ones_own_does_not():
+def test_an_owner_with_a_share_spends_at_most_that_share_of_the_budget():
     ledger = OverheadBudget(0.1)
     ledger.start(0, now=0.0)
-    # 10 steps of 0.1 s: 1 s of training, room for 0.1 s
-    assert ledger.steps_to_wait(0.1, 10, now=1.0, owner=1) == 0
-    ledger.reserve(2, 0.1)  # another part waits for 0.1 s
-    assert ledger.steps_to_wait(0.1, 10, now=1.0, owner=1) == 10  # needs 2 s of training: 10 more steps
-    assert ledger.steps_to_wait(0.1, 10, now=1.0, owner=2) == 0  # its own reservation is not counted against it
-    ledger.release(2)
-    assert ledger.steps_to_wait(0.1, 10, now=1.0, owner=1) == 0
-    ledger.reserve(3, 0.5)
+    # 10 steps of 0.1 s: 1 s of training, room for 0.1 s in all
+    assert ledger.steps_to_wait(0.1, 10, now=1.0, owner=1, share=0.5) == 10  # half the budget: needs 2 s
+    assert ledger.steps_to_wait(0.1, 10, now=1.0, owner=1) == 0  # the whole budget
+    ledger.charge(0.05, owner=2)
+    assert ledger.cost_by_owner == {2: 0.05}
+    # owner 1 has spent nothing of its share, but the total (0.05 + 0.05) decides: 1 s of training is enough
+    assert ledger.steps_to_wait(0.05, 10, now=1.05, owner=1, share=0.5) == 0
+    with ledger.section():
+        ledger.charge(0.3, owner=1)  # inside a section: the owner's tally counts, the total waits for the section
+    assert ledger.cost_by_owner[1] == 0.3
     ledger.restart()
-    assert ledger._reserved == {}
+    assert ledger.cost_by_owner == {}
