@@ -209,7 +209,8 @@ class _Krylov:
 
     def extend(self) -> None:
         """Continue the recurrence with ``q_{j+1} = w / beta_j``."""
-        assert self._w is not None  # internal invariant: only called after a step without breakdown
+        if self._w is None:  # internal invariant: only called after a step without breakdown
+            raise RuntimeError("Lanczos: extend() called without a pending step (a bug in the caller).")
         self.betas.append(self.next_beta)
         self.q = self._w / self.next_beta
         self._w = None

@@ -149,6 +149,7 @@ def test_attention_alert_fires_at_a_high_learning_rate_and_not_at_a_safe_one(tmp
 
 def test_log_partition_drift_alert_is_edge_triggered(tmp_path):
     monitor = LogitMonitor(attention=False, alignment=False, log_partition_drift=0.5)
+    monitor._log_root = tmp_path  # where the JSONL alert log goes (set by `setup` in a real fit)
     alerts = []
     monitor.on_alert = [alerts.append]
     trainer = make_trainer(tmp_path)
