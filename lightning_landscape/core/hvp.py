@@ -155,9 +155,11 @@ def check_loss(loss: Any, name: str = "loss_fn") -> Tensor:
 
 
 def _check_finite(product: Tensor) -> None:
-    # One reduction instead of an elementwise isfinite pass: NaN and inf propagate into the sum. (A sum of finite
-    # values can only overflow near the dtype's maximum, itself a sign of a diverging run.)
-    if not bool(torch.isfinite(product.sum())):
+    # One reduction instead of an elementwise isfinite pass: NaN and inf propagate into the sum. It accumulates in at
+    # least float32, so a sum of finite half-precision values cannot overflow (float16 tops out at 65504); a float32
+    # sum overflows only near 3e38, itself a sign of a diverging run.
+    accumulate = torch.float64 if product.dtype == torch.float64 else torch.float32
+    if not bool(torch.isfinite(product.sum(dtype=accumulate))):
         raise NonFiniteLossError("A Hessian-vector product over the probe set is not finite.")
 
 

@@ -227,3 +227,14 @@ def test_batch_probes_defaults_to_off_on_cpu_and_is_validated():
     op = HessianOperator(model, cross_entropy_loss, batches)
     with pytest.raises(ValueError, match="`block` must be 2-D"):
         op.matmat(torch.zeros(op.shape[0]))
+
+
+def test_finiteness_check_does_not_overflow_on_large_finite_half_precision_products():
+    from lightning_landscape.core.hvp import _check_finite
+
+    _check_finite(torch.full((100_000,), 60_000.0, dtype=torch.float16))  # the float16 sum itself would be inf
+    for bad in (float("nan"), float("inf")):
+        product = torch.ones(10, dtype=torch.float16)
+        product[3] = bad
+        with pytest.raises(NonFiniteLossError):
+            _check_finite(product)
