@@ -10,7 +10,11 @@ Scheduling is cumulative, which makes it self-correcting: a periodic measurement
 for the first run an estimate in training steps given by the monitor (``first_cost_steps``) times the mean step
 time. The overhead at any moment is then at most the budget plus one measurement's cost (or the error of the first
 estimate) over the training time so far. The wait is turned into a whole number of optimizer steps from the mean step
-time, so that all DDP ranks can agree on it with one broadcast (see the callbacks' base).
+time, so that all DDP ranks can agree on it with one broadcast (see the callbacks' base); at that step the
+measurement decides again, since others sharing the ledger may have spent the budget meanwhile. An owner with a
+``share`` below 1 must also keep its own tally (``cost_by_owner``) within that share, so that in a shared ledger a
+cheap frequent measurement cannot starve a costly one. Per-step work (charged, never postponed) can still push the
+ledger above the budget when it alone exceeds it.
 
 Wall time on CUDA is host time: kernels are asynchronous, but the measurements synchronise (Lanczos reads scalars on
 the host) and the mean step time over many steps is the real throughput, so the ratio stays meaningful.
