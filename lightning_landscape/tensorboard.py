@@ -1,6 +1,7 @@
 """TensorBoard extras (text, raw histograms) written through the Trainer's TensorBoard loggers.
 
-Scalars go through every Lightning logger's ``log_metrics``; what only TensorBoard can show (text, histograms of a
+Scalars go through every Lightning logger's ``log_metrics`` (for a ``TensorBoardLogger``, as one event per call:
+:func:`log_scalars`); what only TensorBoard can show (text, histograms of a
 spectral density) goes here, to each attached ``TensorBoardLogger`` on rank 0. Other loggers simply do not get
 these extras.
 """
@@ -22,6 +23,35 @@ def _writers(trainer: pl.Trainer) -> Iterator[Any]:
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             yield logger.experiment
+
+
+def log_scalars(trainer: pl.Trainer, logger: Any, metrics: dict[str, float], step: int) -> bool:
+    """Write ``metrics`` to a ``TensorBoardLogger`` as one event holding every value; False when ``logger`` is not
+    one whose writer allows it (the caller then uses ``logger.log_metrics``).
+
+    Lightning's ``log_metrics`` writes one event per scalar, and each goes through the event writer's queue and its
+    pure-Python checksum: 11 scalars took ~1 ms against ~0.2 ms as one event (measured on the CPU development
+    machine). The tags, steps and values are the same (the logger's ``prefix`` is applied the same way), and
+    TensorBoard reads them back as separate scalar series.
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if not isinstance(logger, TensorBoardLogger):
+        return False
+    if not trainer.is_global_zero:
+        return True  # Lightning's loggers write on rank 0 only
+    writer = logger.experiment
+    if not hasattr(writer, "_get_file_writer"):  # another SummaryWriter (tensorboardX): the logger's own way
+        return False
+    from lightning.fabric.utilities.logger import _add_prefix
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    values = [
+        Summary.Value(tag=tag, simple_value=float(value))
+        for tag, value in _add_prefix(metrics, logger._prefix, logger.LOGGER_JOIN_CHAR).items()
+    ]
+    writer._get_file_writer().add_summary(Summary(value=values), step)
+    return True
 
 
 def log_text(trainer: pl.Trainer, tag: str, text: str, step: int) -> None:

@@ -93,3 +93,30 @@ def test_alert_text_and_counts_reach_tensorboard(tmp_path):
     messages = [t.tensor_proto.string_val[0].decode() for t in text]
     assert any("grad_spike" in m and "standard deviations" in m for m in messages)
     assert "landscape/alerts/text_summary" in tags["tensors"]
+
+
+def test_one_event_scalars_read_back_like_lightnings_own(tmp_path):
+    """`tensorboard.log_scalars` (one event per call) gives TensorBoard the same series as the logger's own
+    `log_metrics` (one event per scalar), the logger's prefix included."""
+    from lightning_landscape import tensorboard as tb
+
+    trainer = make_trainer(tmp_path)
+    metrics = [{"landscape/a": 1.5, "landscape/b/c": -2.25, "landscape/nan": float("nan")}, {"landscape/a": 3.0}]
+    series = {}
+    for name, fast in (("own", False), ("fast", True)):
+        logger = TensorBoardLogger(tmp_path, name=name, prefix="run")
+        for step, values in enumerate(metrics):
+            if fast:
+                assert tb.log_scalars(trainer, logger, values, step * 10)
+            else:
+                logger.log_metrics(values, step=step * 10)
+        logger.experiment.flush()
+        events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+        events.Reload()
+        series[name] = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert set(series["fast"]) == {"run-landscape/a", "run-landscape/b/c", "run-landscape/nan"}
+    assert series["fast"].keys() == series["own"].keys()
+    for tag, points in series["own"].items():
+        assert [s for s, _ in points] == [s for s, _ in series["fast"][tag]]
+        assert all(a == b or (a != a and b != b) for (_, a), (_, b) in zip(points, series["fast"][tag], strict=True))
+    assert not tb.log_scalars(trainer, pl.loggers.CSVLogger(tmp_path), metrics[0], 0)  # other loggers: their own way

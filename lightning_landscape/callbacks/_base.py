@@ -239,6 +239,9 @@ class LandscapeCallback(Callback):
         self._loaded_probe_by_rank: list[list[Any]] | None = None
         self._pending = False
         self._last_measured_step = -1
+        #: First optimizer step at which ``on_train_batch_start`` has anything to do (probe complete, no measurement
+        #: due or pending before it): per-step hooks return at once before it (``LandscapeMonitor`` skips the call).
+        self.idle_until = 0
         self.alerts: list[Alert] = []
         self.alert_counts: dict[str, int] = {}
         self.last_metrics: dict[str, float] = {}
@@ -278,6 +281,7 @@ class LandscapeCallback(Callback):
         # The rank is not known here; the probe slice of this rank is picked on the first batch.
         self._loaded_probe_by_rank = state_dict.get("probe_by_rank")
         self._pending = bool(state_dict.get("pending", False))
+        self.idle_until = 0
         self._last_measured_step = int(state_dict.get("last_measured_step", -1))
         self.alerts = [Alert.from_dict(a) for a in state_dict.get("alerts", [])]
         self.alert_counts = {str(k): int(v) for k, v in state_dict.get("alert_counts", {}).items()}
@@ -296,6 +300,7 @@ class LandscapeCallback(Callback):
             self.budget.restart()
         self._next_allowed = None
         self._provisional = False
+        self.idle_until = 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.needs_full_parameters and is_sharded(trainer.strategy):
@@ -312,9 +317,10 @@ class LandscapeCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
+        if step < self.idle_until:
+            return
         if self.budget is not None:
             self.budget.start(step)
-        # the checks below run every step: skip the calls once there is nothing to restore or capture
         if self._loaded_probe_by_rank is not None:
             self._restore_loaded_probe(trainer)
         if self._probe_by_rank is None:
@@ -322,14 +328,26 @@ class LandscapeCallback(Callback):
         if step == self._last_measured_step:
             return  # a later micro-batch of the same optimizer step (gradient accumulation)
         due = step >= self.start_step and (step - self.start_step) % self.every_n_steps == 0
-        if not (due or self._pending):
-            return
-        if self._probe_by_rank is None or self._over_budget(trainer, step):
-            self._pending = True
-            return
-        self._pending = False
-        self._last_measured_step = step
-        self._run(trainer, pl_module, step)
+        if due or self._pending:
+            if self._probe_by_rank is None or self._over_budget(trainer, step):
+                self._pending = True
+            else:
+                self._pending = False
+                self._last_measured_step = step
+                self._run(trainer, pl_module, step)
+        if self._probe_by_rank is not None:
+            self.idle_until = self._next_active_step(step)
+
+    def _next_active_step(self, step: int) -> int:
+        """After ``step`` was handled: the next step at which something can happen (the next due step, or the date
+        at which a postponed measurement runs or is decided again). Every rank computes the same from the same
+        state, so the collective decisions of budget mode stay in lockstep under DDP."""
+        if self._pending:
+            # postponed by the budget: nothing happens before the date it gave (decided again, or run, there)
+            return max(step + 1, self._next_allowed if self._next_allowed is not None else step + 1)
+        if step < self.start_step:
+            return self.start_step
+        return self.start_step + ((step - self.start_step) // self.every_n_steps + 1) * self.every_n_steps
 
     def _over_budget(self, trainer: pl.Trainer, step: int) -> bool:
         """Budget mode: whether a due measurement must wait.
@@ -474,7 +492,8 @@ class LandscapeCallback(Callback):
             )
             return
         for logger in trainer.loggers:
-            logger.log_metrics(dict(metrics), step=step)
+            if not tb.log_scalars(trainer, logger, metrics, step):
+                logger.log_metrics(dict(metrics), step=step)
 
     def log_definition(self, trainer: pl.Trainer, text: str) -> None:
         """Log the operator definition once as TensorBoard text."""

@@ -20,6 +20,8 @@ from lightning_landscape.core.budget import OverheadBudget
 
 # Default cadence of each part, in optimizer steps (the gradient monitor runs every step).
 DEFAULT_EVERY = {"hessian": 200, "rank": 200, "connectivity": 500, "logits": 10}
+#: Share of the bundle's budget the gradient monitor's every-step reads may take (see GradientSpikeMonitor.stride).
+GRAD_SPIKES_SHARE = 0.6
 _PARTS = {
     "hessian": HessianMonitor,
     "grad_spikes": GradientSpikeMonitor,
@@ -121,27 +123,34 @@ class LandscapeMonitor(Callback):
                     sharing.append(part)
         for part in sharing:  # equal shares, so that neither cheap nor costly parts starve the others
             part.budget_share = 1.0 / len(sharing)
+        if "grad_spikes" in self.parts and self.parts["grad_spikes"].budget is self.budget and sharing:
+            # its per-step reads may take 60% of the budget before it reads every few steps instead: they are the
+            # fastest early warning, but on a model whose steps are barely longer than reading the gradients the
+            # periodic parts must still get some of the budget
+            self.parts["grad_spikes"].budget_share = GRAD_SPIKES_SHARE
         self.dashboard = dashboard
         self.prefix = prefix
 
     # Hooks: forwarded to every part, in a fixed order (explicit methods, so the callback pickles for ddp_spawn).
-    def _implementing(self, hook: str) -> list[Callable[..., Any]]:
-        """The parts' bound ``hook`` methods, skipping parts that inherit Lightning's no-op (cached: per-step hooks
-        are called thousands of times)."""
+    def _implementing(self, hook: str) -> list[tuple[LandscapeCallback, Callable[..., Any]]]:
+        """``(part, bound hook method)`` of the parts that implement ``hook``, skipping parts that inherit
+        Lightning's no-op (cached: per-step hooks are called thousands of times)."""
         cache = self.__dict__.setdefault("_hook_cache", {})
         if hook not in cache:
             default = getattr(Callback, hook)
-            cache[hook] = [getattr(p, hook) for p in self.parts.values() if getattr(type(p), hook) is not default]
+            cache[hook] = [(p, getattr(p, hook)) for p in self.parts.values() if getattr(type(p), hook) is not default]
         return cache[hook]
 
     def _forward(self, hook: str, *args: Any) -> None:
-        methods = self._implementing(hook)
+        self._call(self._implementing(hook), *args)
+
+    def _call(self, parts: list[tuple[LandscapeCallback, Callable[..., Any]]], *args: Any) -> None:
         if self.budget is None:
-            for method in methods:
+            for _, method in parts:
                 method(*args)
             return
         with self.budget.section():  # the ledger sees all of the parts' time, bookkeeping included
-            for method in methods:
+            for _, method in parts:
                 method(*args)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -160,7 +169,12 @@ class LandscapeMonitor(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._forward("on_train_batch_start", trainer, pl_module, batch, batch_idx)
+        # Only the parts with something to do at this step (a due or postponed measurement, probe capture): most
+        # steps none of the periodic parts has, and skipping their calls is most of the bundle's per-step saving.
+        step = trainer.global_step
+        active = [pair for pair in self._implementing("on_train_batch_start") if step >= pair[0].idle_until]
+        if active:
+            self._call(active, trainer, pl_module, batch, batch_idx)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         self._forward("on_before_optimizer_step", trainer, pl_module, optimizer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +26,8 @@ _GRAD_NORM, _GRAD_Z, _GRAD_SPIKE, _GRAD_BAD, _CLIPPED, _LOSS, _LOSS_Z, _LOSS_SPI
     11
 )
 _WIDTH = 11
+# Kinds of optimizer step, for budget mode's cost tallies.
+_SKIPPED, _READ, _LOGGED = range(3)
 
 
 class GradientSpikeMonitor(LandscapeCallback):
@@ -143,8 +146,20 @@ class GradientSpikeMonitor(LandscapeCallback):
         self._loss_sum: Tensor | None = None
         self._loss_step = -1
         self._snapshot: list[Tensor] | None = None
-        self._parameters: list[tuple[str, torch.nn.Parameter]] | None = None
+        self._parameters: tuple[list[str], list[torch.nn.Parameter]] | None = None
+        self._resolved_names: list[str] | None = None  # the parameter names `_group_index` was built for
+        self._norm_dtype: dict[str, torch.dtype] = {}
         self._sharded = False
+        self._world_size = 1
+        #: Budget mode: the gradients are read every ``stride``-th step (and at every logged step). 1 unless reading
+        #: them every step would by itself take more than ``budget_share`` of the budget; the loss is scored every
+        #: step regardless. Re-decided at every logged step from the measured costs.
+        self.stride = 1
+        self._step_seconds = 0.0  # this step's hook time so far
+        # seconds and count of the steps of each kind: skipped (loss only), read (gradients), logged (read + logged)
+        self._step_costs = {_SKIPPED: [0.0, 0], _READ: [0.0, 0], _LOGGED: [0.0, 0]}
+        self._deferred_losses: list[tuple[int, Tensor | None]] = []
+        self._drain_seconds = 0.0
 
     def _monitor_state_dict(self) -> dict[str, Any]:
         return {
@@ -169,6 +184,7 @@ class GradientSpikeMonitor(LandscapeCallback):
         """No probe set: this monitor reads the training step itself (its hooks' time is charged to the budget)."""
         if self.budget is not None:
             self.budget.start(trainer.global_step)
+        self.idle_until = sys.maxsize  # nothing more to do here until the next fit (on_train_start resets it)
 
     def _every_n(self, trainer: pl.Trainer) -> int:
         return self._every or max(1, trainer.log_every_n_steps)
@@ -176,16 +192,29 @@ class GradientSpikeMonitor(LandscapeCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._parameters = None
+        self._resolved_names = None  # the model may sit on another device than in the previous fit
         self._sharded = is_sharded(trainer.strategy)
+        self._world_size = trainer.world_size
 
-    def _trainable(self, pl_module: pl.LightningModule) -> list[tuple[str, torch.nn.Parameter]]:
-        # Walking named_parameters() costs ~0.1 ms a step on a small model: cache it (reset at every fit start).
-        # Parameters frozen later simply have no gradient and drop out below.
+    def _trainable(self, pl_module: pl.LightningModule) -> tuple[list[str], list[torch.nn.Parameter]]:
+        """Names and parameters that require gradients, cached per fit (walking ``named_parameters()`` costs
+        ~0.1 ms a step on a small model). Parameters frozen later simply have no gradient and drop out."""
         if self._parameters is None:
-            self._parameters = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+            named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+            self._parameters = ([n for n, _ in named], [p for _, p in named])
         return self._parameters
 
-    def _resolve_groups(self, names: list[str], device: torch.device) -> None:
+    def _resolve_groups(self, names: list[str], gradient: Tensor) -> None:
+        """Layer groups of the parameters that have gradients (again whenever that set changes), the gradients'
+        device (the model reached it after construction, or a resume) and the norm's accumulation dtype."""
+        device = gradient.device
+        self._resolved_names = names
+        # one fused pass, accumulated in float32 even for bf16/fp16 gradients (float64 stays float64)
+        wide = gradient.dtype in (torch.float32, torch.float64)
+        self._norm_dtype = {} if wide else {"dtype": torch.float32}
+        if self.grad_detector.device != device:
+            self.grad_detector.to(device)
+            self.loss_detector.to(device)
         if self.groups is False:
             blocks: dict[str, list[str]] = {}
         elif self.groups is None:
@@ -210,66 +239,67 @@ class GradientSpikeMonitor(LandscapeCallback):
             return
         started = time.perf_counter()
         self._read_gradients(trainer, pl_module)
-        self.budget.charge(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self._step_seconds += elapsed
+        self.budget.charge(elapsed)
 
     def _read_gradients(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Runs every step, so it is kept lean: on a small model each attribute walk or scalar tensor op here is a
+        # measurable part of the step (see benchmarks/overhead.py).
         step = trainer.global_step
         if self._current is not None and self._current[0] == step:
             return  # several optimizers (manual optimization): the first one's gradients define the step
-        named = [(n, p) for n, p in self._trainable(pl_module) if p.grad is not None]
-        if not named:
+        if self.stride > 1 and step % self.stride and step % self._every_n(trainer):
+            self._current = (step, None, None)  # budget mode skips this step's gradients; the loss is still scored
             return
-        names = [n for n, _ in named]
-        grads = [p.grad for _, p in named]
-        device = grads[0].device
-        if self._group_index is None or self._group_index.shape[0] != len(names):
-            self._resolve_groups(names, device)
-        if self.grad_detector.device != device:  # the model reached its device after construction / a resume
-            self.grad_detector.to(device)
-            self.loss_detector.to(device)
-        # one fused pass, accumulated in float32 even for bf16/fp16 gradients
-        wide = grads[0].dtype in (torch.float32, torch.float64)
-        per_tensor = torch._foreach_norm(grads, 2) if wide else torch._foreach_norm(grads, 2, dtype=torch.float32)
+        names, params = self._trainable(pl_module)
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):  # (not `None in grads`: that compares tensors with ==, ~8 us each)
+            present = [i for i, g in enumerate(grads) if g is not None]
+            if not present:
+                return
+            names, grads, params = (
+                [names[i] for i in present],
+                [grads[i] for i in present],
+                [params[i] for i in present],
+            )
+        if names is not self._resolved_names and names != self._resolved_names:
+            self._resolve_groups(names, grads[0])
+        per_tensor = torch._foreach_norm(grads, 2, **self._norm_dtype)  # one fused pass
         detector = self.grad_detector
-        group_norms: list[float] | Tensor
-        if detector.on_host and not self._sharded:
+        if detector.on_host:
             # CPU: plain floats; each scalar tensor op costs ~5 us, more than this arithmetic (and reading the norms
-            # one by one is ~20 us a step cheaper than stacking them into one tensor first, measured in a real loop)
-            squares_list = [float(v) ** 2 for v in per_tensor]
-            total_f = math.sqrt(sum(squares_list))
-            group_norms = [math.sqrt(sum(squares_list[i] for i in members)) for members in self._group_members]
-        else:
-            squares = torch.stack(per_tensor).double() ** 2
+            # one by one is cheaper than stacking them into one tensor first, measured in a real loop)
             if self._sharded:
                 # each rank holds a shard of every gradient: the squares of the shards add up to the squares
-                squares = distributed.all_reduce_sum(squares)
-            total = squares.sum().sqrt()
-            group_norms = (squares.float() @ self._group_index).sqrt()
-            total_f = float(total) if detector.on_host else math.nan
-        if detector.on_host:
+                squares = distributed.all_reduce_sum(torch.stack(per_tensor).double() ** 2).tolist()
+            else:
+                squares = [float(v) ** 2 for v in per_tensor]
+            total = math.sqrt(sum(squares))
             clip_to = float(detector.clip_value()) if self.clip else math.nan
-            z, spike, bad = detector.update_float(total_f)
-            record: list[float] | Tensor = [math.nan] * _WIDTH
-            record[_GRAD_NORM], record[_GRAD_Z], record[_GRAD_SPIKE], record[_GRAD_BAD] = total_f, z, spike, bad
-            if self.clip:
-                record[_CLIPPED] = float(spike)
-                if spike:
-                    torch._foreach_mul_(grads, clip_to / max(total_f, 1e-30))
+            z, spike, bad = detector.update_float(total)
+            if self.clip and spike:
+                torch._foreach_mul_(grads, clip_to / max(total, 1e-30))
+            self._current = (step, (total, z, spike, bad, squares), None)
         else:
+            squares_t = torch.stack(per_tensor).double() ** 2
+            if self._sharded:
+                squares_t = distributed.all_reduce_sum(squares_t)
+            total_t = squares_t.sum().sqrt()
             clip_to_t = detector.clip_value()
-            z_t, spike_t, bad_t = detector.update(total)
-            record = torch.full((_WIDTH,), math.nan, dtype=torch.float64, device=device)
-            record[_GRAD_NORM], record[_GRAD_Z] = total, z_t
+            z_t, spike_t, bad_t = detector.update(total_t)
+            record = torch.full((_WIDTH,), math.nan, dtype=torch.float64, device=total_t.device)
+            record[_GRAD_NORM], record[_GRAD_Z] = total_t, z_t
             record[_GRAD_SPIKE], record[_GRAD_BAD] = spike_t.double(), bad_t.double()
             if self.clip:
                 # decided on the device, no sync: exactly 1.0 without a spike, and x * 1.0 == x bitwise
-                coefficient = torch.where(spike_t, clip_to_t / total.clamp_min(1e-30), torch.ones_like(total))
+                coefficient = torch.where(spike_t, clip_to_t / total_t.clamp_min(1e-30), torch.ones_like(total_t))
                 torch._foreach_mul_(grads, coefficient.to(grads[0].dtype))
                 record[_CLIPPED] = spike_t.double()
+            self._current = (step, record, (squares_t.float() @ self._group_index).sqrt())
         # gradients are identical on every rank after DDP's all-reduce, so every rank decides the same
-        self._current = (step, record, group_norms)
         if self.track_update and self._is_logged_step(trainer, step):
-            self._snapshot = [p.detach().clone() for _, p in named]
+            self._snapshot = [p.detach().clone() for p in params]
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -278,50 +308,184 @@ class GradientSpikeMonitor(LandscapeCallback):
             self._finish_step(trainer, pl_module, outputs)
             return
         started = time.perf_counter()
-        self._finish_step(trainer, pl_module, outputs)
-        self.budget.charge(time.perf_counter() - started)
+        kind = self._finish_step(trainer, pl_module, outputs)
+        elapsed = time.perf_counter() - started
+        self.budget.charge(elapsed)
+        self._step_seconds += elapsed
+        if kind is not None:  # a whole optimizer step: what it cost, for the stride decision
+            tally = self._step_costs[kind]
+            tally[0] += self._step_seconds - self._drain_seconds
+            tally[1] += 1
+            # scoring the skipped steps' losses is their cost, although it ran in this step
+            self._step_costs[_SKIPPED][0] += self._drain_seconds
+            self._step_seconds = self._drain_seconds = 0.0
 
-    def _finish_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> None:
+    def _finish_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> int | None:
+        """Score the loss and decide on the step. Returns ``None`` while accumulating, else what kind of step it was
+        (``_SKIPPED``, ``_READ`` or ``_LOGGED``), for budget mode's cost tallies."""
         loss = self._extract_loss(outputs)
         if loss is not None:
             self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-        if self._current is None or trainer.global_step == self._current[0]:
-            return  # accumulating: the optimizer has not stepped yet
-        step, record, group_norms = self._current
+        current = self._current
+        if current is None or trainer.global_step == current[0]:
+            return None  # accumulating: the optimizer has not stepped yet
         self._current = None
-        if self.watch_loss and self._loss_sum is not None:
-            # Lightning divides the loss by accumulate_grad_batches, so the sum over micro-batches is the step mean
-            step_loss = self._loss_sum
-            if trainer.world_size > 1:
-                step_loss = distributed.all_reduce_mean(step_loss.detach().double().reshape(()).clone())
-            if isinstance(record, list):
-                value = float(step_loss)
-                z, spike, bad = self.loss_detector.update_float(value)
-                record[_LOSS], record[_LOSS_Z], record[_LOSS_SPIKE], record[_LOSS_BAD] = value, z, spike, bad
-            else:
-                z_t, spike_t, bad_t = self.loss_detector.update(step_loss.detach().double().reshape(()))
-                record[_LOSS], record[_LOSS_Z] = step_loss, z_t
-                record[_LOSS_SPIKE], record[_LOSS_BAD] = spike_t.double(), bad_t.double()
-        self._loss_sum = None
+        step, payload, group_norms = current
+        # Lightning divides the loss by accumulate_grad_batches, so the sum over micro-batches is the step mean
+        step_loss, self._loss_sum = (self._loss_sum if self.watch_loss else None), None
+        logged = self._is_logged_step(trainer, step)
+        if payload is None and not logged and self.grad_detector.on_host:
+            # a step whose gradients budget mode skipped: its loss is scored with the next step that reads them
+            # (a batch of floats is much cheaper than the same work spread over steps); alerts name their own step
+            self._deferred_losses.append((step, step_loss))
+            return _SKIPPED
+        if step_loss is not None and self._world_size > 1:
+            step_loss = distributed.all_reduce_mean(step_loss.detach().double().reshape(()).clone())
+        update = None
         if self._snapshot is not None:
-            params = [p.detach() for _, p in self._trainable(pl_module) if p.grad is not None]
-            if len(params) == len(self._snapshot):
-                delta = torch._foreach_sub(params, self._snapshot)
-                update = torch.stack(torch._foreach_norm(delta, 2, dtype=torch.float32)).double().norm()
-                size = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32)).double().norm()
-                record[_UPDATE], record[_PARAM] = (
-                    (float(update), float(size)) if isinstance(record, list) else (update, size)
-                )
+            update = self._update_size(pl_module)
             self._snapshot = None
-        if isinstance(record, list) and not self._records:
-            # host path (CPU): nothing pending, so decide on this step at once without the batching of _flush
-            self.decide_stop(trainer, self._handle_step(trainer, step, record, group_norms))
-            return
-        self._records.append((step, record, group_norms))
-        if isinstance(record, list) or self._is_logged_step(trainer, step):
-            self._flush(trainer)
+        if self.grad_detector.on_host:
+            fired = self._drain_deferred_losses(trainer)
+            current_fired = self._finish_host_step(trainer, step, payload, step_loss, update, logged)
+            if fired is not None or current_fired is not None:
+                self.decide_stop(trainer, bool(fired) or bool(current_fired))
+        else:
+            if payload is None:
+                payload, group_norms = self._blank_record()
+            if step_loss is not None:
+                z_t, spike_t, bad_t = self.loss_detector.update(step_loss.detach().double().reshape(()))
+                payload[_LOSS], payload[_LOSS_Z] = step_loss, z_t
+                payload[_LOSS_SPIKE], payload[_LOSS_BAD] = spike_t.double(), bad_t.double()
+            if update is not None:
+                payload[_UPDATE], payload[_PARAM] = update
+            self._records.append((step, payload, group_norms))
+            if logged:
+                self._flush(trainer)
+        if self.budget is not None and logged:
+            self._decide_stride(trainer, step)
+        return _LOGGED if logged else (_READ if current[1] is not None else _SKIPPED)
+
+    def _drain_deferred_losses(self, trainer: pl.Trainer) -> bool | None:
+        """Score the losses of the steps budget mode skipped, in step order (host path); ``None`` when nothing
+        needed a decision. Collective under DDP (one all-reduce for the whole batch)."""
+        if not self._deferred_losses:
+            return None
+        started = time.perf_counter()
+        try:
+            return self._score_deferred_losses(trainer)
+        finally:
+            self._drain_seconds += time.perf_counter() - started
+
+    def _score_deferred_losses(self, trainer: pl.Trainer) -> bool | None:
+        deferred, self._deferred_losses = self._deferred_losses, []
+        losses = [loss for _, loss in deferred]
+        if losses[0] is None:
+            return None  # watch_loss=False
+        values = [float(loss) for loss in losses]  # one-element tensors on the CPU: the cheapest read
+        if self._world_size > 1:
+            values = distributed.all_reduce_mean(torch.tensor(values, dtype=torch.float64)).tolist()
+        fired = None
+        for (step, _), value in zip(deferred, values, strict=True):
+            outcome = self._finish_host_step(trainer, step, None, value, None, False)
+            if outcome is not None:
+                fired = bool(fired) or outcome
+        return fired
+
+    def _finish_host_step(
+        self,
+        trainer: pl.Trainer,
+        step: int,
+        payload: tuple[float, float, bool, bool, list[float]] | None,
+        step_loss: Tensor | float | None,
+        update: tuple[Tensor, Tensor] | None,
+        logged: bool,
+    ) -> bool | None:
+        """The CPU path of one step, in floats. Returns whether an alert fired, or ``None`` for the common step
+        (no spike, no rise, not logged), for which no row is built and nothing is logged."""
+        loss = loss_z = math.nan
+        loss_spike = loss_bad = False
+        if step_loss is not None:
+            loss = float(step_loss)
+            loss_z, loss_spike, loss_bad = self.loss_detector.update_float(loss)
+        if payload is None:  # budget mode skipped this step's gradients
+            total = z = math.nan
+            spike = bad = growing = False
+            squares: list[float] = []
+        else:
+            total, z, spike, bad, squares = payload
+            growing = self.growth_rule is not None and self.growth_rule.update(z)
+        if not (logged or spike or bad or loss_spike or loss_bad or growing):
+            return None
+        row = [math.nan] * _WIDTH
+        row[_GRAD_NORM], row[_GRAD_Z], row[_GRAD_SPIKE], row[_GRAD_BAD] = total, z, float(spike), float(bad)
+        row[_CLIPPED] = float(spike and self.clip)
+        row[_LOSS], row[_LOSS_Z], row[_LOSS_SPIKE], row[_LOSS_BAD] = loss, loss_z, float(loss_spike), float(loss_bad)
+        if update is not None:
+            row[_UPDATE], row[_PARAM] = float(update[0]), float(update[1])
+        group_row = [math.sqrt(sum(squares[i] for i in members)) for members in self._group_members] if squares else []
+        return self._handle_step(trainer, step, row, group_row, growing)
+
+    def _update_size(self, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor] | None:
+        """Norm of the update the optimizer just applied (against the snapshot) and of the parameters."""
+        params = [p.detach() for p in self._trainable(pl_module)[1] if p.grad is not None]
+        if len(params) != len(self._snapshot):
+            return None
+        delta = torch._foreach_sub(params, self._snapshot)
+        update = torch.stack(torch._foreach_norm(delta, 2, dtype=torch.float32)).double().norm()
+        size = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32)).double().norm()
+        return update, size
+
+    def _blank_record(self) -> tuple[Tensor, Tensor]:
+        """Device path: the record of a step whose gradients budget mode skipped (NaN values, no spike, no clip)."""
+        device = self.loss_detector.device
+        record = torch.full((_WIDTH,), math.nan, dtype=torch.float64, device=device)
+        record[[_GRAD_SPIKE, _GRAD_BAD, _CLIPPED]] = 0.0
+        width = self._group_index.shape[1] if self._group_index is not None else 1
+        return record, torch.full((width,), math.nan, dtype=torch.float32, device=device)
+
+    def _decide_stride(self, trainer: pl.Trainer, step: int) -> None:
+        """Budget mode: the smallest stride at which this monitor keeps within ``budget_share`` of the budget.
+
+        From the mean cost of a step that reads the gradients (``r``), of one that does not (``s``), and the extra
+        cost of a logged step (``l``, once every ``n`` steps whatever the stride): at stride ``k`` a step costs
+        ``l / n + r / k + s (1 - 1 / k)`` on average. Collective under DDP (rank 0's clock decides).
+        """
+        per_step = self.budget.seconds_per_step(step)
+        stride = self.stride
+        (skip_s, skipped), (read_s, read), (logged_s, logged) = (
+            self._step_costs[k] for k in (_SKIPPED, _READ, _LOGGED)
+        )
+        if per_step is not None and read and not self.clip:
+            every = self._every_n(trainer)
+            read_cost = read_s / read
+            skip_cost = skip_s / skipped if skipped else 0.0
+            logging = max(0.0, logged_s / logged - read_cost) / every if logged else 0.0
+            allowed = self.budget_share * self.budget.max_overhead * per_step - logging
+            if read_cost <= allowed:
+                stride = 1
+            elif skip_cost >= allowed:
+                stride = every
+            else:
+                stride = min(every, math.ceil((read_cost - skip_cost) / (allowed - skip_cost)))
+        if self._world_size > 1:
+            stride = trainer.strategy.broadcast(stride, src=0)
+        if stride > 1 and self.stride == 1:
+            read = self._step_costs[_READ][0] / max(1, self._step_costs[_READ][1])
+            self._warn_once(
+                "grad-stride",
+                f"GradientSpikeMonitor: reading the gradient norms takes {read * 1e3:.2f} ms a step against "
+                f"{(per_step or math.nan) * 1e3:.2f} ms steps, more than its share ({self.budget_share:.0%}) of the "
+                f"max_overhead={self.budget.max_overhead:g} budget; it now reads them every {stride} steps (and at "
+                "every logged step), and still scores the loss every step. Pass max_overhead=None (LandscapeMonitor: "
+                "grad_spikes={'max_overhead': None}) to read every step.",
+            )
+        self.stride = int(stride)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        fired = self._drain_deferred_losses(trainer)
+        if fired is not None:
+            self.decide_stop(trainer, fired)
         self._flush(trainer)
 
     # -------------------------------------------------------------------------------------------- internals
@@ -330,43 +494,45 @@ class GradientSpikeMonitor(LandscapeCallback):
 
     @staticmethod
     def _extract_loss(outputs: Any) -> Tensor | None:
-        if isinstance(outputs, Mapping):
+        if type(outputs) is dict or isinstance(outputs, Mapping):  # (the exact-type test skips the ABC machinery)
             outputs = outputs.get("loss")
         return outputs.detach() if isinstance(outputs, Tensor) and outputs.numel() == 1 else None
 
     def _flush(self, trainer: pl.Trainer) -> None:
-        """Read the pending records back (one host transfer) and log and decide on them."""
+        """Device path: read the pending records back (one host transfer) and log and decide on them."""
         if not self._records:
             return
         steps = [s for s, _, _ in self._records]
-        if isinstance(self._records[0][1], list):
-            rows = [r for _, r, _ in self._records]
-        else:  # the one host transfer of this window
-            rows = torch.stack([r for _, r, _ in self._records]).cpu().tolist()
-        if isinstance(self._records[0][2], list):
-            groups = [g for _, _, g in self._records]
-        else:
-            groups = torch.stack([g for _, _, g in self._records]).cpu().tolist()
+        rows = torch.stack([r for _, r, _ in self._records]).cpu().tolist()
+        groups = torch.stack([g for _, _, g in self._records]).cpu().tolist()
         self._records = []
         fired = False
         for step, row, group_row in zip(steps, rows, groups, strict=True):
-            fired |= self._handle_step(trainer, step, row, group_row)
+            # NaN z: a step whose gradients budget mode skipped (a non-finite norm has z = 0)
+            read = not math.isnan(row[_GRAD_Z])
+            growing = self.growth_rule is not None and read and self.growth_rule.update(row[_GRAD_Z])
+            fired |= self._handle_step(trainer, step, row, group_row if read else [], growing)
         self.decide_stop(trainer, fired)
 
-    def _handle_step(self, trainer: pl.Trainer, step: int, row: list[float], group_row: list[float]) -> bool:
+    def _handle_step(
+        self, trainer: pl.Trainer, step: int, row: list[float], group_row: list[float], growing: bool
+    ) -> bool:
+        """Log and alert on one step's row (``growing``: the ``grad_growth`` rule fired at this step)."""
         p = self.prefix
         grad_spike, grad_bad = row[_GRAD_SPIKE] > 0, row[_GRAD_BAD] > 0
         loss_spike, loss_bad = row[_LOSS_SPIKE] > 0, row[_LOSS_BAD] > 0
         self.clip_count += int(row[_CLIPPED] > 0)
         event = grad_spike or grad_bad or loss_spike or loss_bad
+        read = not math.isnan(row[_GRAD_Z])  # False on a step budget mode skipped (z is 0, not NaN, for a NaN norm)
         metrics: dict[str, float] = {}
         if event or self._is_logged_step(trainer, step):
-            metrics = {
-                f"{p}/grad/norm": row[_GRAD_NORM],
-                f"{p}/grad/zscore": row[_GRAD_Z],
-                f"{p}/grad/spike": float(grad_spike),
-            }
-            metrics.update({f"{p}/grad/norm/{g}": v for g, v in zip(self._group_names, group_row, strict=False)})
+            if read:
+                metrics = {
+                    f"{p}/grad/norm": row[_GRAD_NORM],
+                    f"{p}/grad/zscore": row[_GRAD_Z],
+                    f"{p}/grad/spike": float(grad_spike),
+                }
+                metrics.update({f"{p}/grad/norm/{g}": v for g, v in zip(self._group_names, group_row, strict=False)})
             if self.watch_loss:
                 metrics.update(
                     {
@@ -380,6 +546,8 @@ class GradientSpikeMonitor(LandscapeCallback):
                 metrics[f"{p}/update/ratio"] = row[_UPDATE] / max(row[_PARAM], 1e-30)
             if self.clip:
                 metrics[f"{p}/grad/clipped"] = float(self.clip_count)
+            if self.budget is not None:
+                metrics[f"{p}/grad/stride"] = float(self.stride)
         if grad_spike:
             metrics[f"{p}/events/grad_spike"] = row[_GRAD_Z]
         if loss_spike:
@@ -417,8 +585,6 @@ class GradientSpikeMonitor(LandscapeCallback):
                     f"its running mean{' and was clipped' if self.clip else ''}.",
                 ),
             )
-        # a spike step (z > z_threshold) also counts towards a sustained rise
-        growing = self.growth_rule is not None and self.growth_rule.update(row[_GRAD_Z])
         if growing:
             self.emit_alert(
                 trainer,

@@ -124,9 +124,9 @@ def test_parts_share_one_budget_and_warn_once_without_a_logger(tmp_path):
     assert monitor.parts["grad_spikes"].budget is monitor.budget
     assert monitor.parts["rank"].budget is not monitor.budget  # a part's own budget wins
     assert monitor.parts["rank"].budget.max_overhead == 0.5
-    # the periodic parts on the shared ledger split it evenly; the per-step gradient monitor takes no share
+    # the periodic parts on the shared ledger split it evenly; the per-step gradient monitor may take 60% of it
     assert [monitor.parts[n].budget_share for n in ("hessian", "connectivity", "logits")] == [1 / 3] * 3
-    assert monitor.parts["rank"].budget_share == 1.0 and monitor.parts["grad_spikes"].budget_share == 1.0
+    assert monitor.parts["rank"].budget_share == 1.0 and monitor.parts["grad_spikes"].budget_share == 0.6
     assert LandscapeMonitor(max_overhead=None).budget is None
 
     quiet = LandscapeMonitor(**FAST, num_probe_batches=2)

@@ -310,3 +310,105 @@ def test_grad_growth_can_be_turned_off_and_its_streak_is_checkpointed():
     fresh = GradientSpikeMonitor()
     fresh.load_state_dict(copy.deepcopy(monitor.state_dict()))
     assert fresh.growth_rule.streak == 2
+
+
+def _force_tensor_path(monitor):
+    """Make the detectors take the accelerator path (tensor state, batched readback) on the CPU."""
+    for detector in (monitor.grad_detector, monitor.loss_detector):
+        state = detector.state_dict()
+        detector.on_host = False
+        detector.load_state_dict(state)
+
+
+def _spike_run(tmp_path, *, tensor_path=False, stride=1, clip=False, steps=300, corrupt=(121, 250)):
+    pl.seed_everything(0)
+    received, logged = [], {}
+    monitor = GradientSpikeMonitor(on_alert=received.append, every_n_steps=10, warmup_steps=20, clip=clip)
+    if tensor_path:
+        _force_tensor_path(monitor)
+    monitor.stride = stride
+    original = monitor.log_metrics
+    monitor.log_metrics = lambda trainer, metrics, step: (
+        logged.setdefault(step, {}).update(metrics),
+        original(trainer, metrics, step),
+    )
+    module = DigitsModule(corrupt_steps=corrupt)
+    make_trainer(tmp_path, [monitor], max_steps=steps, deterministic=False).fit(module)
+    return monitor, received, logged, module
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("stride", [1, 3])
+def test_accelerator_path_decides_like_the_host_path(tmp_path, stride, clip):
+    """The batched tensor path (used on GPUs) and the CPU float path give the same alerts and logged values."""
+    host_monitor, host_alerts, host_logged, host_module = _spike_run(tmp_path / "host", stride=stride, clip=clip)
+    _, tensor_alerts, tensor_logged, tensor_module = _spike_run(
+        tmp_path / "tensor", tensor_path=True, stride=stride, clip=clip
+    )
+    assert host_monitor.loss_detector.on_host  # the host run really took the float path
+    assert [(a.step, a.kind) for a in host_alerts] == [(a.step, a.kind) for a in tensor_alerts]
+    assert {(a.step, a.kind) for a in host_alerts} >= {(121, "loss_spike"), (250, "loss_spike"), (250, "grad_spike")}
+    assert host_logged.keys() == tensor_logged.keys()
+    for step, metrics in host_logged.items():
+        assert metrics.keys() == tensor_logged[step].keys(), step
+        for key, value in metrics.items():
+            assert value == pytest.approx(tensor_logged[step][key], rel=1e-6, abs=1e-9, nan_ok=True), (step, key)
+    for a, b in zip(host_module.parameters(), tensor_module.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_stride_reads_gradients_every_kth_step_and_scores_the_loss_every_step(tmp_path):
+    _, received, logged, _ = _spike_run(tmp_path, stride=3)
+    # 121 is not a multiple of 3 (its gradients were not read): the loss spike is still caught at its step
+    assert (121, "loss_spike") in {(a.step, a.kind) for a in received}
+    assert {a.step for a in received if a.kind == "grad_spike"} == {250}  # read: a logged step (every 10)
+    grad_steps = {step for step, metrics in logged.items() if "landscape/grad/norm" in metrics}
+    assert set(range(0, 300, 10)) <= grad_steps  # every logged step reads the gradients
+    assert "landscape/grad/norm" not in logged[121] and "landscape/loss/zscore" in logged[121]
+
+
+def _slow_reads(monitor, seconds):
+    """Make reading the gradients cost `seconds` more per read step (a stand-in for a model with tiny steps)."""
+    import time
+
+    original = monitor._read_gradients
+
+    def slow(trainer, pl_module):
+        original(trainer, pl_module)
+        if monitor._current is not None and monitor._current[1] is not None:
+            time.sleep(seconds)
+
+    monitor._read_gradients = slow
+
+
+def test_budget_mode_reads_every_few_steps_when_reading_costs_more_than_its_share(tmp_path):
+    pl.seed_everything(0)
+    received = []
+    monitor = GradientSpikeMonitor(on_alert=received.append, every_n_steps=10, warmup_steps=20, max_overhead=0.05)
+    _slow_reads(monitor, 0.003)  # ~3 ms per read against ~1-3 ms steps: far above 5%
+    logger = CSVLogger(tmp_path, name="run")
+    with pytest.warns(LandscapeWarning, match=r"reads them every \d+ steps"):
+        make_trainer(tmp_path, [monitor], max_steps=200, logger=logger, deterministic=False).fit(
+            DigitsModule(corrupt_steps=(151,))
+        )
+    assert 1 < monitor.stride <= 10  # at most the logging cadence
+    assert monitor._step_costs[0][1] > 0 and monitor._step_costs[1][1] > 0
+    assert (151, "loss_spike") in {(a.step, a.kind) for a in received}
+    rows = [r for r in csv_rows(logger) if r.get("landscape/grad/stride")]
+    assert rows and max(float(r["landscape/grad/stride"]) for r in rows) > 1
+
+
+def test_budget_mode_never_strides_with_clip(tmp_path):
+    pl.seed_everything(0)
+    monitor = GradientSpikeMonitor(on_alert="ignore", every_n_steps=10, warmup_steps=20, max_overhead=0.05, clip=True)
+    _slow_reads(monitor, 0.003)
+    make_trainer(tmp_path, [monitor], max_steps=60, deterministic=False).fit(DigitsModule())
+    assert monitor.stride == 1 and monitor._step_costs[0][1] == 0
+
+
+def csv_rows(logger):
+    import csv
+
+    logger.save()
+    with open(f"{logger.log_dir}/metrics.csv", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
