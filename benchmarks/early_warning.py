@@ -293,7 +293,8 @@ def run_scenario(scenario: Scenario, root: str) -> list[dict[str, Any]]:
             make, scenario.steps, dense_monitors(scenario.dense_every, alerts.append), root, scenario.name
         )
         bundle_alerts: list = []
-        train(make, scenario.steps, [LandscapeMonitor(on_alert=bundle_alerts.append)], root, scenario.name)
+        bundle = LandscapeMonitor(on_alert=bundle_alerts.append)
+        train(make, scenario.steps, [bundle], root, scenario.name)
         first = first_alerts(alerts)
         first["LandscapeMonitor() (any)"] = min((a.step for a in bundle_alerts), default=None)
         bundle_kind = min(bundle_alerts, key=lambda a: a.step).kind if bundle_alerts else None
@@ -306,13 +307,19 @@ def run_scenario(scenario: Scenario, root: str) -> list[dict[str, Any]]:
                 "divergence": trajectory.divergence,
                 "first": {k: v for k, v in first.items() if v is not None},
                 "bundle_first_kind": bundle_kind,
+                # budget mode's choices in the bundle's run: every how many steps the gradients were read at the
+                # end, and how many measurements each periodic part made
+                "bundle_gradient_stride": bundle.parts["grad_spikes"].stride,
+                "bundle_measurements": {n: p.num_measurements for n, p in bundle.parts.items() if n != "grad_spikes"},
                 "seconds": time.perf_counter() - started,
                 "losses": trajectory.losses,
                 "grad_norms": trajectory.grad_norms,
             }
         )
         print(
-            f"  {scenario.name} {variant}: divergence {trajectory.divergence}, alerts {rows[-1]['first']}", flush=True
+            f"  {scenario.name} {variant}: divergence {trajectory.divergence}, alerts {rows[-1]['first']}; bundle: "
+            f"gradients every {rows[-1]['bundle_gradient_stride']} step(s), {rows[-1]['bundle_measurements']}",
+            flush=True,
         )
     return rows
 

@@ -175,9 +175,12 @@ def main() -> None:
                 if budget is not None:
                     ledgers[name].append(budget.overhead())
                 if callbacks and isinstance(callbacks[0], LandscapeMonitor):
-                    counts[name] = ", ".join(
-                        f"{part} {callbacks[0].parts[part].num_measurements}"
-                        for part in ("hessian", "rank", "connectivity", "logits")
+                    counts[name] = (
+                        ", ".join(
+                            f"{part} {callbacks[0].parts[part].num_measurements}"
+                            for part in ("hessian", "rank", "connectivity", "logits")
+                        )
+                        + f"; gradients every {callbacks[0].parts['grad_spikes'].stride} step(s)"
                     )
         for name in configs:
             ratios = [w / wo - 1 for w, wo in zip(times[name], times["none"], strict=True)]

@@ -52,10 +52,12 @@ class LandscapeMonitor(Callback):
         loss_fn, num_probe_batches, mode, on_alert, prefix, strict, seed: shared arguments.
         dashboard: write TensorBoard's custom-scalars "Landscape" dashboard once at the start of training.
         max_overhead: the parts share one time budget (default 5% of training time): a due measurement waits
-            until the parts' total cost fits (the gradient monitor's per-step cost is charged too, but never
-            postponed), and each periodic part's own measurements stay within an equal share of the budget, so a
-            cheap frequent part cannot starve a costly one. The cadences above are then the shortest spacing.
-            ``None``: measure exactly at the cadences.
+            until the parts' total cost fits (every hook's time is charged, the gradient monitor's per-step reads
+            included), and each periodic part's own measurements stay within an equal share of the budget, so a
+            cheap frequent part cannot starve a costly one. The gradient monitor may take 60% of the budget; where
+            reading the gradients every step costs more (tiny models on CPU), it reads them every few steps and
+            still scores the loss every step (see :class:`GradientSpikeMonitor`). The cadences above are then the
+            shortest spacing. ``None``: measure exactly at the cadences, read the gradients every step.
 
     Raises:
         TypeError / ValueError: a part is not a bool or a dict, or one of its arguments is invalid (the message of

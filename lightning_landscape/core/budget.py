@@ -13,8 +13,9 @@ estimate) over the training time so far. The wait is turned into a whole number 
 time, so that all DDP ranks can agree on it with one broadcast (see the callbacks' base); at that step the
 measurement decides again, since others sharing the ledger may have spent the budget meanwhile. An owner with a
 ``share`` below 1 must also keep its own tally (``cost_by_owner``) within that share, so that in a shared ledger a
-cheap frequent measurement cannot starve a costly one. Per-step work (charged, never postponed) can still push the
-ledger above the budget when it alone exceeds it.
+cheap frequent measurement cannot starve a costly one. Per-step work is charged but cannot be postponed; the
+gradient monitor, the one part with per-step work of its own, reads the gradients every few steps instead when
+reading them every step would exceed its share (see ``GradientSpikeMonitor``).
 
 Wall time on CUDA is host time: kernels are asynchronous, but the measurements synchronise (Lanczos reads scalars on
 the host) and the mean step time over many steps is the real throughput, so the ratio stays meaningful.

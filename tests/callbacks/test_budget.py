@@ -112,3 +112,27 @@ def test_parts_sharing_one_ledger_each_measure_only_when_they_fit_at_that_moment
     assert ledger.overhead() <= 0.05 + MEASUREMENT_SECONDS / ledger.training_time()
     spent = [ledger.cost_by_owner[id(part)] for part in (costly, cheap)]
     assert max(spent) <= 0.025 * ledger.training_time() + MEASUREMENT_SECONDS  # each within its half
+
+
+class NeverIdle(CostlyMonitor):
+    """The same monitor without the idle skip: its batch-start hook does its checks at every step."""
+
+    def _next_active_step(self, step):
+        return step
+
+
+@pytest.mark.parametrize(("every_n_steps", "max_overhead", "start_step"), [(1, 0.05, 0), (7, 0.05, 3), (25, 0.2, 0)])
+def test_idle_skip_never_changes_when_measurements_run(tmp_path, clock, every_n_steps, max_overhead, start_step):
+    # Parts skip their per-step checks until their next due step or postponed date (the bundle does not even call
+    # them); the steps at which they measure must be exactly those of checking at every step.
+    measured = {}
+    for kind in (CostlyMonitor, NeverIdle):
+        clock.now = 1000.0
+        monitor = kind(clock, every_n_steps=every_n_steps, max_overhead=max_overhead, start_step=start_step)
+        make_trainer(tmp_path, [monitor, Ticker(clock)], max_steps=450).fit(ClassifierModule())
+        measured[kind] = [s for s, _, _ in monitor.measured]
+    assert len(measured[CostlyMonitor]) >= 2
+    assert measured[CostlyMonitor] == measured[NeverIdle]
+    skipping = CostlyMonitor(clock, every_n_steps=every_n_steps, max_overhead=max_overhead, start_step=start_step)
+    make_trainer(tmp_path, [skipping, Ticker(clock)], max_steps=50).fit(ClassifierModule())
+    assert skipping.idle_until > 49  # it really idles between its dates
