@@ -7,16 +7,20 @@ linear warm-up, once at a learning rate of 0.1 (too high: the loss blows up soon
 - ``HessianMonitor`` every 10 steps on one probe batch: ``eos_ratio`` is Adam's preconditioned sharpness over its
   stability threshold ``(2 + 2 beta1) / ((1 - beta1) lr)`` (Cohen et al. 2022, "Adaptive gradient methods at the
   edge of stability"), and ``sharpness_growth`` fires when the sharpness doubles between measurements near it;
-- ``GradientSpikeMonitor`` at its defaults (gradient-norm and loss z-scores, non-finite values).
+- ``GradientSpikeMonitor`` at its defaults (gradient-norm and loss z-scores, non-finite values);
+- ``LogitMonitor`` at its defaults (one probe forward every 10 steps): ``attention_logit_growth`` fires when the
+  largest attention logit passes 30, the attention-logit growth of Wortsman et al. 2023.
 
 The script checks itself: at lr 0.1 the first alert comes at least 10 steps before the divergence step (the first
-step whose loss exceeds 1.5x the initial loss), and at lr 3e-3 there is no alert and no divergence. The same
+step whose loss exceeds 1.5x the initial loss) and the attention-logit alert comes before it too, and at lr 3e-3
+there is no alert and no divergence. The same
 scenario, with every signal and two baselines (ZClip, KillLossSpike), is in ``benchmarks/early_warning.py``.
 
 Why not ``LandscapeMonitor()`` at its defaults here: its 5% time budget lets a Hessian measurement (about 100-200
-training steps' worth of compute on this model) run only every few thousand steps, and this run diverges ~50 steps
-after the warm-up. The per-step signals it always runs only see the blow-up when it happens (lead 0, see
-benchmarks/RESULTS.md). Curvature warns early, at the price shown here: a dense cadence.
+training steps' worth of compute on this model) run only every few thousand steps, and its logits part, held to a
+share of that budget, about every 50 steps, while this run diverges ~50 steps after the warm-up. The per-step
+signals it always runs only see the blow-up when it happens (lead 0, see benchmarks/RESULTS.md). Curvature and
+attention logits warn early, at the price shown here: dense cadences.
 
     python examples/transformer_instability.py      # ~1-2 minutes on 2 CPU cores; logs in ./runs
 """
@@ -38,7 +42,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from grad_spikes import CharTransformer, stdlib_text
 
-from lightning_landscape import GradientSpikeMonitor, HessianMonitor
+from lightning_landscape import GradientSpikeMonitor, HessianMonitor, LogitMonitor
 
 
 class CharLM(pl.LightningModule):
@@ -98,6 +102,7 @@ def run(lr: float, steps: int, root: str) -> tuple[int | None, list]:
             divergence,
             HessianMonitor(every_n_steps=10, num_probe_batches=1, **shared),
             GradientSpikeMonitor(**shared),
+            LogitMonitor(**shared),
         ],
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -117,6 +122,10 @@ def main(root: str = "runs") -> None:
     assert diverged_at is not None, "the lr 0.1 run was expected to diverge"
     assert first is not None, "no alert at lr 0.1"
     assert first <= diverged_at - 10, "the alerts must come at least 10 steps before divergence"
+    logit_alert = min((a.step for a in alerts if a.kind == "attention_logit_growth"), default=None)
+    print(f"lr 0.1: attention-logit alert at step {logit_alert}")
+    assert logit_alert is not None, "no attention-logit alert at lr 0.1"
+    assert logit_alert < diverged_at, "the attention logits must warn before divergence"
 
     safe_divergence, safe_alerts = run(3e-3, steps, root)
     print(f"lr 3e-3: {len(safe_alerts)} alerts, divergence {safe_divergence}")
