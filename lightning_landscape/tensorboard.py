@@ -36,8 +36,8 @@ def log_scalars(trainer: pl.Trainer, logger: Any, metrics: dict[str, float], ste
     """
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    if not isinstance(logger, TensorBoardLogger):
-        return False
+    if not isinstance(logger, TensorBoardLogger) or type(logger).log_metrics is not TensorBoardLogger.log_metrics:
+        return False  # not TensorBoard, or a subclass with its own log_metrics (which must see our metrics)
     if not trainer.is_global_zero:
         return True  # Lightning's loggers write on rank 0 only
     writer = logger.experiment

@@ -121,3 +121,9 @@ def test_one_event_scalars_read_back_like_lightnings_own(tmp_path):
         assert [s for s, _ in points] == [s for s, _ in series["fast"][tag]]
         assert all(a == b or (a != a and b != b) for (_, a), (_, b) in zip(points, series["fast"][tag], strict=True))
     assert not tb.log_scalars(trainer, pl.loggers.CSVLogger(tmp_path), metrics[0], 0)  # other loggers: their own way
+
+    class Forwarding(TensorBoardLogger):  # a user's logger that also sends its metrics elsewhere
+        def log_metrics(self, metrics, step=None):
+            super().log_metrics(metrics, step)
+
+    assert not tb.log_scalars(trainer, Forwarding(tmp_path, name="sub"), metrics[0], 0)  # its own log_metrics runs
