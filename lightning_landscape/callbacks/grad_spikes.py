@@ -207,6 +207,10 @@ class GradientSpikeMonitor(LandscapeCallback):
         self._resolved_names = None  # the model may sit on another device than in the previous fit
         self._sharded = is_sharded(trainer.strategy)
         self._world_size = trainer.world_size
+        # budget mode decides the stride afresh in every fit, from this fit's costs (its ledger restarts too)
+        self.stride = 1
+        self._step_costs = {kind: [0.0, 0] for kind in (_SKIPPED, _READ, _LOGGED)}
+        self._step_seconds = self._drain_seconds = 0.0
 
     def _trainable(self, pl_module: pl.LightningModule) -> tuple[list[str], list[torch.nn.Parameter]]:
         """Names and parameters that require gradients, cached per fit (walking ``named_parameters()`` costs
@@ -393,15 +397,16 @@ class GradientSpikeMonitor(LandscapeCallback):
 
     def _score_deferred_losses(self, trainer: pl.Trainer) -> bool | None:
         deferred, self._deferred_losses = self._deferred_losses, []
-        losses = [loss for _, loss in deferred]
-        if losses[0] is None:
-            return None  # watch_loss=False
-        values = [float(loss) for loss in losses]  # one-element tensors on the CPU: the cheapest read
+        if all(loss is None for _, loss in deferred):
+            return None  # watch_loss=False, or no step returned a loss
+        # one-element tensors on the CPU: float() is the cheapest read (a step without a loss: a placeholder, the
+        # same on every rank, so the all-reduce lines up)
+        values = [math.nan if loss is None else float(loss) for _, loss in deferred]
         if self._world_size > 1:
             values = distributed.all_reduce_mean(torch.tensor(values, dtype=torch.float64)).tolist()
         fired = None
-        for (step, _), value in zip(deferred, values, strict=True):
-            outcome = self._finish_host_step(trainer, step, None, value, None, False)
+        for (step, loss), value in zip(deferred, values, strict=True):
+            outcome = self._finish_host_step(trainer, step, None, None if loss is None else value, None, False)
             if outcome is not None:
                 fired = bool(fired) or outcome
         return fired

@@ -326,15 +326,25 @@ def _spike_run(tmp_path, *, tensor_path=False, stride=1, clip=False, steps=300, 
     monitor = GradientSpikeMonitor(on_alert=received.append, every_n_steps=10, warmup_steps=20, clip=clip)
     if tensor_path:
         _force_tensor_path(monitor)
-    monitor.stride = stride
     original = monitor.log_metrics
     monitor.log_metrics = lambda trainer, metrics, step: (
         logged.setdefault(step, {}).update(metrics),
         original(trainer, metrics, step),
     )
     module = DigitsModule(corrupt_steps=corrupt)
-    make_trainer(tmp_path, [monitor], max_steps=steps, deterministic=False).fit(module)
+    make_trainer(tmp_path, [monitor, ForceStride(monitor, stride)], max_steps=steps, deterministic=False).fit(module)
+    assert monitor.stride == stride
     return monitor, received, logged, module
+
+
+class ForceStride(pl.Callback):
+    """Sets the monitor's stride after its own `on_train_start` (which resets it for budget mode to decide)."""
+
+    def __init__(self, monitor, stride):
+        self.monitor, self.stride = monitor, stride
+
+    def on_train_start(self, trainer, pl_module):
+        self.monitor.stride = self.stride
 
 
 @pytest.mark.parametrize("clip", [False, True])
@@ -412,3 +422,31 @@ def csv_rows(logger):
     logger.save()
     with open(f"{logger.log_dir}/metrics.csv", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
+
+
+class ManualSometimesLoss(DigitsModule):
+    """Manual optimization whose training_step returns the loss only on even steps (and None otherwise)."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        loss = torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss if self.global_step % 2 == 0 else None
+
+
+def test_skipped_steps_without_a_loss_are_scored_without_it(tmp_path):
+    # Lightning counts a manual step after optimizer.step(); a step that returned no loss has nothing to score.
+    pl.seed_everything(0)
+    monitor = GradientSpikeMonitor(on_alert="ignore", every_n_steps=10, warmup_steps=5)
+    make_trainer(tmp_path, [monitor, ForceStride(monitor, 3)], max_steps=60, deterministic=False).fit(
+        ManualSometimesLoss()
+    )
+    scored = int(monitor.loss_detector.state_dict()["count"])
+    assert 20 <= scored <= 31  # about half of the 60 steps carried a loss, each scored once; none as non-finite
+    assert "non_finite" not in monitor.alert_counts
