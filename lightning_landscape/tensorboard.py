@@ -40,8 +40,10 @@ def log_scalars(trainer: pl.Trainer, logger: Any, metrics: dict[str, float], ste
         return False  # not TensorBoard, or a subclass with its own log_metrics (which must see our metrics)
     if not trainer.is_global_zero:
         return True  # Lightning's loggers write on rank 0 only
+    from torch.utils.tensorboard import SummaryWriter
+
     writer = logger.experiment
-    if not hasattr(writer, "_get_file_writer"):  # another SummaryWriter (tensorboardX): the logger's own way
+    if not isinstance(writer, SummaryWriter):  # tensorboardX's writer (Lightning's fallback): the logger's own way
         return False
     from lightning.fabric.utilities.logger import _add_prefix
     from tensorboard.compat.proto.summary_pb2 import Summary

@@ -41,7 +41,8 @@ class LandscapeMonitor(Callback):
 
     Default cadences: HessianMonitor and EffectiveRankMonitor every 200 steps, ModeConnectivityMonitor every 500,
     LogitMonitor every 10 (one forward pass over one probe batch: the cheap early warning of attention-logit
-    growth), GradientSpikeMonitor every step (it reads the step's own gradients), all within a 5% overhead budget
+    growth), GradientSpikeMonitor every step (it reads the step's own gradients; every few steps where the budget
+    cannot afford that, see ``max_overhead``), all within a 5% overhead budget
     (``max_overhead``; measured in ``benchmarks/overhead.py``). Fast signals (gradient and loss z-scores, attention
     logits) and slow ones (curvature against the stability threshold, rank collapse, barriers) thus run side by side:
     the cheap ones every few steps, the expensive ones as often as the budget allows.
@@ -54,7 +55,8 @@ class LandscapeMonitor(Callback):
         max_overhead: the parts share one time budget (default 5% of training time): a due measurement waits
             until the parts' total cost fits (every hook's time is charged, the gradient monitor's per-step reads
             included), and each periodic part's own measurements stay within an equal share of the budget, so a
-            cheap frequent part cannot starve a costly one. The gradient monitor may take 60% of the budget; where
+            cheap frequent part cannot starve a costly one. The gradient monitor may take 60% of the budget (all of
+            it when no periodic part shares the ledger); where
             reading the gradients every step costs more (tiny models on CPU), it reads them every few steps and
             still scores the loss every step (see :class:`GradientSpikeMonitor`). The cadences above are then the
             shortest spacing. ``None``: measure exactly at the cadences, read the gradients every step.
@@ -121,14 +123,14 @@ class LandscapeMonitor(Callback):
             own = isinstance(parts_settings[name], dict) and "max_overhead" in parts_settings[name]
             if self.budget is not None and not own:
                 part.budget = self.budget
-                if name != "grad_spikes":  # its per-step work is charged but never postponed: no share
+                if name != "grad_spikes":  # it strides rather than postpones: its own share, below
                     sharing.append(part)
         for part in sharing:  # equal shares, so that neither cheap nor costly parts starve the others
             part.budget_share = 1.0 / len(sharing)
         if "grad_spikes" in self.parts and self.parts["grad_spikes"].budget is self.budget and sharing:
             # its per-step reads may take 60% of the budget before it reads every few steps instead: they are the
             # fastest early warning, but on a model whose steps are barely longer than reading the gradients the
-            # periodic parts must still get some of the budget
+            # periodic parts must still get some of the budget (alone on the ledger, it may take all of it)
             self.parts["grad_spikes"].budget_share = GRAD_SPIKES_SHARE
         self.dashboard = dashboard
         self.prefix = prefix

@@ -50,7 +50,8 @@ class GradientSpikeMonitor(LandscapeCallback):
           TensorBoard's sampling cannot drop).
         - ``p/grad/stride``: budget mode only, every how many steps the gradients are read (see below).
 
-    Alerts: ``grad_spike``, ``loss_spike``, ``non_finite`` (NaN/inf gradient norm or loss, at once), and
+    Alerts: ``grad_spike``, ``loss_spike``, ``non_finite`` (NaN/inf gradient norm or loss, at once on CPU unless
+    budget mode strides, see below), and
     ``grad_growth``: the gradient z-score stayed above ``growth_z`` for ``growth_patience`` consecutive steps.
     That is a sustained rise rather than a one-step spike, the signature of a run drifting past the edge of
     stability: in ``benchmarks/early_warning.py`` it fired 100+ steps before a full-batch run diverged, where the
@@ -179,6 +180,8 @@ class GradientSpikeMonitor(LandscapeCallback):
             "loss_detector": self.loss_detector.state_dict(),
             "clip_count": self.clip_count,
             "growth_rule": self.growth_rule.state_dict() if self.growth_rule is not None else None,
+            # losses of steps budget mode skipped, not scored yet (a checkpoint can fall between reading steps)
+            "deferred_losses": [(step, None if loss is None else float(loss)) for step, loss in self._deferred_losses],
         }
 
     def _load_monitor_state_dict(self, state: dict[str, Any]) -> None:
@@ -188,6 +191,7 @@ class GradientSpikeMonitor(LandscapeCallback):
         self.clip_count = int(state.get("clip_count", 0))
         if self.growth_rule is not None and state.get("growth_rule") is not None:
             self.growth_rule.load_state_dict(state["growth_rule"])
+        self._deferred_losses = [(int(step), loss) for step, loss in state.get("deferred_losses", [])]
 
     # ------------------------------------------------------------------------------------------------- hooks
     def on_train_batch_start(
@@ -207,6 +211,10 @@ class GradientSpikeMonitor(LandscapeCallback):
         self._resolved_names = None  # the model may sit on another device than in the previous fit
         self._sharded = is_sharded(trainer.strategy)
         self._world_size = trainer.world_size
+        # a step left half-done by an earlier fit that failed is not this fit's; deferred losses from before this
+        # fit's first step came from the checkpoint it resumes (kept), later ones from an earlier fit (dropped)
+        self._current, self._loss_sum, self._snapshot = None, None, None
+        self._deferred_losses = [(s, loss) for s, loss in self._deferred_losses if s < trainer.global_step]
         # budget mode decides the stride afresh in every fit, from this fit's costs (its ledger restarts too)
         self.stride = 1
         self._step_costs = {kind: [0.0, 0] for kind in (_SKIPPED, _READ, _LOGGED)}
@@ -366,8 +374,9 @@ class GradientSpikeMonitor(LandscapeCallback):
         if self.grad_detector.on_host:
             fired = self._drain_deferred_losses(trainer)
             current_fired = self._finish_host_step(trainer, step, payload, step_loss, update, logged)
-            if fired is not None or current_fired is not None:
-                self.decide_stop(trainer, bool(fired) or bool(current_fired))
+            # at every step that reads the gradients, on every rank (under DDP with on_alert="stop" this is a
+            # collective, and ranks need not agree on a spike when some parameters are rank-local)
+            self.decide_stop(trainer, bool(fired) or bool(current_fired))
         else:
             if payload is None:
                 payload, group_norms = self._blank_record()
@@ -500,9 +509,8 @@ class GradientSpikeMonitor(LandscapeCallback):
         self.stride = int(stride)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        fired = self._drain_deferred_losses(trainer)
-        if fired is not None:
-            self.decide_stop(trainer, fired)
+        if self.grad_detector.on_host:
+            self.decide_stop(trainer, bool(self._drain_deferred_losses(trainer)))
         self._flush(trainer)
 
     # -------------------------------------------------------------------------------------------- internals

@@ -450,3 +450,57 @@ def test_skipped_steps_without_a_loss_are_scored_without_it(tmp_path):
     scored = int(monitor.loss_detector.state_dict()["count"])
     assert 20 <= scored <= 31  # about half of the 60 steps carried a loss, each scored once; none as non-finite
     assert "non_finite" not in monitor.alert_counts
+
+
+def _stride_monitor(seen):
+    return GradientSpikeMonitor(on_alert=lambda a: seen.append((a.step, a.kind)), every_n_steps=10, warmup_steps=5)
+
+
+def test_losses_awaiting_scoring_survive_a_checkpoint(tmp_path):
+    # stride 3: step 25 is skipped, its (corrupted) loss waits for step 27; the checkpoint after step 26 falls between
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0)
+    whole = []
+    monitor = _stride_monitor(whole)
+    trainer = make_trainer(tmp_path / "whole", [monitor, ForceStride(monitor, 3)], max_steps=40, deterministic=False)
+    trainer.fit(DigitsModule(corrupt_steps=(25,)))
+    scored = int(monitor.loss_detector.state_dict()["count"])
+    assert (25, "loss_spike") in whole
+
+    pl.seed_everything(0)
+    first = _stride_monitor([])
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=26, save_top_k=-1)
+    callbacks = [first, ForceStride(first, 3), saver]
+    trainer = make_trainer(tmp_path / "a", callbacks, max_steps=26, deterministic=False, enable_checkpointing=True)
+    trainer.fit(DigitsModule(corrupt_steps=(25,)))
+    assert [step for step, _ in first._monitor_state_dict()["deferred_losses"]] == []  # drained at the end
+    checkpoint = next((tmp_path / "ckpt").glob("*.ckpt"))
+
+    pl.seed_everything(0)
+    resumed_alerts = []
+    resumed = _stride_monitor(resumed_alerts)
+    trainer = make_trainer(tmp_path / "b", [resumed, ForceStride(resumed, 3)], max_steps=40, deterministic=False)
+    trainer.fit(DigitsModule(corrupt_steps=(25,)), ckpt_path=checkpoint)
+    assert (25, "loss_spike") in resumed_alerts  # scored after the resume
+    assert int(resumed.loss_detector.state_dict()["count"]) == scored
+
+
+def test_a_new_fit_does_not_score_losses_left_by_a_failed_one(tmp_path):
+    class Interrupt(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 26:
+                raise RuntimeError("interrupted")
+
+    pl.seed_everything(0)
+    seen = []
+    monitor = _stride_monitor(seen)
+    trainer = make_trainer(tmp_path / "a", [monitor, ForceStride(monitor, 3), Interrupt()], max_steps=40)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        trainer.fit(DigitsModule(corrupt_steps=(25,)))
+    assert [step for step, _ in monitor._deferred_losses] == [25]
+    seen.clear()
+    make_trainer(tmp_path / "b", [monitor, ForceStride(monitor, 3)], max_steps=5, deterministic=False).fit(
+        DigitsModule()
+    )
+    assert seen == []  # the old run's step 25 is not this run's
