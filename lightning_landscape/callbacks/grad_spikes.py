@@ -157,22 +157,25 @@ class GradientSpikeMonitor(LandscapeCallback):
         self._records: list[tuple[int, list[float] | Tensor, list[float] | Tensor]] = []
         self._current: tuple[int, Tensor, Tensor] | None = None
         self._loss_sum: Tensor | None = None
-        self._loss_step = -1
         self._snapshot: list[Tensor] | None = None
         self._parameters: tuple[list[str], list[torch.nn.Parameter]] | None = None
         self._resolved_names: list[str] | None = None  # the parameter names `_group_index` was built for
         self._norm_dtype: dict[str, torch.dtype] = {}
         self._sharded = False
         self._world_size = 1
+        self._deferred_losses: list[tuple[int, Tensor | None]] = []
+        self._reset_stride()
+
+    def _reset_stride(self) -> None:
+        """Stride 1 and empty cost tallies (at construction and at every fit start, when the ledger restarts)."""
         #: Budget mode: the gradients are read every ``stride``-th step (and at every logged step). 1 unless reading
         #: them every step would by itself take more than ``budget_share`` of the budget; the loss is scored every
         #: step regardless. Re-decided at every logged step from the measured costs.
         self.stride = 1
-        self._step_seconds = 0.0  # this step's hook time so far
         # seconds and count of the steps of each kind: skipped (loss only), read (gradients), logged (read + logged)
-        self._step_costs = {_SKIPPED: [0.0, 0], _READ: [0.0, 0], _LOGGED: [0.0, 0]}
-        self._deferred_losses: list[tuple[int, Tensor | None]] = []
-        self._drain_seconds = 0.0
+        self._step_costs = {kind: [0.0, 0] for kind in (_SKIPPED, _READ, _LOGGED)}
+        self._step_seconds = 0.0  # this step's hook time so far
+        self._drain_seconds = 0.0  # of which scoring skipped steps' losses
 
     def _monitor_state_dict(self) -> dict[str, Any]:
         return {
@@ -215,10 +218,7 @@ class GradientSpikeMonitor(LandscapeCallback):
         # fit's first step came from the checkpoint it resumes (kept), later ones from an earlier fit (dropped)
         self._current, self._loss_sum, self._snapshot = None, None, None
         self._deferred_losses = [(s, loss) for s, loss in self._deferred_losses if s < trainer.global_step]
-        # budget mode decides the stride afresh in every fit, from this fit's costs (its ledger restarts too)
-        self.stride = 1
-        self._step_costs = {kind: [0.0, 0] for kind in (_SKIPPED, _READ, _LOGGED)}
-        self._step_seconds = self._drain_seconds = 0.0
+        self._reset_stride()  # budget mode decides the stride afresh in every fit, from this fit's costs
 
     def _trainable(self, pl_module: pl.LightningModule) -> tuple[list[str], list[torch.nn.Parameter]]:
         """Names and parameters that require gradients, cached per fit (walking ``named_parameters()`` costs
