@@ -90,6 +90,8 @@ def test_rollbacks_to_the_same_snapshot_compound_the_cut_and_max_rollbacks_stops
     assert "max_rollbacks=2 reached" in messages[2] and "stopping the run" in messages[2]
     assert trainer.global_step == 17  # stopped at the decision after the third alert
     assert_tensors_equal(after.states[15]["model"], before.states[1]["model"])
+    # the second restore is still bitwise the snapshot: training after the first never wrote into it
+    assert_tensors_equal(after.states[15]["optimizer"]["state"], before.states[1]["optimizer"]["state"])
     assert after.states[15]["lr"] == pytest.approx(before.states[1]["lr"] * 0.25, rel=1e-15)
     assert monitor.alerting.rollbacks == 2
 
