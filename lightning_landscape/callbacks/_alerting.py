@@ -162,6 +162,7 @@ class AlertDispatcher:
         self.prefix = prefix
         #: The monitors that report here, by name (their state is part of the snapshot).
         self.monitors: dict[str, LandscapeCallback] = {}
+        self.rollback_enabled = False
         #: False in LandscapeMonitor: snapshots are taken after all parts ran, not inside one part's check.
         self.snapshot_at_decisions = True
         self.log_root = Path(".")
@@ -178,10 +179,12 @@ class AlertDispatcher:
 
     def register(self, name: str, monitor: LandscapeCallback) -> None:
         self.monitors[name] = monitor
+        self.refresh()
 
-    @property
-    def rollback_enabled(self) -> bool:
-        return any("rollback" in m.on_alert for m in self.monitors.values())
+    def refresh(self) -> None:
+        """Read the monitors' ``on_alert`` again (at ``setup``): whether any asks for rollbacks. Cached, since the
+        per-step safe points must cost next to nothing when none does."""
+        self.rollback_enabled = any("rollback" in m.on_alert for m in self.monitors.values())
 
     # ------------------------------------------------------------------------------------------------ alerts
     def emit(self, monitor: LandscapeCallback, trainer: pl.Trainer, alert: Alert) -> None:
@@ -247,7 +250,7 @@ class AlertDispatcher:
     def safe_point(self, trainer: pl.Trainer, snapshot: bool = True) -> None:
         """Carry out an agreed rollback, or refresh the snapshot when due. Every rank must reach the same safe
         points (the decision points, ``LandscapeMonitor``'s hooks); nothing happens inside the optimizer closure."""
-        if _current_hook(trainer) not in SAFE_HOOKS or not self.rollback_enabled:
+        if not self.rollback_enabled or _current_hook(trainer) not in SAFE_HOOKS:
             return
         if self._due is not None:
             self._rollback(trainer)

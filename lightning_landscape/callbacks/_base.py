@@ -329,6 +329,7 @@ class LandscapeCallback(Callback):
         # runs, never from a rank-0-only branch.
         self._log_root = Path(trainer.log_dir or trainer.default_root_dir)
         self.alerting.log_root = self._log_root
+        self.alerting.refresh()
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
