@@ -277,3 +277,18 @@ def test_a_part_cannot_set_the_shared_keepers_arguments():
         ValueError, match=r"`grad_spikes` sets `max_rollbacks`, but the parts share one rollback keeper"
     ):
         LandscapeMonitor(grad_spikes={"max_rollbacks": 5})
+
+
+def test_rollbacks_and_their_text_reach_tensorboard(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monitor = ScriptedMonitor(alert_steps={12}, on_alert=ROLLBACK, rollback_every_n_steps=5)
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer_for(tmp_path, [monitor], max_steps=16, logger=logger).fit(Regression())
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("landscape/rollbacks")] == [(13, 1.0)]
+    texts = [t.tensor_proto.string_val[0].decode() for t in events.Tensors("landscape/alerts/text_summary")]
+    assert any("grad_spike · scripted [rollback requested]" in t for t in texts)
+    assert any("step 13 · rollback · rolled back to step 11, lr x0.5 (rollback 1 of 3)" in t for t in texts)
