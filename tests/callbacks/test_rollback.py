@@ -292,3 +292,21 @@ def test_rollbacks_and_their_text_reach_tensorboard(tmp_path):
     texts = [t.tensor_proto.string_val[0].decode() for t in events.Tensors("landscape/alerts/text_summary")]
     assert any("grad_spike · scripted [rollback requested]" in t for t in texts)
     assert any("step 13 · rollback · rolled back to step 11, lr x0.5 (rollback 1 of 3)" in t for t in texts)
+
+
+def test_landscape_monitor_checkpoints_its_one_keeper(tmp_path):
+    def bundle():
+        return LandscapeMonitor(
+            hessian=False, rank=False, connectivity=False, logits=False, on_alert=ROLLBACK, max_overhead=None,
+            dashboard=False, rollback_every_n_steps=3,
+        )  # fmt: skip
+
+    monitor = bundle()
+    trainer = trainer_for(tmp_path, [monitor], max_steps=8)
+    trainer.fit(Regression(dtype=torch.float32))
+    path = tmp_path / "bundle.ckpt"
+    trainer.save_checkpoint(path)
+    resumed = bundle()
+    resumed.load_state_dict(torch.load(path, weights_only=False)["callbacks"][monitor.state_key])
+    assert resumed.alerting.snapshot_step == monitor.alerting.snapshot_step == 6
+    assert_tensors_equal(resumed.alerting.snapshot, monitor.alerting.snapshot)
