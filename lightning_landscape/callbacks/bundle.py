@@ -197,7 +197,7 @@ class LandscapeMonitor(Callback):
         active = [pair for pair in self._implementing("on_train_batch_start") if step >= pair[0].idle_until]
         if active:
             self._call(active, trainer, pl_module, batch, batch_idx)
-        self.alerting.safe_point(trainer)  # after every part's check of this step
+        self._safe_point(trainer)  # after every part's check of this step
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         self._forward("on_before_optimizer_step", trainer, pl_module, optimizer)
@@ -206,7 +206,17 @@ class LandscapeMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._forward("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
-        self.alerting.safe_point(trainer)
+        self._safe_point(trainer)
+
+    def _safe_point(self, trainer: pl.Trainer) -> None:
+        """The shared keeper's snapshot refresh or rollback; its time is charged to the budget like a part's."""
+        if not self.alerting.rollback_enabled:
+            return
+        if self.budget is None:
+            self.alerting.safe_point(trainer)
+            return
+        with self.budget.section():
+            self.alerting.safe_point(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._forward("on_train_end", trainer, pl_module)
