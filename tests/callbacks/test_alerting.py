@@ -139,3 +139,24 @@ def test_base_module_still_exports_the_alert_names():
     assert _base.LandscapeAlertError is LandscapeAlertError
     assert _base.ALERT_ACTIONS == ALERT_ACTIONS
     assert {"skip", "rollback"} <= set(ALERT_ACTIONS)
+
+
+def test_skipped_step_under_a_grad_scaler_leaves_weights_and_state(tmp_path):
+    # Lightning's AMP order: closure (scaled backward), unscale_, on_before_optimizer_step (the skip), scaler.step,
+    # scaler.update: with no gradients left, scaler.step runs optimizer.step() on nothing
+    torch.manual_seed(0)
+    module = nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(module.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    for skip in (False, True):
+        scaler.scale(module(torch.randn(4, 3)).sum()).backward()
+        scaler.unscale_(optimizer)
+        before = copy.deepcopy((module.state_dict(), optimizer.state_dict()))
+        if skip:
+            for parameter in module.parameters():
+                parameter.grad = None
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+    assert_tensors_equal(module.state_dict(), before[0])
+    assert_tensors_equal(optimizer.state_dict(), before[1])
