@@ -22,11 +22,11 @@ from tests.helpers.lightning import ClassifierModule, make_trainer
 class TinyLM(pl.LightningModule):
     """One causal pre-norm transformer layer over random tokens (fast path and fused attention both in play)."""
 
-    def __init__(self, lr: float = 1e-2, vocab: int = 11, width: int = 16) -> None:
+    def __init__(self, lr: float = 1e-2, vocab: int = 11, width: int = 16, dropout: float = 0.1) -> None:
         super().__init__()
         self.lr = lr
         self.embed = nn.Embedding(vocab, width)
-        layer = nn.TransformerEncoderLayer(width, 2, 32, dropout=0.1, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(width, 2, 32, dropout=dropout, batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
         self.head = nn.Linear(width, vocab)
         g = torch.Generator().manual_seed(5)
@@ -49,11 +49,15 @@ class TinyLM(pl.LightningModule):
 
 
 class StateRecorder(pl.Callback):
+    """The weights and the training batch at the start of every step (the forward a measurement reads)."""
+
     def __init__(self):
         self.states = {}
+        self.batches = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.states.setdefault(trainer.global_step, copy.deepcopy(pl_module.state_dict()))
+        self.batches.setdefault(trainer.global_step, copy.deepcopy(batch))
 
 
 def twin_statistics(model: TinyLM, window: torch.Tensor) -> dict[str, float]:
@@ -71,14 +75,17 @@ def twin_statistics(model: TinyLM, window: torch.Tensor) -> dict[str, float]:
 
 
 def test_values_equal_a_hand_computed_twin_and_read_back_from_tensorboard(tmp_path):
+    # the statistics are those of step 10's own training forward (its batch, its weights); no dropout, so the
+    # twin can recompute that forward exactly
     recorder = StateRecorder()
     monitor = LogitMonitor(every_n_steps=5, alignment=True)
     logger = TensorBoardLogger(tmp_path, name="logits")
     pl.seed_everything(0)
-    make_trainer(tmp_path, [recorder, monitor], max_steps=11, logger=logger).fit(TinyLM())
-    model = TinyLM()
+    make_trainer(tmp_path, [recorder, monitor], max_steps=11, logger=logger).fit(TinyLM(dropout=0.0))
+    model = TinyLM(dropout=0.0)
     model.load_state_dict(recorder.states[10])
-    twin = twin_statistics(model, monitor._probe[0][0])
+    (window,) = recorder.batches[10]
+    twin = twin_statistics(model, window)
     m = monitor.last_metrics
     assert m["landscape/logits/status"] == 1.0
     assert m["landscape/logits/attention/max"] == pytest.approx(twin["attention_max"], rel=1e-5)
@@ -92,7 +99,7 @@ def test_values_equal_a_hand_computed_twin_and_read_back_from_tensorboard(tmp_pa
     with operator_mode(model, "eval"), torch.no_grad():
         features = (
             model.blocks(
-                model.embed(monitor._probe[0][0][:, :-1]),
+                model.embed(window[:, :-1]),
                 mask=nn.Transformer.generate_square_subsequent_mask(8),
                 is_causal=True,
             )
