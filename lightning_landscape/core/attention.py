@@ -277,17 +277,17 @@ class AttentionCapture(TorchFunctionMode):
         still active (leaving would pop that one instead)."""
         if not self._active:
             return
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._stack.clear()
-        self._active = False
         stack = torch.overrides._get_current_function_mode_stack()
         if not stack or stack[-1] is not self:
             raise RuntimeError(
                 "AttentionCapture.stop: another TorchFunctionMode entered after the capture is still active; "
                 "leave modes in reverse order."
             )
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._stack.clear()
+        self._active = False
         self.__exit__(None, None, None)
 
     @property
