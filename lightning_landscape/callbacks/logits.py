@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -530,7 +531,9 @@ class LogitMonitor(LandscapeCallback):
         armed = _Armed(step, time.perf_counter())
         loss_fn = self.resolve_loss_fn(pl_module)
         try:
-            with operator_mode(pl_module, self.mode):
+            with operator_mode(pl_module, self.mode), warnings.catch_warnings():
+                # torch warns that a compiled module's global hooks fire twice; the capture counts by name
+                warnings.filterwarnings("ignore", message=r".*global hooks on modules", category=UserWarning)
                 self._install(armed, pl_module, attention, output, layers)
                 for index, batch in enumerate(batches):
                     with seeded_rng(pl_module.device, self.seed + index):
