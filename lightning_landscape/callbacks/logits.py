@@ -168,7 +168,8 @@ class LogitMonitor(LandscapeCallback):
           controls (inputs after a ReLU are non-negative, so one sign is natural); see ``benchmarks/RESULTS.md``.
 
     Cost per measurement: no forward pass; one more ``q k^T`` per attention call (materialised transiently, as
-    ``batch x heads x L x S`` in float32; ``attention_samples`` limits it to the first batch rows), the Python
+    ``batch x heads x L x S`` in float32) with its row maxima, the softmax entropy over the first ``entropy_samples``
+    batch rows, the Python
     dispatch of the step's torch calls while the capture is armed, one read-back, and a few ``W^T W v`` products
     per watched linear layer. Under DDP the statistics are reduced by name (``distributed.all_reduce_named``).
 
@@ -183,8 +184,9 @@ class LogitMonitor(LandscapeCallback):
         attention_logit_threshold, log_partition_drift, alignment_threshold: the alert thresholds (see above);
             ``log_partition_drift=None`` turns ``logit_divergence`` off.
         power_iterations: most power iterations per layer and measurement (warm-started, usually 2-5 are used).
-        attention_samples: read only the first this many batch rows of each attention call (``None``: all); the
-            maximum is then over those rows.
+        entropy_samples: the attention entropy is averaged over the first this many batch rows of each attention
+            call (default 2; ``None``: all). The entropy costs several passes over the logits (the maximum one), so
+            it is subsampled; the maximum is always over every row and query.
         **kwargs: the shared arguments of :class:`~lightning_landscape.callbacks._base.LandscapeCallback`
             (``num_probe_batches``, ``loss_fn`` and ``mode`` only matter for the compiled fallback).
 
@@ -209,7 +211,7 @@ class LogitMonitor(LandscapeCallback):
         log_partition_drift: float | None = None,
         alignment_threshold: float = 0.99,
         power_iterations: int = 20,
-        attention_samples: int | None = None,
+        entropy_samples: int | None = 2,
         every_n_steps: int = 10,
         num_probe_batches: int = 1,
         **kwargs: Any,
@@ -228,8 +230,8 @@ class LogitMonitor(LandscapeCallback):
         )
         self.alignment_threshold = check_float("alignment_threshold", alignment_threshold, minimum=0.5, maximum=1.0)
         self.power_iterations = check_int("power_iterations", power_iterations, minimum=1)
-        self.attention_samples = (
-            None if attention_samples is None else check_int("attention_samples", attention_samples, minimum=1)
+        self.entropy_samples = (
+            None if entropy_samples is None else check_int("entropy_samples", entropy_samples, minimum=1)
         )
         self._directions: dict[str, Tensor] = {}  # warm starts of the power iterations
         self._initial_log_partition: float | None = None
@@ -367,7 +369,7 @@ class LogitMonitor(LandscapeCallback):
             armed.handles.append(output[1].register_forward_hook(output_hook))
         if attention is not None:
             names = {m: n for n, m in pl_module.named_modules()}
-            armed.capture = AttentionCapture(names, attention, self.attention_samples).start()
+            armed.capture = AttentionCapture(names, attention, self.entropy_samples).start()
 
     def _disarm(self) -> None:
         if self._armed is not None:

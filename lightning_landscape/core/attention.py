@@ -32,9 +32,9 @@ Not seen: attention kernels that never reach these Python-level functions (``fla
 xformers, a custom CUDA op), and a forward compiled by ``torch.compile`` (Dynamo traces the functions, the mode
 does not run): callers detect both (nothing captured, or a compiled model) and say so.
 
-Cost: one more ``q k^T`` per attention call (``batch x heads x L x S`` logits, materialised transiently; pass
-``samples`` to read only the first batch rows), a few reductions over it, and the Python dispatch of every torch
-call while active.
+Cost: one more ``q k^T`` per attention call (``batch x heads x L x S`` logits, materialised transiently), its
+masked row maxima, the softmax entropy over the first ``entropy_samples`` batch rows (all by default), and the
+Python dispatch of every torch call while active.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def sdpa_logits(
     if enable_gqa and q.dim() >= 3 and k.shape[-3] != q.shape[-3]:
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
     factor = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    logits = (q @ k.transpose(-2, -1)) * factor
+    logits = (q * factor) @ k.transpose(-2, -1)  # scaling q: fewer elements than the logits
     length, source = logits.shape[-2], logits.shape[-1]
     allowed = torch.ones(length, source, dtype=torch.bool, device=logits.device)
     if is_causal:
@@ -175,22 +175,38 @@ def mha_allowed(
 
 
 # -------------------------------------------------------------------------------------------- statistics
-def attention_sums(logits: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(maximum allowed logit, summed softmax entropy in nats, number of query rows with an allowed key, number of
-    non-finite allowed logits), as 0-d tensors on the logits' device: no host synchronisation.
+def attention_sums(
+    logits: Tensor, allowed: Tensor, entropy_samples: int | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(maximum allowed logit, summed softmax entropy in nats, number of query rows in that sum, number of rows whose
+    allowed logits are not all finite), as 0-d tensors on the logits' device: no host synchronisation.
 
-    The entropy is that of the softmax over each query's allowed keys (``log S`` for uniform attention, ``0`` for
-    attention on one key); fully masked rows are skipped (maximum ``-inf`` when every row is).
+    The maximum and the non-finite count are over every row; the entropy (and its row count) over the first
+    ``entropy_samples`` entries of the leading (batch) dimension (``None``: all): the entropy is a mean, which a
+    subsample estimates, and it is most of the cost. It is that of the softmax over each query's allowed keys
+    (``log S`` for uniform attention, ``0`` for attention on one key), computed as ``log Z - sum(e * (s - m)) / Z``
+    with ``m`` the row maximum and ``e = exp(s - m)``; fully masked rows are skipped (maximum ``-inf`` when every
+    row is). A ``nan`` or ``+inf`` allowed logit makes its row's maximum non-finite, which is how non-finite logits
+    are counted without another pass over them.
     """
     allowed = allowed.expand_as(logits)
     masked = logits.masked_fill(~allowed, -math.inf)
-    has_key = allowed.any(-1)
-    maximum = masked.amax() if masked.numel() else logits.new_tensor(-math.inf)
-    log_p = torch.log_softmax(masked, dim=-1)
-    p = log_p.exp()
-    terms = torch.where(p > 0, p * log_p, torch.zeros_like(p))
-    entropy = torch.where(has_key, -terms.sum(-1), torch.zeros((), dtype=logits.dtype, device=logits.device))
-    non_finite = (~torch.isfinite(logits) & allowed).sum()
+    row_max = masked.amax(-1, keepdim=True) if masked.shape[-1] else masked.sum(-1, keepdim=True) - math.inf
+    peak = row_max.squeeze(-1)
+    has_key_all = (peak > -math.inf) | peak.isnan()  # nan rows count as rows (and as non-finite)
+    maximum = peak.amax() if peak.numel() else logits.new_tensor(-math.inf)
+    non_finite = (has_key_all & ~torch.isfinite(peak)).sum()
+    if entropy_samples is not None and logits.dim() > 2:
+        masked, allowed = masked[:entropy_samples], allowed[:entropy_samples]
+        row_max, has_key_all = row_max[:entropy_samples], has_key_all[:entropy_samples]
+    has_key = has_key_all
+    finite_max = torch.where(has_key.unsqueeze(-1), row_max, torch.zeros_like(row_max))
+    shifted = (masked - finite_max).masked_fill(~allowed, 0.0)
+    e = shifted.exp().masked_fill(~allowed, 0.0)
+    z = e.sum(-1)
+    entropy = torch.log(z) - (e * shifted).sum(-1) / z
+    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    entropy = torch.where(has_key, entropy, zero)
     return maximum, entropy.sum(), has_key.sum().to(logits.dtype), non_finite.to(logits.dtype)
 
 
@@ -220,8 +236,8 @@ class AttentionCapture(TorchFunctionMode):
         names: ``{module: qualified name}`` of the watched model (its ``named_modules()``); the innermost running
             one names a call (``"root"`` outside all of them).
         include: ``include(name) -> bool``: whether a call by that module is read (others pass through untouched).
-        samples: read only the first ``samples`` batch rows of each call (``None``: all). The maximum is then over
-            those rows only.
+        entropy_samples: average the entropy over the first this many batch rows of each call (``None``: all); the
+            maximum is always over every row (see :func:`attention_sums`).
 
     Use as a context manager (``with AttentionCapture(...) as capture:``) or with :meth:`start`/:meth:`stop` when
     entry and exit happen in different callbacks; :attr:`sums` holds ``{name: AttentionSums}``.
@@ -231,12 +247,12 @@ class AttentionCapture(TorchFunctionMode):
         self,
         names: dict[nn.Module, str],
         include: Callable[[str], bool] | None = None,
-        samples: int | None = None,
+        entropy_samples: int | None = None,
     ) -> None:
         super().__init__()
         self._names = {id(m): n for m, n in names.items()}
         self._include = include
-        self.samples = samples
+        self.entropy_samples = entropy_samples
         self.sums: dict[str, AttentionSums] = {}
         self._stack: list[str] = []
         self._handles: list[Any] = []
@@ -320,7 +336,6 @@ class AttentionCapture(TorchFunctionMode):
             if not isinstance(query, Tensor) or not isinstance(key, Tensor) or query.is_nested:
                 return None
             mask = bound.get("attn_mask")
-            query, key, mask = self._subsample(query), self._subsample(key), self._subsample_mask(mask, query.dim())
             return sdpa_logits(
                 query, key, mask, bool(bound.get("is_causal", False)), bound.get("scale"), bool(bound.get("enable_gqa"))
             )
@@ -331,7 +346,7 @@ class AttentionCapture(TorchFunctionMode):
                 return None  # not (batch, heads, queries, keys) attention scores
             if not scores.is_floating_point():
                 return None
-            return softmax_logits(self._subsample(scores))
+            return softmax_logits(scores)
         bound = _MHA_SIGNATURE.bind(*args, **kwargs).arguments
         query, key = bound["query"], bound["key"]
         if not isinstance(query, Tensor) or not isinstance(key, Tensor) or query.is_nested:
@@ -349,20 +364,10 @@ class AttentionCapture(TorchFunctionMode):
         logits, allowed = mha_allowed(
             logits, bound.get("attn_mask"), bound.get("key_padding_mask"), bool(bound.get("is_causal", False))
         )
-        if self.samples is not None:
-            logits, allowed = logits[: self.samples], allowed[: self.samples]
         return logits, allowed
 
-    def _subsample(self, tensor: Tensor) -> Tensor:
-        return tensor if self.samples is None or tensor.dim() < 3 else tensor[: self.samples]
-
-    def _subsample_mask(self, mask: Any, dims: int) -> Any:
-        if self.samples is None or not isinstance(mask, Tensor) or mask.dim() != dims or mask.shape[0] == 1:
-            return mask
-        return mask[: self.samples]
-
     def _add(self, name: str, logits: Tensor, allowed: Tensor) -> None:
-        maximum, entropy, rows, non_finite = attention_sums(logits, allowed)
+        maximum, entropy, rows, non_finite = attention_sums(logits, allowed, self.entropy_samples)
         summary = self.sums.get(name)
         if summary is None:
             zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
@@ -372,11 +377,11 @@ class AttentionCapture(TorchFunctionMode):
 
 @contextmanager
 def capture_attention(
-    model: nn.Module, include: Callable[[str], bool] | None = None, samples: int | None = None
+    model: nn.Module, include: Callable[[str], bool] | None = None, entropy_samples: int | None = None
 ) -> Iterator[AttentionCapture]:
     """``with capture_attention(model) as capture: model(x)``: :class:`AttentionCapture` over ``model``'s modules,
     left (mode and hooks) on exit, even after an error."""
-    capture = AttentionCapture({m: n for n, m in model.named_modules()}, include, samples)
+    capture = AttentionCapture({m: n for n, m in model.named_modules()}, include, entropy_samples)
     capture.start()
     try:
         yield capture

@@ -138,10 +138,14 @@ def test_include_filter_and_batch_row_subsample():
     with capture_attention(model, include=lambda name: name != "block") as capture:
         model(q, k, v)
     assert capture.sums == {}
-    with capture_attention(model, samples=1) as capture:
+    with capture_attention(model, entropy_samples=1) as capture:
         model(q, k, v)
-    expected = hand_statistics(q[:1] @ k[:1].transpose(-1, -2) / math.sqrt(8), torch.ones(1, 4, 5, 6, dtype=bool))
-    assert captured(capture, "block") == pytest.approx(expected, rel=1e-10)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(8)
+    every = torch.ones(2, 4, 5, 6, dtype=torch.bool)
+    maximum, _, _ = hand_statistics(logits, every)  # the maximum: over every batch row (here: the second's)
+    _, entropy, rows = hand_statistics(logits[:1], every[:1])  # the entropy: over the first row only
+    assert maximum > hand_statistics(logits[:1], every[:1])[0]
+    assert captured(capture, "block") == pytest.approx((maximum, entropy, rows), rel=1e-10)
 
 
 class EagerBlock(nn.Module):
