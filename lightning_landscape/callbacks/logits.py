@@ -391,10 +391,10 @@ class LogitMonitor(LandscapeCallback):
             return
         started = time.perf_counter()
         armed.disarm()
-        self._complete(trainer, pl_module, armed.step, lambda: self._read(trainer, pl_module, armed), started)
-        # the hook time of the arming (and disarming) belongs to this measurement too
-        if self.budget is not None:
-            self.budget.charge(armed.seconds, owner=id(self))
+        # the arming and disarming, and the reads inside the training forward, belong to this measurement too
+        earlier = armed.seconds + (armed.capture.seconds if armed.capture is not None else 0.0)
+        read = lambda: self._read(trainer, pl_module, armed)  # noqa: E731
+        self._complete(trainer, pl_module, armed.step, read, started, earlier)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._disarm()
@@ -409,8 +409,10 @@ class LogitMonitor(LandscapeCallback):
         step: int,
         compute: Callable[[], dict[str, float]],
         started: float,
+        earlier: float = 0.0,
     ) -> None:
-        """The tail of ``LandscapeCallback._run`` for a measurement read at the end of the step."""
+        """The tail of ``LandscapeCallback._run`` for a measurement read at the end of the step (``earlier``:
+        seconds it already spent before ``started``: arming, and the reads inside the training forward)."""
         try:
             metrics = compute()
         except FloatingPointError as err:
@@ -424,9 +426,11 @@ class LogitMonitor(LandscapeCallback):
             metrics = {self.key("status"): 0.0}
         else:
             metrics[self.key("status")] = 1.0
-        cost = time.perf_counter() - started
+        cost = time.perf_counter() - started + earlier
         metrics[self.key("seconds")] = cost
         if self.budget is not None:
+            # inside LandscapeMonitor's section only the owner's tally takes it (the section times the hooks); the
+            # reads inside the forward are training time to the ledger's total either way
             self.budget.charge(cost, owner=id(self))
             self._expected_cost = cost if self._cost_is_typical else None
             self._cost_is_typical = True

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -253,6 +254,8 @@ class AttentionCapture(TorchFunctionMode):
         self._names = {id(m): n for m, n in names.items()}
         self._include = include
         self.entropy_samples = entropy_samples
+        #: Host seconds spent reading calls (on an asynchronous device: launching the reads), for budget ledgers.
+        self.seconds = 0.0
         self.sums: dict[str, AttentionSums] = {}
         self._stack: list[str] = []
         self._handles: list[Any] = []
@@ -316,10 +319,12 @@ class AttentionCapture(TorchFunctionMode):
         if func is F.scaled_dot_product_attention or func in _SOFTMAX or func is F.multi_head_attention_forward:
             name = self.current()
             if self._wanted(name):
+                started = time.perf_counter()
                 with torch.no_grad():
                     read = self._read(func, args, kwargs)
-                if read is not None:
-                    self._add(name, *read)
+                    if read is not None:
+                        self._add(name, *read)
+                self.seconds += time.perf_counter() - started
         return func(*args, **kwargs)
 
     def _wanted(self, name: str) -> bool:

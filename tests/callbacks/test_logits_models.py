@@ -201,3 +201,34 @@ def test_compiled_model_falls_back_to_one_eager_probe_forward_without_recompilin
     assert m[f"{P}/status"] == 1.0 and f"{P}/attention/net._orig_mod.h.0.attn/max" in m
     assert stats.get("unique_graphs") == plain_stats.get("unique_graphs")  # the probe forward compiled nothing
     assert all(torch.equal(a, b) for a, b in zip(plain.values(), watched.values(), strict=True))
+
+
+def test_inside_landscape_monitor_the_bundle_forwards_the_hooks_it_needs(tmp_path):
+    from lightning_landscape import LandscapeMonitor
+
+    bundle = LandscapeMonitor(
+        hessian=False,
+        grad_spikes=False,
+        rank=False,
+        connectivity=False,
+        logits={"every_n_steps": 2},
+        max_overhead=None,
+    )
+    _fit(tmp_path, NanoGPT(), [bundle], max_steps=5, logger=False)
+    part = bundle.parts["logits"]
+    assert part.num_measurements == 3  # steps 0, 2, 4
+    assert f"{P}/attention/net.h.0.attn/max" in bundle.last_metrics
+    assert part._armed is None and not torch.overrides._get_current_function_mode_stack()
+
+
+def test_gradient_accumulation_reads_the_first_micro_batch_of_the_step(tmp_path):
+    recorder = StateRecorder()
+    monitor = LogitMonitor(every_n_steps=2, attention=False)
+    _fit(tmp_path, NanoGPT(), [recorder, monitor], max_steps=3, accumulate_grad_batches=2, logger=False)
+    assert monitor.num_measurements == 2  # steps 0 and 2, once each
+    model = NanoGPT()
+    model.load_state_dict(recorder.states[2])
+    inputs, _, _ = split_lm_batch(recorder.batches[2])  # the first micro-batch of step 2
+    with torch.no_grad():
+        expected = float(torch.logsumexp(model(inputs).double(), -1).mean())
+    assert monitor.last_metrics[f"{P}/output/log_partition"] == pytest.approx(expected, rel=1e-5)
