@@ -145,6 +145,9 @@ class LogitMonitor(LandscapeCallback):
           row, nats; it collapses as logits grow).
         - ``p/logits/output/log_partition``: mean ``logsumexp`` of the output layer's logits (``output_module``) and
           ``p/logits/output/drift``, its change since the first measurement; ``p/logits/output/max_abs``.
+        - ``p/logits/output/softmax_collapse``: the fraction of output rows (samples or tokens) whose largest softmax
+          probability rounds to exactly 1 in the loss dtype (the logits' dtype; float32 under autocast, where the
+          softmax and cross-entropy run in float32): their gradient through the softmax has vanished.
         - ``p/logits/alignment/{name}/sign_fraction``: spectral alignment (Qiu et al. 2025): the majority-sign
           fraction of ``v1 . x`` over the layer's input rows ``x`` (``v1``: the weight's top right singular vector,
           by warm-started power iteration), in [0.5, 1]; and ``p/logits/alignment/max_sign_fraction``.
@@ -163,6 +166,8 @@ class LogitMonitor(LandscapeCallback):
         - ``logit_divergence`` (opt-in, ``log_partition_drift`` in nats): ``|drift|`` of the output log-partition
           exceeds it. Off by default: a healthy classifier's log-partition rises by 4-10 nats as it grows confident,
           more than the transformer's pre-divergence drift (2.3-3), so no level separates them.
+        - ``softmax_collapse`` (opt-in, ``softmax_collapse_fraction``): ``p/logits/output/softmax_collapse``
+          exceeds it. Off by default: a model that has memorised easy training examples saturates them legitimately.
         - ``alignment_collapse`` (when ``alignment`` is on): a layer's sign fraction reaches ``alignment_threshold``
           when it started below it. Off by default: in our scenarios the fraction also reached 1.0 in stable
           controls (inputs after a ReLU are non-negative, so one sign is natural); see ``benchmarks/RESULTS.md``.
@@ -183,6 +188,7 @@ class LogitMonitor(LandscapeCallback):
             names (matching nothing fails at ``setup``).
         attention_logit_threshold, log_partition_drift, alignment_threshold: the alert thresholds (see above);
             ``log_partition_drift=None`` turns ``logit_divergence`` off.
+        softmax_collapse_fraction: the ``softmax_collapse`` alert's threshold in ``[0, 1)`` (``None``: off).
         power_iterations: most power iterations per layer and measurement (warm-started, usually 2-5 are used).
         entropy_samples: the attention entropy is averaged over the first this many batch rows of each attention
             call (default 2; ``None``: all). The entropy costs several passes over the logits (the maximum one), so
@@ -209,6 +215,7 @@ class LogitMonitor(LandscapeCallback):
         *,
         attention_logit_threshold: float = 30.0,
         log_partition_drift: float | None = None,
+        softmax_collapse_fraction: float | None = None,
         alignment_threshold: float = 0.99,
         power_iterations: int = 20,
         entropy_samples: int | None = 2,
@@ -227,6 +234,11 @@ class LogitMonitor(LandscapeCallback):
             None
             if log_partition_drift is None
             else check_float("log_partition_drift", log_partition_drift, minimum=0.0, strict_minimum=True)
+        )
+        self.softmax_collapse_fraction = (
+            None
+            if softmax_collapse_fraction is None
+            else check_float("softmax_collapse_fraction", softmax_collapse_fraction, minimum=0.0, maximum=0.999999)
         )
         self.alignment_threshold = check_float("alignment_threshold", alignment_threshold, minimum=0.5, maximum=1.0)
         self.power_iterations = check_int("power_iterations", power_iterations, minimum=1)
@@ -345,6 +357,11 @@ class LogitMonitor(LandscapeCallback):
                 armed.add("output/log_z_sum", log_z.sum(), "sum")
                 armed.add("output/count", wide.new_tensor(float(log_z.numel())), "sum")
                 armed.add("output/max_abs", wide.masked_fill(~finite, 0.0).abs().amax(), "max")
+                # softmax collapse: the top probability rounds to exactly 1 in the dtype the loss sees
+                autocast = torch.is_autocast_enabled(logits.device.type)
+                loss_dtype = torch.float32 if autocast and logits.dtype in (torch.float16, torch.bfloat16) else None
+                probabilities = torch.softmax(logits.masked_fill(~finite, 0.0).to(loss_dtype or logits.dtype), -1)
+                armed.add("output/saturated", (probabilities.amax(-1) == 1).sum().to(wide.dtype), "sum")
 
         def alignment_hook(name: str, direction: Tensor):
             def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -509,6 +526,7 @@ class LogitMonitor(LandscapeCallback):
             metrics[f"{p}/output/log_partition"] = log_z
             metrics[f"{p}/output/drift"] = log_z - self._initial_log_partition
             metrics[f"{p}/output/max_abs"] = read["output/max_abs"]
+            metrics[f"{p}/output/softmax_collapse"] = read["output/saturated"] / count
         fractions = {}
         for name in sorted({n[len("alignment/") : -len("/positive")] for n in read if n.endswith("/positive")}):
             fraction = majority_sign_fraction(
@@ -590,6 +608,20 @@ class LogitMonitor(LandscapeCallback):
                 limit,
                 f"The output log-partition moved by {drift:+.3g} nats since the first measurement (limit "
                 f"{limit:g}): the output logits are diverging in magnitude. Lower the learning rate or add a z-loss.",
+            )
+        saturated = metrics.get(f"{p}/output/softmax_collapse")
+        limit = self.softmax_collapse_fraction
+        if saturated is not None and limit is not None and self._fires("softmax_collapse", saturated > limit):
+            self._alert(
+                trainer,
+                step,
+                "softmax_collapse",
+                f"{p}/output/softmax_collapse",
+                saturated,
+                limit,
+                f"{saturated:.1%} of the output rows have a largest softmax probability of exactly 1 in the loss "
+                f"dtype (limit {limit:.1%}): the softmax has saturated and their gradient vanished. Lower the "
+                "learning rate, add label smoothing or a z-loss.",
             )
         collapsed = {
             name: f

@@ -196,6 +196,8 @@ def test_state_round_trip(tmp_path):
         ({"log_partition_drift": 0}, ValueError, "`log_partition_drift`"),
         ({"alignment_threshold": 0.2}, ValueError, "`alignment_threshold`"),
         ({"attention_logit_threshold": math.nan}, ValueError, "`attention_logit_threshold`"),
+        ({"softmax_collapse_fraction": 1.0}, ValueError, "`softmax_collapse_fraction`"),
+        ({"entropy_samples": 0}, ValueError, "`entropy_samples`"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -207,3 +209,44 @@ def test_unknown_output_module_fails_clearly(tmp_path):
     monitor = LogitMonitor(output_module="nope", strict=True)
     with pytest.raises(ValueError, match="`output_module` must name a module"):
         make_trainer(tmp_path, [monitor], max_steps=2).fit(ClassifierModule())
+
+
+class Saturating(pl.LightningModule):
+    """An identity head over fixed logits: rows i % 4 == 0 saturate (a gap of 40), the others do not (gap 2 or 12)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(5, 5, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.eye(5))
+        gaps = torch.tensor([40.0 if i % 4 == 0 else (2.0 if i % 2 else 12.0) for i in range(32)])
+        self.logits = torch.zeros(32, 5)
+        self.logits[:, 1] = gaps
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        out = self.head(x)
+        return nn.functional.cross_entropy(out, out.argmax(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.logits), batch_size=8)
+
+
+def test_softmax_collapse_equals_a_float32_hand_count_and_alerts_above_its_fraction(tmp_path):
+    model = Saturating()
+    hand = float((torch.softmax(model.logits[:8].float(), -1).amax(-1) == 1).float().mean())
+    assert hand == 0.25  # exactly the rows built to saturate
+    alerts = []
+    monitor = LogitMonitor(every_n_steps=1, on_alert=alerts.append, softmax_collapse_fraction=0.2)
+    make_trainer(tmp_path, [monitor], max_steps=3).fit(model)
+    assert monitor.last_metrics["landscape/logits/output/softmax_collapse"] == hand
+    assert [(a.step, a.kind) for a in alerts] == [(0, "softmax_collapse")]  # edge-triggered: once
+    assert alerts[0].value == hand and alerts[0].threshold == 0.2
+    quiet = []
+    make_trainer(tmp_path, [LogitMonitor(on_alert=quiet.append, softmax_collapse_fraction=0.3)], max_steps=1).fit(
+        Saturating()
+    )
+    assert quiet == []
