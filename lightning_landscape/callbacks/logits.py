@@ -327,10 +327,10 @@ class LogitMonitor(LandscapeCallback):
         armed.seconds = time.perf_counter() - started
 
     def _nothing_to_watch(self) -> None:
-        # e.g. a convolutional net without a Linear head inside LandscapeMonitor: say so once, keep training
         self._warn_once(
             "nothing-to-watch",
-            f"LogitMonitor found nothing to watch: `attention`={self.attention!r}, no output layer "
+            f"LogitMonitor found nothing to watch: no attention call captured (`attention`={self.attention!r}), "
+            "no output layer "
             f"(`output_module`={self.output_module!r}) and no nn.Linear (`alignment`={self.alignment!r}); it "
             "logs nothing.",
         )
@@ -489,7 +489,8 @@ class LogitMonitor(LandscapeCallback):
         else:
             reduced = {name: tensor for name, (tensor, _) in values.items()}
         names = sorted(reduced)
-        if not names:
+        if not any(n.startswith(("attention/", "alignment/")) for n in names) and "output/count" not in names:
+            self._nothing_to_watch()  # e.g. a convolutional net without a Linear head: say so once, keep training
             return {}
         device = reduced[names[0]].device
         wide = torch.float32 if device.type == "mps" else torch.float64
