@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -85,6 +86,20 @@ def _is_compiled(pl_module: nn.Module) -> bool:
         if type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None:
             return True
     return False
+
+
+def _eager_stance() -> contextlib.AbstractContextManager:
+    """Run compiled code eagerly inside the block (``torch.compiler.set_stance``, torch >= 2.6; before that the probe
+    forward runs compiled and may recompile once)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 class _Armed:
@@ -307,7 +322,7 @@ class LogitMonitor(LandscapeCallback):
                 "inside; each measurement runs one eager probe forward over the probe set instead "
                 "(torch.compiler.set_stance('force_eager'): no recompilation).",
             )
-            with torch.compiler.set_stance("force_eager"):
+            with _eager_stance():
                 super()._run(trainer, pl_module, step)
             return
         started = time.perf_counter()
@@ -358,7 +373,7 @@ class LogitMonitor(LandscapeCallback):
                 armed.add("output/count", wide.new_tensor(float(log_z.numel())), "sum")
                 armed.add("output/max_abs", wide.masked_fill(~finite, 0.0).abs().amax(), "max")
                 # softmax collapse: the top probability rounds to exactly 1 in the dtype the loss sees
-                autocast = torch.is_autocast_enabled(logits.device.type)
+                autocast = _autocast_on(logits.device.type)
                 loss_dtype = torch.float32 if autocast and logits.dtype in (torch.float16, torch.bfloat16) else None
                 probabilities = torch.softmax(logits.masked_fill(~finite, 0.0).to(loss_dtype or logits.dtype), -1)
                 armed.add("output/saturated", (probabilities.amax(-1) == 1).sum().to(wide.dtype), "sum")
@@ -389,9 +404,9 @@ class LogitMonitor(LandscapeCallback):
             armed.capture = AttentionCapture(names, attention, self.entropy_samples).start()
 
     def _disarm(self) -> None:
-        if self._armed is not None:
-            self._armed.disarm()
-            self._armed = None
+        armed, self._armed = self._armed, None
+        if armed is not None:
+            armed.disarm()
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         # the forward and backward are over: stop dispatching the optimizer's calls through the capture
@@ -414,10 +429,12 @@ class LogitMonitor(LandscapeCallback):
         self._complete(trainer, pl_module, armed.step, read, started, earlier)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._disarm()
+        with contextlib.suppress(RuntimeError):  # never mask the user's exception
+            self._disarm()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._disarm()
+        with contextlib.suppress(RuntimeError):
+            self._disarm()
 
     def _complete(
         self,

@@ -232,3 +232,19 @@ def test_gradient_accumulation_reads_the_first_micro_batch_of_the_step(tmp_path)
     with torch.no_grad():
         expected = float(torch.logsumexp(model(inputs).double(), -1).mean())
     assert monitor.last_metrics[f"{P}/output/log_partition"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_an_error_in_the_training_step_leaves_no_capture_behind(tmp_path):
+    class Failing(NanoGPT):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            if self.global_step == 2:
+                raise KeyError("boom")
+            return loss
+
+    monitor = LogitMonitor(every_n_steps=2)
+    with pytest.raises(KeyError, match="boom"):
+        _fit(tmp_path, Failing(), [monitor], max_steps=4, logger=False)
+    assert monitor._armed is None and monitor.num_measurements == 2
+    assert not torch.overrides._get_current_function_mode_stack()
+    assert not nn.modules.module._global_forward_pre_hooks and not nn.modules.module._global_forward_hooks
