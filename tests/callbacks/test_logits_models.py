@@ -248,3 +248,15 @@ def test_an_error_in_the_training_step_leaves_no_capture_behind(tmp_path):
     assert monitor._armed is None and monitor.num_measurements == 2
     assert not torch.overrides._get_current_function_mode_stack()
     assert not nn.modules.module._global_forward_pre_hooks and not nn.modules.module._global_forward_hooks
+
+
+def test_a_compiled_lightning_module_is_detected_and_measured_eagerly(tmp_path):
+    # trainer.fit(torch.compile(module)): Lightning unwraps it and compiles the module's forward (_compiler_ctx)
+    pytest.importorskip("torch._dynamo")
+    compiled = torch.compile(NanoGPT(log_loss=False), backend="eager")
+    monitor = LogitMonitor(every_n_steps=2)
+    with pytest.warns(LandscapeWarning, match="model is compiled"):
+        _fit(tmp_path, compiled, [monitor], max_steps=3, logger=False)
+    assert monitor.num_measurements == 2
+    assert monitor.last_metrics[f"{P}/status"] == 1.0
+    assert f"{P}/attention/net.h.1.attn/max" in monitor.last_metrics
