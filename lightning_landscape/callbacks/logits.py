@@ -173,11 +173,16 @@ class LogitMonitor(LandscapeCallback):
     attention keys.
 
     Alerts:
-        - ``attention_logit_growth``: the largest attention logit exceeds ``attention_logit_threshold`` (default 30:
-          a key 30 above the others takes all but ``e^-30`` of a query's attention). In ``benchmarks/early_warning.py``
-          the small character transformer stayed below 9 in 150 steps at a safe learning rate (and below 21 in
-          600), and crossed 30 about 30 steps before it diverged at a high one. Larger models have larger logits
-          (Wortsman et al. saw 10^3-10^4 before divergence): raise it for them.
+        - ``attention_logit_growth``: some attention module's largest logit exceeds both
+          ``attention_logit_threshold`` (default 30: a key 30 above the others takes all but ``e^-30`` of a query's
+          attention) and ``attention_growth_factor`` (default 2) times its baseline, that module's largest logit at
+          its first measurement (kept in the checkpoint). The absolute level judges small-init models: nanoGPT and
+          HF GPT-2 start near 0.1 and stayed below 11 in 300 healthy steps, while at a too-high learning rate nanoGPT
+          went from 0.1 to 132-301 within 20-30 steps, and the example's character transformer crossed 30 about 30
+          steps before it diverged. The growth factor judges models whose logits start large: Lightning's demo
+          transformer (post-LN, embeddings scaled by sqrt(d)) starts at 90 and stayed within 0.97-1.13x of it in
+          300 healthy steps. ``attention_growth_factor=None``: the absolute level alone. Larger models have larger
+          logits (Wortsman et al. saw 10^3-10^4 before divergence): raise the threshold for them.
         - ``logit_divergence`` (opt-in, ``log_partition_drift`` in nats): ``|drift|`` of the output log-partition
           exceeds it. Off by default: a healthy classifier's log-partition rises by 4-10 nats as it grows confident,
           more than the transformer's pre-divergence drift (2.3-3), so no level separates them.
@@ -205,6 +210,8 @@ class LogitMonitor(LandscapeCallback):
             names (matching nothing fails at ``setup``).
         attention_logit_threshold, log_partition_drift, alignment_threshold: the alert thresholds (see above);
             ``log_partition_drift=None`` turns ``logit_divergence`` off.
+        attention_growth_factor: ``attention_logit_growth`` also needs a module's largest logit above this many
+            times its first measured value (``>= 1``; ``None``: the absolute ``attention_logit_threshold`` alone).
         softmax_collapse_fraction: the ``softmax_collapse`` alert's threshold in ``[0, 1)`` (``None``: off).
         power_iterations: most power iterations per layer and measurement (warm-started, usually 2-5 are used).
         entropy_samples: the attention entropy is averaged over the first this many batch rows of each attention
@@ -231,6 +238,7 @@ class LogitMonitor(LandscapeCallback):
         alignment: bool | str | Sequence[str] = False,
         *,
         attention_logit_threshold: float = 30.0,
+        attention_growth_factor: float | None = 2.0,
         log_partition_drift: float | None = None,
         softmax_collapse_fraction: float | None = None,
         alignment_threshold: float = 0.99,
@@ -247,6 +255,11 @@ class LogitMonitor(LandscapeCallback):
         self.output_module = output_module
         self.alignment = _select(alignment, "alignment")
         self.attention_logit_threshold = check_float("attention_logit_threshold", attention_logit_threshold)
+        self.attention_growth_factor = (
+            None
+            if attention_growth_factor is None
+            else check_float("attention_growth_factor", attention_growth_factor, minimum=1.0)
+        )
         self.log_partition_drift = (
             None
             if log_partition_drift is None
@@ -265,6 +278,7 @@ class LogitMonitor(LandscapeCallback):
         self._directions: dict[str, Tensor] = {}  # warm starts of the power iterations
         self._initial_log_partition: float | None = None
         self._initial_fraction: dict[str, float] = {}
+        self._attention_baseline: dict[str, float] = {}  # each module's first measured largest logit
         self._alert_armed: dict[str, bool] = {}
         self._armed: _Armed | None = None
 
@@ -276,6 +290,7 @@ class LogitMonitor(LandscapeCallback):
             "directions": {name: v.detach().cpu() for name, v in self._directions.items()},
             "initial_log_partition": self._initial_log_partition,
             "initial_fraction": dict(self._initial_fraction),
+            "attention_baseline": dict(self._attention_baseline),
             "alert_armed": dict(self._alert_armed),
         }
 
@@ -284,6 +299,7 @@ class LogitMonitor(LandscapeCallback):
         initial = state.get("initial_log_partition")
         self._initial_log_partition = None if initial is None else float(initial)
         self._initial_fraction = {k: float(v) for k, v in state.get("initial_fraction", {}).items()}
+        self._attention_baseline = {k: float(v) for k, v in state.get("attention_baseline", {}).items()}
         self._alert_armed = {k: bool(v) for k, v in state.get("alert_armed", {}).items()}
 
     # --------------------------------------------------------------------------------------------- modules
@@ -598,23 +614,46 @@ class LogitMonitor(LandscapeCallback):
     ) -> None:
         self.emit_alert(trainer, Alert(step, kind, type(self).__name__, metric, value, threshold, message))
 
+    def _attention_growth(self, metrics: dict[str, float]) -> dict[str, tuple[float, float]]:
+        """``{module: (largest logit, limit)}`` for the modules over their limit; records first-seen baselines.
+
+        The limit is ``attention_logit_threshold``, raised to ``attention_growth_factor`` times the module's
+        baseline (its largest logit at its first measurement) when that is higher: a model whose logits start large
+        (Lightning's demo transformer: ~90 at initialisation, post-LN with embeddings scaled by sqrt(d)) is judged
+        against its own start, a small-init model (nanoGPT: ~0.1) against the absolute level.
+        """
+        prefix, suffix = f"{self.prefix}/{self.group}/attention/", "/max"
+        growing = {}
+        for key, value in metrics.items():
+            name = key[len(prefix) : -len(suffix)]
+            if not (key.startswith(prefix) and key.endswith(suffix)) or not name:
+                continue  # not a module's maximum (the overall `attention/max` has an empty name)
+            baseline = self._attention_baseline.setdefault(name, value)
+            limit = self.attention_logit_threshold
+            if self.attention_growth_factor is not None:
+                limit = max(limit, self.attention_growth_factor * baseline)
+            if value > limit:
+                growing[name] = (value, limit)
+        return growing
+
     def _check_alerts(
         self, trainer: pl.Trainer, metrics: dict[str, float], fractions: dict[str, float], step: int
     ) -> None:
         p = f"{self.prefix}/{self.group}"
-        attention_max = metrics.get(f"{p}/attention/max")
-        limit = self.attention_logit_threshold
-        if attention_max is not None and self._fires("attention_logit_growth", attention_max > limit):
+        growing = self._attention_growth(metrics)
+        if self._fires("attention_logit_growth", bool(growing)):
+            name, (value, limit) = max(growing.items(), key=lambda item: item[1][0])
+            baseline = self._attention_baseline[name]
             self._alert(
                 trainer,
                 step,
                 "attention_logit_growth",
-                f"{p}/attention/max",
-                attention_max,
+                f"{p}/attention/{name}/max",
+                value,
                 limit,
-                f"The largest attention logit reached {attention_max:.3g} (> {limit:g}): attention is saturating "
-                "onto single keys, the precursor of divergence in Wortsman et al. 2023. Lower the learning rate or "
-                "add qk-layernorm.",
+                f"The largest attention logit of `{name}` reached {value:.3g} (> {limit:.3g}; it was {baseline:.3g} "
+                "at its first measurement): attention is saturating onto single keys, the precursor of divergence "
+                "in Wortsman et al. 2023. Lower the learning rate or add qk-layernorm.",
             )
         drift = metrics.get(f"{p}/output/drift")
         limit = self.log_partition_drift

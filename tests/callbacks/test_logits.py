@@ -198,6 +198,8 @@ def test_state_round_trip(tmp_path):
         ({"attention_logit_threshold": math.nan}, ValueError, "`attention_logit_threshold`"),
         ({"softmax_collapse_fraction": 1.0}, ValueError, "`softmax_collapse_fraction`"),
         ({"entropy_samples": 0}, ValueError, "`entropy_samples`"),
+        ({"attention_growth_factor": 0.5}, ValueError, "`attention_growth_factor` must be >= 1.0"),
+        ({"attention_growth_factor": "2"}, TypeError, "`attention_growth_factor`"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
