@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Sequence
+import time
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,8 +18,9 @@ from lightning_landscape.callbacks._base import LandscapeCallback
 from lightning_landscape.core import distributed
 from lightning_landscape.core._validation import check_float, check_int
 from lightning_landscape.core.alerts import Alert
+from lightning_landscape.core.attention import AttentionCapture, looks_like_attention
 from lightning_landscape.core.hvp import operator_mode, seeded_rng
-from lightning_landscape.core.logits import LogitProbe, LogitStatistics, top_right_singular_vector
+from lightning_landscape.core.logits import majority_sign_fraction, top_right_singular_vector
 
 
 def _select(option: Any, name: str) -> bool | str | list[str]:
@@ -42,64 +46,187 @@ def _pick(named: list[tuple[str, nn.Module]], option: bool | str | list[str], na
     if option is True:
         return named
     if isinstance(option, str):
-        return [(n, m) for n, m in named if re.search(option, n)]
+        chosen = [(n, m) for n, m in named if re.search(option, n)]
+        if not chosen:
+            raise ValueError(f"`{name}`={option!r} matches no module of the required type in the model.")
+        return chosen
     chosen = [(n, m) for n, m in named if n in set(option)]
     missing = set(option) - {n for n, _ in chosen}
     if missing:
-        raise ValueError(f"`{name}` names {sorted(missing)}, which are not modules of the required type in the model.")
+        raise ValueError(
+            f"`{name}`={option!r} names {sorted(missing)}, which are not modules of the required type in the model."
+        )
     return chosen
+
+
+def _attention_filter(option: bool | str | list[str], names: list[str]) -> Callable[[str], bool] | None:
+    """``attention`` as a filter on the calling module's name (``None``: no capture). A regex or list must match
+    a module of the model (checked at ``setup``)."""
+    if option is False:
+        return None
+    if option is True:
+        return lambda name: True
+    if isinstance(option, str):
+        if not any(re.search(option, n) for n in names):
+            raise ValueError(f"`attention`={option!r} matches no module name of the model.")
+        return lambda name: re.search(option, name) is not None
+    missing = sorted(set(option) - set(names))
+    if missing:
+        raise ValueError(f"`attention`={option!r} names {missing}, which are not modules of the model.")
+    chosen = set(option)
+    return lambda name: name in chosen
+
+
+def _is_compiled(pl_module: nn.Module) -> bool:
+    """Whether the training forward runs compiled: ``trainer.fit(torch.compile(model))`` (Lightning keeps a
+    ``_compiler_ctx``), a compiled submodule (``OptimizedModule``) or ``module.compile()``."""
+    if getattr(pl_module, "_compiler_ctx", None):
+        return True
+    for module in pl_module.modules():
+        if type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None:
+            return True
+    return False
+
+
+def _eager_stance() -> contextlib.AbstractContextManager:
+    """Run compiled code eagerly inside the block (``torch.compiler.set_stance``, torch >= 2.6; before that the probe
+    forward runs compiled and may recompile once)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+class _Armed:
+    """What one due step's capture holds between ``on_train_batch_start`` and ``on_train_batch_end``."""
+
+    def __init__(self, step: int, started: float) -> None:
+        self.step = step
+        self.seconds = time.perf_counter() - started  # the hook time spent so far (arming)
+        self.capture: AttentionCapture | None = None
+        self.handles: list[Any] = []
+        self.sums: dict[str, tuple[Tensor, str]] = {}  # name -> (0-d tensor on the device, reduce op)
+        self.non_finite: dict[str, Tensor] = {}
+
+    def add(self, name: str, value: Tensor, op: str) -> None:
+        old = self.sums.get(name)
+        if old is None:
+            self.sums[name] = (value, op)
+        elif op == "sum":
+            self.sums[name] = (old[0] + value, op)
+        else:
+            self.sums[name] = (torch.maximum(old[0], value), op)
+
+    def disarm(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        if self.capture is not None and self.capture.active:
+            self.capture.stop()
 
 
 class LogitMonitor(LandscapeCallback):
     """Forward-pass early warnings: attention logits, the output log-partition, and spectral alignment.
 
-    Every ``every_n_steps`` (default 10) the probe set runs through the loss once, without a backward pass, with
-    hooks that read (never change) the inputs and outputs of the chosen modules; the hooks are removed afterwards.
-    Gradient recording stays on during that pass because ``nn.TransformerEncoderLayer`` bypasses its attention
-    module altogether (a fused fast path) when it is off.
+    On a due step (every ``every_n_steps``, default 10) the statistics are read from **that step's own training
+    forward pass**: ``on_train_batch_start`` arms the capture, ``on_before_optimizer_step`` (or, failing that,
+    ``on_train_batch_end``) disarms it, and ``on_train_batch_end`` reads everything back in one device-to-host
+    transfer and logs it at the step whose forward was read (the weights after that many optimizer steps). No extra
+    forward pass runs. The attention logits come from every attention implementation the forward calls
+    (:mod:`lightning_landscape.core.attention`: ``F.scaled_dot_product_attention`` with its scale, mask, causal flag
+    and GQA, an eager softmax over ``(batch, heads, queries, keys)`` scores such as HuggingFace's eager attention,
+    and ``nn.MultiheadAttention``); the output logits and the alignment inputs from forward hooks on those modules
+    that exist only during that step. Everything is computed under ``torch.no_grad()`` on detached tensors and
+    stays on the device until the read-back: the training step's outputs, autograd graph, RNG and optimizer are
+    untouched (tested bitwise). Since the training forward is read, its ``train()`` mode applies (dropout before
+    the attention changes its inputs); ``mode`` only applies to the compiled fallback below.
 
-    Logged metrics (``p`` = ``prefix``; ``name`` = module name):
-        - ``p/logits/attention/max``: the largest pre-softmax attention logit ``q.k/sqrt(d_head)`` of any head of any
-          ``nn.MultiheadAttention`` (Wortsman et al. 2023: its growth precedes divergence; qk-layernorm stops it),
-          and ``p/logits/attention/{name}/max``, ``p/logits/attention/{name}/entropy`` (mean softmax entropy per
-          query, nats; it collapses as logits grow).
+    Compiled forwards (``torch.compile``): Dynamo traces ``F.scaled_dot_product_attention`` and friends into the
+    graph, so a capture mode never runs inside it. For a compiled model (detected: Lightning's compiled module, an
+    ``OptimizedModule`` inside, ``module.compile()``) the due step instead runs one probe forward over the probe
+    set *eagerly* (``torch.compiler.set_stance("force_eager")``: no recompilation, which is what made the first
+    pass take 10-34 s) with the same capture, and says so once.
+
+    Logged metrics (``p`` = ``prefix``; ``name`` = the module whose forward made the attention call, ``"root"`` for
+    a call outside every module):
+        - ``p/logits/attention/max``: the largest pre-softmax attention logit over every head of every attention call
+          (Wortsman et al. 2023: its growth precedes divergence; qk-layernorm stops it), and
+          ``p/logits/attention/{name}/max``, ``p/logits/attention/{name}/entropy`` (mean softmax entropy per query
+          row, nats; it collapses as logits grow).
         - ``p/logits/output/log_partition``: mean ``logsumexp`` of the output layer's logits (``output_module``) and
           ``p/logits/output/drift``, its change since the first measurement; ``p/logits/output/max_abs``.
+        - ``p/logits/output/softmax_collapse``: the fraction of output rows (samples or tokens) whose largest softmax
+          probability rounds to exactly 1 in the loss dtype (the logits' dtype; float32 under autocast, where the
+          softmax and cross-entropy run in float32): their gradient through the softmax has vanished.
         - ``p/logits/alignment/{name}/sign_fraction``: spectral alignment (Qiu et al. 2025): the majority-sign
           fraction of ``v1 . x`` over the layer's input rows ``x`` (``v1``: the weight's top right singular vector,
           by warm-started power iteration), in [0.5, 1]; and ``p/logits/alignment/max_sign_fraction``.
         - ``p/logits/status``: 1 ok, 0 failed.
 
+    A model with attention-looking modules (``nn.MultiheadAttention`` or a class name containing "attention"/"attn")
+    of which no call was captured (a custom kernel such as ``flash_attn``'s, a fused op) gets one warning, and no
+    attention keys.
+
     Alerts:
-        - ``attention_logit_growth``: the largest attention logit exceeds ``attention_logit_threshold`` (default 30:
-          a key 30 above the others takes all but ``e^-30`` of a query's attention). In ``benchmarks/early_warning.py``
-          the small character transformer stayed below 9 in 150 steps at a safe learning rate (and below 21 in
-          600), and crossed 30 about 30 steps before it diverged at a high one. Larger models have larger logits
-          (Wortsman et al. saw 10^3-10^4 before divergence): raise it for them.
+        - ``attention_logit_growth``: some attention module's largest logit exceeds both
+          ``attention_logit_threshold`` (default 30: a key 30 above the others takes all but ``e^-30`` of a query's
+          attention) and ``attention_growth_factor`` (default 2) times its baseline, that module's largest logit at
+          its first measurement (kept in the checkpoint). The absolute level judges small-init models: nanoGPT and
+          HF GPT-2 start near 0.1 and stayed below 11 in 300 healthy steps, while at a too-high learning rate nanoGPT
+          went from 0.1 to 132-301 within 20-30 steps, and the example's character transformer crossed 30 about 30
+          steps before it diverged. The growth factor judges models whose logits start large: Lightning's demo
+          transformer (post-LN, embeddings scaled by sqrt(d)) starts at 90 and stayed within 0.97-1.13x of it in
+          300 healthy steps. ``attention_growth_factor=None``: the absolute level alone. Larger models have larger
+          logits (Wortsman et al. saw 10^3-10^4 before divergence): raise the threshold for them.
         - ``logit_divergence`` (opt-in, ``log_partition_drift`` in nats): ``|drift|`` of the output log-partition
           exceeds it. Off by default: a healthy classifier's log-partition rises by 4-10 nats as it grows confident,
           more than the transformer's pre-divergence drift (2.3-3), so no level separates them.
+        - ``softmax_collapse`` (opt-in, ``softmax_collapse_fraction``): ``p/logits/output/softmax_collapse``
+          exceeds it. Off by default: a model that has memorised easy training examples saturates them legitimately.
         - ``alignment_collapse`` (when ``alignment`` is on): a layer's sign fraction reaches ``alignment_threshold``
           when it started below it. Off by default: in our scenarios the fraction also reached 1.0 in stable
           controls (inputs after a ReLU are non-negative, so one sign is natural); see ``benchmarks/RESULTS.md``.
 
-    Cost per measurement: one forward pass over the probe set, the attention logits once more per attention module,
-    and a few ``W^T W v`` products per watched linear layer: about a third of a training step per probe batch.
+    Cost per measurement: no forward pass; one more ``q k^T`` per attention call (materialised transiently, as
+    ``batch x heads x L x S`` in float32) with its row maxima, the softmax entropy over the first ``entropy_samples``
+    batch rows, a logsumexp and a softmax over the output logits, the Python dispatch of the step's torch calls
+    while the capture is armed, one read-back, and a few ``W^T W v`` products per watched linear layer: +0.07 to
+    +0.12 of a training step on nanoGPT in ``benchmarks/logit_capture.py`` (the probe forward it replaced: +0.35 to
+    +0.40). Under DDP the statistics are reduced by name (``distributed.all_reduce_named``). With manual
+    optimization the capture stops at the first ``optimizer.step()`` (``on_before_optimizer_step``).
 
     Args:
-        attention: watch ``nn.MultiheadAttention`` modules: ``True`` (all), ``False``, a regex or a list of names.
+        attention: which modules' attention calls to read: ``True`` (all), ``False`` (none: no capture), a regex
+            searched in, or a list of, module names (the module making the call). A regex or list must match a
+            module of the model at ``setup``.
         output_module: the module whose output are the logits: ``None`` for the last ``nn.Linear`` registered, a
             module name, or ``False`` for none.
         alignment: the ``nn.Linear`` layers for spectral alignment: ``False`` (default), ``True`` (all), a regex or
-            names.
+            names (matching nothing fails at ``setup``).
         attention_logit_threshold, log_partition_drift, alignment_threshold: the alert thresholds (see above);
             ``log_partition_drift=None`` turns ``logit_divergence`` off.
+        attention_growth_factor: ``attention_logit_growth`` also needs a module's largest logit above this many
+            times its first measured value (``>= 1``; ``None``: the absolute ``attention_logit_threshold`` alone).
+        softmax_collapse_fraction: the ``softmax_collapse`` alert's threshold in ``[0, 1)`` (``None``: off).
         power_iterations: most power iterations per layer and measurement (warm-started, usually 2-5 are used).
-        **kwargs: the shared arguments of :class:`~lightning_landscape.callbacks._base.LandscapeCallback`.
+        entropy_samples: the attention entropy is averaged over the first this many batch rows of each attention
+            call (default 2; ``None``: all). The entropy costs several passes over the logits (the maximum one), so
+            it is subsampled; the maximum is always over every row and query.
+        **kwargs: the shared arguments of :class:`~lightning_landscape.callbacks._base.LandscapeCallback`
+            (``num_probe_batches``, ``loss_fn`` and ``mode`` only matter for the compiled fallback).
+
+    Raises:
+        TypeError / ValueError: an argument is invalid (at construction), or a selector matches no module of the
+            model (at ``setup``).
     """
 
     group = "logits"
-    # the probe forward calls the unwrapped module and power iteration needs whole weights
+    # power iteration needs whole weights
     needs_full_parameters = True
     # budget mode's first estimate: one forward pass over the probe set
     first_cost_steps = 1.0
@@ -111,9 +238,12 @@ class LogitMonitor(LandscapeCallback):
         alignment: bool | str | Sequence[str] = False,
         *,
         attention_logit_threshold: float = 30.0,
+        attention_growth_factor: float | None = 2.0,
         log_partition_drift: float | None = None,
+        softmax_collapse_fraction: float | None = None,
         alignment_threshold: float = 0.99,
         power_iterations: int = 20,
+        entropy_samples: int | None = 2,
         every_n_steps: int = 10,
         num_probe_batches: int = 1,
         **kwargs: Any,
@@ -125,17 +255,32 @@ class LogitMonitor(LandscapeCallback):
         self.output_module = output_module
         self.alignment = _select(alignment, "alignment")
         self.attention_logit_threshold = check_float("attention_logit_threshold", attention_logit_threshold)
+        self.attention_growth_factor = (
+            None
+            if attention_growth_factor is None
+            else check_float("attention_growth_factor", attention_growth_factor, minimum=1.0)
+        )
         self.log_partition_drift = (
             None
             if log_partition_drift is None
             else check_float("log_partition_drift", log_partition_drift, minimum=0.0, strict_minimum=True)
         )
+        self.softmax_collapse_fraction = (
+            None
+            if softmax_collapse_fraction is None
+            else check_float("softmax_collapse_fraction", softmax_collapse_fraction, minimum=0.0, maximum=0.999999)
+        )
         self.alignment_threshold = check_float("alignment_threshold", alignment_threshold, minimum=0.5, maximum=1.0)
         self.power_iterations = check_int("power_iterations", power_iterations, minimum=1)
+        self.entropy_samples = (
+            None if entropy_samples is None else check_int("entropy_samples", entropy_samples, minimum=1)
+        )
         self._directions: dict[str, Tensor] = {}  # warm starts of the power iterations
         self._initial_log_partition: float | None = None
         self._initial_fraction: dict[str, float] = {}
+        self._attention_baseline: dict[str, float] = {}  # each module's first measured largest logit
         self._alert_armed: dict[str, bool] = {}
+        self._armed: _Armed | None = None
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {"prefix": self.prefix}
@@ -145,6 +290,7 @@ class LogitMonitor(LandscapeCallback):
             "directions": {name: v.detach().cpu() for name, v in self._directions.items()},
             "initial_log_partition": self._initial_log_partition,
             "initial_fraction": dict(self._initial_fraction),
+            "attention_baseline": dict(self._attention_baseline),
             "alert_armed": dict(self._alert_armed),
         }
 
@@ -153,21 +299,27 @@ class LogitMonitor(LandscapeCallback):
         initial = state.get("initial_log_partition")
         self._initial_log_partition = None if initial is None else float(initial)
         self._initial_fraction = {k: float(v) for k, v in state.get("initial_fraction", {}).items()}
+        self._attention_baseline = {k: float(v) for k, v in state.get("attention_baseline", {}).items()}
         self._alert_armed = {k: bool(v) for k, v in state.get("alert_armed", {}).items()}
 
     # --------------------------------------------------------------------------------------------- modules
-    def watched_modules(self, pl_module: nn.Module) -> tuple[dict, tuple[str, nn.Module] | None, dict]:
-        """(attention modules, (name, output module) or None, alignment layers), by qualified name.
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.watched_modules(pl_module)  # selectors matching nothing fail here, before training starts
+
+    def watched_modules(self, pl_module: nn.Module) -> tuple[Callable[[str], bool] | None, Any, dict]:
+        """(attention filter on the calling module's name or ``None`` for no capture, (name, output module) or
+        None, alignment layers by qualified name).
 
         Raises:
-            ValueError: a module named in ``output_module`` or in a list does not exist.
+            ValueError: ``output_module``, a regex or a list of ``attention``/``alignment`` matches no module.
         """
         named = [(n, m) for n, m in pl_module.named_modules() if n]
-        attention_modules = [(n, m) for n, m in named if isinstance(m, nn.MultiheadAttention)]
+        mha = {n for n, m in named if isinstance(m, nn.MultiheadAttention)}
         # the output projection of nn.MultiheadAttention is a Linear the attention kernel uses without calling it
-        inside_attention = {f"{n}.out_proj" for n, _ in attention_modules}
-        linears = [(n, m) for n, m in named if isinstance(m, nn.Linear) and n not in inside_attention]
-        attention = dict(_pick(attention_modules, self.attention, "attention"))
+        linears = [(n, m) for n, m in named if isinstance(m, nn.Linear) and n.rpartition(".")[0] not in mha]
+        linears = [(n, m) for n, m in linears if not (n.endswith(".out_proj") and n[: -len(".out_proj")] in mha)]
+        attention = _attention_filter(self.attention, [n for n, _ in named])
         alignment = dict(_pick(linears, self.alignment, "alignment"))
         output = None
         if self.output_module is None and linears:
@@ -179,55 +331,245 @@ class LogitMonitor(LandscapeCallback):
             output = (self.output_module, modules[self.output_module])
         return attention, output, alignment
 
-    # ------------------------------------------------------------------------------------------- measure
-    def collect(self, pl_module: pl.LightningModule, batches: list[Any], watched: tuple) -> LogitStatistics:
-        """Refresh the singular vectors, run the probe set through the loss with the hooks on, return the sums."""
-        attention, output, layers = watched
-        alignment = {}
+    # ------------------------------------------------------------------------------------------- arming
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        if _is_compiled(pl_module):
+            self._warn_once(
+                "compiled",
+                "LogitMonitor: the model is compiled (torch.compile), and a compiled forward cannot be read from "
+                "inside; each measurement runs one eager probe forward over the probe set instead "
+                "(torch.compiler.set_stance('force_eager'): no recompilation).",
+            )
+            with _eager_stance():
+                super()._run(trainer, pl_module, step)
+            return
+        started = time.perf_counter()
+        self._disarm()  # a previous step that never reached on_train_batch_end (an error, a skipped batch)
+        self.num_measurements += 1
+        attention, output, layers = self.watched_modules(pl_module)
+        if attention is None and output is None and not layers:
+            self._nothing_to_watch()
+            return
+        armed = _Armed(step, started)
+        try:
+            self._install(armed, pl_module, attention, output, layers)
+        except BaseException:
+            armed.disarm()
+            raise
+        self._armed = armed
+        armed.seconds = time.perf_counter() - started
+
+    def _nothing_to_watch(self) -> None:
+        self._warn_once(
+            "nothing-to-watch",
+            f"LogitMonitor found nothing to watch: no attention call captured (`attention`={self.attention!r}), "
+            "no output layer "
+            f"(`output_module`={self.output_module!r}) and no nn.Linear (`alignment`={self.alignment!r}); it "
+            "logs nothing.",
+        )
+
+    def _install(
+        self,
+        armed: _Armed,
+        pl_module: nn.Module,
+        attention: Callable[[str], bool] | None,
+        output: tuple[str, nn.Module] | None,
+        layers: dict[str, nn.Linear],
+    ) -> None:
+        """Hooks (output, alignment) and the attention capture, writing device tensors into ``armed``."""
+
+        def output_hook(module: nn.Module, args: tuple[Any, ...], result: Any) -> None:
+            if not isinstance(result, Tensor) or not result.is_floating_point() or result.dim() == 0:
+                return
+            with torch.no_grad():
+                logits = result.detach()
+                wide = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+                finite = torch.isfinite(wide)
+                armed.add("output/non_finite", (~finite).sum().to(wide.dtype), "sum")
+                log_z = torch.logsumexp(wide.masked_fill(~finite, 0.0), dim=-1)
+                armed.add("output/log_z_sum", log_z.sum(), "sum")
+                armed.add("output/count", wide.new_tensor(float(log_z.numel())), "sum")
+                armed.add("output/max_abs", wide.masked_fill(~finite, 0.0).abs().amax(), "max")
+                # softmax collapse: the top probability rounds to exactly 1 in the dtype the loss sees
+                autocast = _autocast_on(logits.device.type)
+                loss_dtype = torch.float32 if autocast and logits.dtype in (torch.float16, torch.bfloat16) else None
+                probabilities = torch.softmax(logits.masked_fill(~finite, 0.0).to(loss_dtype or logits.dtype), -1)
+                armed.add("output/saturated", (probabilities.amax(-1) == 1).sum().to(wide.dtype), "sum")
+
+        def alignment_hook(name: str, direction: Tensor):
+            def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+                if not args or not isinstance(args[0], Tensor) or not args[0].is_floating_point():
+                    return
+                with torch.no_grad():
+                    x = args[0].detach()
+                    x = x.reshape(-1, x.shape[-1]).to(direction.dtype)
+                    armed.add(f"alignment/{name}/non_finite", (~torch.isfinite(x)).sum().to(x.dtype), "sum")
+                    projection = x @ direction
+                    armed.add(f"alignment/{name}/positive", (projection > 0).sum().to(x.dtype), "sum")
+                    armed.add(f"alignment/{name}/negative", (projection < 0).sum().to(x.dtype), "sum")
+
+            return hook
+
         for name, layer in layers.items():
             direction, _ = top_right_singular_vector(layer.weight, self._directions.get(name), self.power_iterations)
             self._directions[name] = direction
-            alignment[name] = (layer, direction)
-        loss_fn = self.resolve_loss_fn(pl_module)
-        with operator_mode(pl_module, self.mode), LogitProbe(attention, output, alignment) as stats:
-            for index, batch in enumerate(batches):
-                with seeded_rng(pl_module.device, self.seed + index):
-                    loss_fn(pl_module, batch)  # graph built (see the class docstring) and dropped at once
-        return stats
+            # float64 where the device has it, as the power iteration
+            armed.handles.append(layer.register_forward_pre_hook(alignment_hook(name, direction)))
+        if output is not None:
+            armed.handles.append(output[1].register_forward_hook(output_hook))
+        if attention is not None:
+            names = {m: n for n, m in pl_module.named_modules()}
+            armed.capture = AttentionCapture(names, attention, self.entropy_samples).start()
 
-    def measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], step: int
-    ) -> dict[str, float]:
-        attention, output, layers = self.watched_modules(pl_module)
-        if not any((attention, output, layers)):
-            # e.g. a convolutional net without a Linear head inside LandscapeMonitor: say so once, keep training
+    def _disarm(self) -> None:
+        armed, self._armed = self._armed, None
+        if armed is not None:
+            armed.disarm()
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        # the forward and backward are over: stop dispatching the optimizer's calls through the capture
+        if self._armed is not None:
+            started = time.perf_counter()
+            self._armed.disarm()
+            self._armed.seconds += time.perf_counter() - started
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        armed, self._armed = self._armed, None
+        if armed is None:
+            return
+        started = time.perf_counter()
+        armed.disarm()
+        # the arming and disarming, and the reads inside the training forward, belong to this measurement too
+        earlier = armed.seconds + (armed.capture.seconds if armed.capture is not None else 0.0)
+        read = lambda: self._read(trainer, pl_module, armed)  # noqa: E731
+        self._complete(trainer, pl_module, armed.step, read, started, earlier)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # never mask the user's exception
+            self._disarm()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        with contextlib.suppress(RuntimeError):
+            self._disarm()
+
+    def _complete(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        step: int,
+        compute: Callable[[], dict[str, float]],
+        started: float,
+        earlier: float = 0.0,
+    ) -> None:
+        """The tail of ``LandscapeCallback._run`` for a measurement read at the end of the step (``earlier``:
+        seconds it already spent before ``started``: arming, and the reads inside the training forward)."""
+        try:
+            metrics = compute()
+        except FloatingPointError as err:
+            if self.strict:
+                raise
             self._warn_once(
-                "nothing-to-watch",
-                "LogitMonitor found nothing to watch: no nn.MultiheadAttention (`attention`), no output layer "
-                f"(`output_module`={self.output_module!r}) and no nn.Linear (`alignment`={self.alignment!r}); it "
-                "logs nothing.",
+                "measurement-failed",
+                f"{type(self).__name__} measurement at step {step} failed: {err} Training continues; the status is "
+                f"logged as `{self.key('status')}` (1 ok, 0 failed). Pass strict=True to raise instead.",
             )
-            return {}
-        stats = self.collect(pl_module, batches, (attention, output, layers))
+            metrics = {self.key("status"): 0.0}
+        else:
+            metrics[self.key("status")] = 1.0
+        cost = time.perf_counter() - started + earlier
+        metrics[self.key("seconds")] = cost
+        if self.budget is not None:
+            # inside LandscapeMonitor's section only the owner's tally takes it (the section times the hooks); the
+            # reads inside the forward are training time to the ledger's total either way
+            self.budget.charge(cost, owner=id(self))
+            self._expected_cost = cost if self._cost_is_typical else None
+            self._cost_is_typical = True
+            self._next_allowed = None
+            overhead = self.budget.overhead()
+            if math.isfinite(overhead):
+                metrics[f"{self.prefix}/budget/overhead"] = overhead
+        self.last_metrics = metrics
+        self.log_metrics(trainer, metrics, step)
+        self._after_measurement(trainer)
+
+    # ------------------------------------------------------------------------------------------- reading
+    def _declared(self, armed: _Armed) -> dict[str, tuple[Tensor, str]]:
+        values = dict(armed.sums)
+        if armed.capture is not None:
+            for name, s in armed.capture.sums.items():
+                values[f"attention/{name}/max"] = (s.maximum, "max")
+                values[f"attention/{name}/entropy_sum"] = (s.entropy_sum, "sum")
+                values[f"attention/{name}/rows"] = (s.rows, "sum")
+                values[f"attention/{name}/non_finite"] = (s.non_finite, "sum")
+        return values
+
+    def _read(self, trainer: pl.Trainer, pl_module: pl.LightningModule, armed: _Armed) -> dict[str, float]:
+        if armed.capture is not None and not armed.capture.sums:
+            suspects = looks_like_attention(pl_module)
+            if suspects:
+                self._warn_once(
+                    "no-attention-captured",
+                    f"LogitMonitor captured no attention call although the model has attention-like modules "
+                    f"({suspects[:3]}{'...' if len(suspects) > 3 else ''}): its attention does not go through "
+                    "F.scaled_dot_product_attention, a softmax over (batch, heads, queries, keys) or "
+                    "nn.MultiheadAttention (a custom kernel such as flash_attn's?), or `attention`="
+                    f"{self.attention!r} selects none of the calling modules. No attention keys are logged, so "
+                    "`attention_logit_growth` cannot fire.",
+                )
+        values = self._declared(armed)
         if trainer.world_size > 1:
-            self._all_reduce(stats, pl_module.device)
-        if stats.non_finite:
-            raise FloatingPointError(f"Non-finite values in {sorted(set(stats.non_finite))}.")
+            reduced = distributed.all_reduce_named(values)
+        else:
+            reduced = {name: tensor for name, (tensor, _) in values.items()}
+        names = sorted(reduced)
+        if not any(n.startswith(("attention/", "alignment/")) for n in names) and "output/count" not in names:
+            self._nothing_to_watch()  # e.g. a convolutional net without a Linear head: say so once, keep training
+            return {}
+        device = reduced[names[0]].device
+        wide = torch.float32 if device.type == "mps" else torch.float64
+        # the one device-to-host transfer of the measurement
+        host = torch.stack([reduced[n].reshape(()).to(wide) for n in names]).tolist()
+        read = dict(zip(names, host, strict=True))
+        return self._metrics(trainer, read, armed.step)
+
+    def _metrics(self, trainer: pl.Trainer, read: dict[str, float], step: int) -> dict[str, float]:
+        bad = sorted({n.rsplit("/", 1)[0] for n, v in read.items() if n.endswith("/non_finite") and v > 0})
+        if bad:
+            raise FloatingPointError(f"Non-finite values in {bad}.")
         p = f"{self.prefix}/{self.group}"
         metrics: dict[str, float] = {}
-        for name, summary in stats.attention.items():
-            metrics[f"{p}/attention/{name}/max"] = summary.maximum
-            metrics[f"{p}/attention/{name}/entropy"] = summary.mean_entropy
-        if stats.attention:
-            metrics[f"{p}/attention/max"] = max(s.maximum for s in stats.attention.values())
-        if stats.output is not None and stats.output.count:
-            log_z = stats.output.mean_log_partition
+        attention = sorted(
+            {n[len("attention/") : -len("/max")] for n in read if n.startswith("attention/") and n.endswith("/max")}
+        )
+        maxima = []
+        for name in attention:
+            rows = read[f"attention/{name}/rows"]
+            if not rows:
+                continue  # every query row was masked
+            maximum = read[f"attention/{name}/max"]
+            maxima.append(maximum)
+            metrics[f"{p}/attention/{name}/max"] = maximum
+            metrics[f"{p}/attention/{name}/entropy"] = read[f"attention/{name}/entropy_sum"] / rows
+        if maxima:
+            metrics[f"{p}/attention/max"] = max(maxima)
+        count = read.get("output/count", 0.0)
+        if count:
+            log_z = read["output/log_z_sum"] / count
             if self._initial_log_partition is None:
                 self._initial_log_partition = log_z
             metrics[f"{p}/output/log_partition"] = log_z
             metrics[f"{p}/output/drift"] = log_z - self._initial_log_partition
-            metrics[f"{p}/output/max_abs"] = stats.output.max_abs_logit
-        fractions = {name: s.fraction for name, s in stats.alignment.items() if not math.isnan(s.fraction)}
+            metrics[f"{p}/output/max_abs"] = read["output/max_abs"]
+            metrics[f"{p}/output/softmax_collapse"] = read["output/saturated"] / count
+        fractions = {}
+        for name in sorted({n[len("alignment/") : -len("/positive")] for n in read if n.endswith("/positive")}):
+            fraction = majority_sign_fraction(
+                int(read[f"alignment/{name}/positive"]), int(read[f"alignment/{name}/negative"])
+            )
+            if not math.isnan(fraction):
+                fractions[name] = fraction
         for name, fraction in fractions.items():
             self._initial_fraction.setdefault(name, fraction)
             metrics[f"{p}/alignment/{name}/sign_fraction"] = fraction
@@ -236,34 +578,29 @@ class LogitMonitor(LandscapeCallback):
         self._check_alerts(trainer, metrics, fractions, step)
         return metrics
 
-    def _all_reduce(self, stats: LogitStatistics, device: torch.device) -> None:
-        # Every rank watches the same modules, and every module sees a probe batch on every rank. Two collectives:
-        # one sum (entropy sums, row and sign counts, log Z sums) and one max (logit maxima).
-        attention = sorted(stats.attention.items())
-        alignment = sorted(stats.alignment.items())
-        output = stats.output
-        sums = [v for _, s in attention for v in (s.entropy_sum, s.rows)]
-        sums += [v for _, s in alignment for v in (s.positive, s.negative)]
-        maxima = [s.maximum for _, s in attention]
-        if output is not None:
-            sums += [output.log_z_sum, output.count]
-            maxima.append(output.max_abs_logit)
-        sums.append(float(len(stats.non_finite)))
-        total = distributed.all_reduce_sum(torch.tensor(sums, dtype=torch.float64, device=device)).tolist()
-        peak = distributed.all_reduce_max(torch.tensor([*maxima, 0.0], dtype=torch.float64, device=device)).tolist()
-        offset = 0
-        for index, (_, summary) in enumerate(attention):
-            summary.entropy_sum, summary.rows = total[offset], int(total[offset + 1])
-            summary.maximum = peak[index]
-            offset += 2
-        for _, summary in alignment:
-            summary.positive, summary.negative = int(total[offset]), int(total[offset + 1])
-            offset += 2
-        if output is not None:
-            output.log_z_sum, output.count = total[offset], int(total[offset + 1])
-            output.max_abs_logit = peak[len(attention)]
-        if total[-1] and not stats.non_finite:
-            stats.non_finite.append("another rank's activations")
+    # ------------------------------------------------------------------------------ compiled fallback
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], step: int
+    ) -> dict[str, float]:
+        """The compiled-model fallback: one eager forward of the probe set through the loss, read like a training
+        forward (runs inside the base class's model-state guard)."""
+        attention, output, layers = self.watched_modules(pl_module)
+        if attention is None and output is None and not layers:
+            self._nothing_to_watch()
+            return {}
+        armed = _Armed(step, time.perf_counter())
+        loss_fn = self.resolve_loss_fn(pl_module)
+        try:
+            with operator_mode(pl_module, self.mode), warnings.catch_warnings():
+                # torch warns that a compiled module's global hooks fire twice; the capture counts by name
+                warnings.filterwarnings("ignore", message=r".*global hooks on modules", category=UserWarning)
+                self._install(armed, pl_module, attention, output, layers)
+                for index, batch in enumerate(batches):
+                    with seeded_rng(pl_module.device, self.seed + index):
+                        loss_fn(pl_module, batch)  # graph built (see the class docstring) and dropped at once
+        finally:
+            armed.disarm()
+        return self._read(trainer, pl_module, armed)
 
     # --------------------------------------------------------------------------------------------- alerts
     def _fires(self, kind: str, condition: bool) -> bool:
@@ -277,23 +614,46 @@ class LogitMonitor(LandscapeCallback):
     ) -> None:
         self.emit_alert(trainer, Alert(step, kind, type(self).__name__, metric, value, threshold, message))
 
+    def _attention_growth(self, metrics: dict[str, float]) -> dict[str, tuple[float, float]]:
+        """``{module: (largest logit, limit)}`` for the modules over their limit; records first-seen baselines.
+
+        The limit is ``attention_logit_threshold``, raised to ``attention_growth_factor`` times the module's
+        baseline (its largest logit at its first measurement) when that is higher: a model whose logits start large
+        (Lightning's demo transformer: ~90 at initialisation, post-LN with embeddings scaled by sqrt(d)) is judged
+        against its own start, a small-init model (nanoGPT: ~0.1) against the absolute level.
+        """
+        prefix, suffix = f"{self.prefix}/{self.group}/attention/", "/max"
+        growing = {}
+        for key, value in metrics.items():
+            name = key[len(prefix) : -len(suffix)]
+            if not (key.startswith(prefix) and key.endswith(suffix)) or not name:
+                continue  # not a module's maximum (the overall `attention/max` has an empty name)
+            baseline = self._attention_baseline.setdefault(name, value)
+            limit = self.attention_logit_threshold
+            if self.attention_growth_factor is not None:
+                limit = max(limit, self.attention_growth_factor * baseline)
+            if value > limit:
+                growing[name] = (value, limit)
+        return growing
+
     def _check_alerts(
         self, trainer: pl.Trainer, metrics: dict[str, float], fractions: dict[str, float], step: int
     ) -> None:
         p = f"{self.prefix}/{self.group}"
-        attention_max = metrics.get(f"{p}/attention/max")
-        limit = self.attention_logit_threshold
-        if attention_max is not None and self._fires("attention_logit_growth", attention_max > limit):
+        growing = self._attention_growth(metrics)
+        if self._fires("attention_logit_growth", bool(growing)):
+            name, (value, limit) = max(growing.items(), key=lambda item: item[1][0])
+            baseline = self._attention_baseline[name]
             self._alert(
                 trainer,
                 step,
                 "attention_logit_growth",
-                f"{p}/attention/max",
-                attention_max,
+                f"{p}/attention/{name}/max",
+                value,
                 limit,
-                f"The largest attention logit reached {attention_max:.3g} (> {limit:g}): attention is saturating "
-                "onto single keys, the precursor of divergence in Wortsman et al. 2023. Lower the learning rate or "
-                "add qk-layernorm.",
+                f"The largest attention logit of `{name}` reached {value:.3g} (> {limit:.3g}; it was {baseline:.3g} "
+                "at its first measurement): attention is saturating onto single keys, the precursor of divergence "
+                "in Wortsman et al. 2023. Lower the learning rate or add qk-layernorm.",
             )
         drift = metrics.get(f"{p}/output/drift")
         limit = self.log_partition_drift
@@ -307,6 +667,20 @@ class LogitMonitor(LandscapeCallback):
                 limit,
                 f"The output log-partition moved by {drift:+.3g} nats since the first measurement (limit "
                 f"{limit:g}): the output logits are diverging in magnitude. Lower the learning rate or add a z-loss.",
+            )
+        saturated = metrics.get(f"{p}/output/softmax_collapse")
+        limit = self.softmax_collapse_fraction
+        if saturated is not None and limit is not None and self._fires("softmax_collapse", saturated > limit):
+            self._alert(
+                trainer,
+                step,
+                "softmax_collapse",
+                f"{p}/output/softmax_collapse",
+                saturated,
+                limit,
+                f"{saturated:.1%} of the output rows have a largest softmax probability of exactly 1 in the loss "
+                f"dtype (limit {limit:.1%}): the softmax has saturated and their gradient vanished. Lower the "
+                "learning rate, add label smoothing or a z-loss.",
             )
         collapsed = {
             name: f

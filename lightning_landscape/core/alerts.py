@@ -19,6 +19,7 @@ ALERT_KINDS = (
     "grad_growth",
     "attention_logit_growth",
     "logit_divergence",
+    "softmax_collapse",
     "alignment_collapse",
     "edge_of_stability",
     "sharpness_growth",

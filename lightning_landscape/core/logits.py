@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_landscape.core.attention import mha_logits
+
 
 # ----------------------------------------------------------------------------------------------- attention
 def _mha_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor | None, Tensor | None]:
@@ -36,30 +38,25 @@ def _mha_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor |
 
 
 def attention_logits(module: nn.MultiheadAttention, query: Tensor, key: Tensor) -> Tensor:
-    """The pre-softmax attention logits ``q k^T / sqrt(d_head)`` of ``module`` as ``(batch, heads, L, S)``.
+    """The pre-softmax attention logits ``q k^T / sqrt(d_head)`` of ``module`` as ``(batch, heads, L, S)``
+    (detached; ``float64`` for ``float64`` inputs, ``float32`` otherwise).
 
     Recomputed from ``in_proj_weight`` (or ``q_proj_weight``/``k_proj_weight``) and the biases, exactly as
-    ``nn.MultiheadAttention`` projects them. ``add_bias_kv``'s extra key is not included.
+    ``nn.MultiheadAttention`` projects them. ``add_bias_kv``'s extra key is not included. Unbatched inputs are
+    ``(L, E)`` whatever ``batch_first`` says (batch 1 in the result).
     """
-    embed, heads = module.embed_dim, module.num_heads
-    head_dim = embed // heads
-    if not module.batch_first:  # (L, B, E) -> (B, L, E)
+    if query.dim() == 3 and module.batch_first:  # (B, L, E) -> (L, B, E), the layout of the functional form
         query, key = query.transpose(0, 1), key.transpose(0, 1)
-    if query.dim() == 2:  # unbatched
-        query, key = query.unsqueeze(0), key.unsqueeze(0)
-    if module._qkv_same_embed_dim:
-        w_q, w_k = module.in_proj_weight[:embed], module.in_proj_weight[embed : 2 * embed]
-    else:
-        w_q, w_k = module.q_proj_weight, module.k_proj_weight
-    b_q = b_k = None
-    if module.in_proj_bias is not None:
-        b_q, b_k = module.in_proj_bias[:embed], module.in_proj_bias[embed : 2 * embed]
-    q = nn.functional.linear(query, w_q, b_q)
-    k = nn.functional.linear(key, w_k, b_k)
-    batch, length, source = q.shape[0], q.shape[1], k.shape[1]
-    q = q.view(batch, length, heads, head_dim).transpose(1, 2)
-    k = k.view(batch, source, heads, head_dim).transpose(1, 2)
-    return q @ k.transpose(-2, -1) / math.sqrt(head_dim)
+    return mha_logits(
+        query,
+        key,
+        module.num_heads,
+        module.in_proj_weight,
+        module.in_proj_bias,
+        not module._qkv_same_embed_dim,
+        module.q_proj_weight,
+        module.k_proj_weight,
+    )
 
 
 def allowed_positions(

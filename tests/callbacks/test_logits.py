@@ -22,11 +22,11 @@ from tests.helpers.lightning import ClassifierModule, make_trainer
 class TinyLM(pl.LightningModule):
     """One causal pre-norm transformer layer over random tokens (fast path and fused attention both in play)."""
 
-    def __init__(self, lr: float = 1e-2, vocab: int = 11, width: int = 16) -> None:
+    def __init__(self, lr: float = 1e-2, vocab: int = 11, width: int = 16, dropout: float = 0.1) -> None:
         super().__init__()
         self.lr = lr
         self.embed = nn.Embedding(vocab, width)
-        layer = nn.TransformerEncoderLayer(width, 2, 32, dropout=0.1, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(width, 2, 32, dropout=dropout, batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
         self.head = nn.Linear(width, vocab)
         g = torch.Generator().manual_seed(5)
@@ -49,11 +49,15 @@ class TinyLM(pl.LightningModule):
 
 
 class StateRecorder(pl.Callback):
+    """The weights and the training batch at the start of every step (the forward a measurement reads)."""
+
     def __init__(self):
         self.states = {}
+        self.batches = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.states.setdefault(trainer.global_step, copy.deepcopy(pl_module.state_dict()))
+        self.batches.setdefault(trainer.global_step, copy.deepcopy(batch))
 
 
 def twin_statistics(model: TinyLM, window: torch.Tensor) -> dict[str, float]:
@@ -71,14 +75,17 @@ def twin_statistics(model: TinyLM, window: torch.Tensor) -> dict[str, float]:
 
 
 def test_values_equal_a_hand_computed_twin_and_read_back_from_tensorboard(tmp_path):
+    # the statistics are those of step 10's own training forward (its batch, its weights); no dropout, so the
+    # twin can recompute that forward exactly
     recorder = StateRecorder()
     monitor = LogitMonitor(every_n_steps=5, alignment=True)
     logger = TensorBoardLogger(tmp_path, name="logits")
     pl.seed_everything(0)
-    make_trainer(tmp_path, [recorder, monitor], max_steps=11, logger=logger).fit(TinyLM())
-    model = TinyLM()
+    make_trainer(tmp_path, [recorder, monitor], max_steps=11, logger=logger).fit(TinyLM(dropout=0.0))
+    model = TinyLM(dropout=0.0)
     model.load_state_dict(recorder.states[10])
-    twin = twin_statistics(model, monitor._probe[0][0])
+    (window,) = recorder.batches[10]
+    twin = twin_statistics(model, window)
     m = monitor.last_metrics
     assert m["landscape/logits/status"] == 1.0
     assert m["landscape/logits/attention/max"] == pytest.approx(twin["attention_max"], rel=1e-5)
@@ -92,7 +99,7 @@ def test_values_equal_a_hand_computed_twin_and_read_back_from_tensorboard(tmp_pa
     with operator_mode(model, "eval"), torch.no_grad():
         features = (
             model.blocks(
-                model.embed(monitor._probe[0][0][:, :-1]),
+                model.embed(window[:, :-1]),
                 mask=nn.Transformer.generate_square_subsequent_mask(8),
                 is_causal=True,
             )
@@ -189,6 +196,10 @@ def test_state_round_trip(tmp_path):
         ({"log_partition_drift": 0}, ValueError, "`log_partition_drift`"),
         ({"alignment_threshold": 0.2}, ValueError, "`alignment_threshold`"),
         ({"attention_logit_threshold": math.nan}, ValueError, "`attention_logit_threshold`"),
+        ({"softmax_collapse_fraction": 1.0}, ValueError, "`softmax_collapse_fraction`"),
+        ({"entropy_samples": 0}, ValueError, "`entropy_samples`"),
+        ({"attention_growth_factor": 0.5}, ValueError, "`attention_growth_factor` must be >= 1.0"),
+        ({"attention_growth_factor": "2"}, TypeError, "`attention_growth_factor`"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -200,3 +211,44 @@ def test_unknown_output_module_fails_clearly(tmp_path):
     monitor = LogitMonitor(output_module="nope", strict=True)
     with pytest.raises(ValueError, match="`output_module` must name a module"):
         make_trainer(tmp_path, [monitor], max_steps=2).fit(ClassifierModule())
+
+
+class Saturating(pl.LightningModule):
+    """An identity head over fixed logits: rows i % 4 == 0 saturate (a gap of 40), the others do not (gap 2 or 12)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(5, 5, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.eye(5))
+        gaps = torch.tensor([40.0 if i % 4 == 0 else (2.0 if i % 2 else 12.0) for i in range(32)])
+        self.logits = torch.zeros(32, 5)
+        self.logits[:, 1] = gaps
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        out = self.head(x)
+        return nn.functional.cross_entropy(out, out.argmax(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.logits), batch_size=8)
+
+
+def test_softmax_collapse_equals_a_float32_hand_count_and_alerts_above_its_fraction(tmp_path):
+    model = Saturating()
+    hand = float((torch.softmax(model.logits[:8].float(), -1).amax(-1) == 1).float().mean())
+    assert hand == 0.25  # exactly the rows built to saturate
+    alerts = []
+    monitor = LogitMonitor(every_n_steps=1, on_alert=alerts.append, softmax_collapse_fraction=0.2)
+    make_trainer(tmp_path, [monitor], max_steps=3).fit(model)
+    assert monitor.last_metrics["landscape/logits/output/softmax_collapse"] == hand
+    assert [(a.step, a.kind) for a in alerts] == [(0, "softmax_collapse")]  # edge-triggered: once
+    assert alerts[0].value == hand and alerts[0].threshold == 0.2
+    quiet = []
+    make_trainer(tmp_path, [LogitMonitor(on_alert=quiet.append, softmax_collapse_fraction=0.3)], max_steps=1).fit(
+        Saturating()
+    )
+    assert quiet == []

@@ -1,4 +1,5 @@
-"""LogitMonitor under 2-process DDP equals one process on the union of both ranks' probe sets."""
+"""LogitMonitor under 2-process DDP equals one process on the union of both ranks' training batches of the step read
+(the statistics are reduced by name: distributed.all_reduce_named)."""
 
 import math
 
@@ -14,10 +15,11 @@ from tests.helpers.ddp import load_dumps, run_ddp_script
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_two_process_ranks_equal_single_process_on_the_union(tmp_path):
+def test_two_process_ranks_equal_single_process_on_the_union_of_their_batches(tmp_path):
     run_ddp_script("ddp_logits_script.py", tmp_path)
-    metrics, union, weights = load_dumps(tmp_path)
-    model = TinyLM().double()
+    metrics, _, weights = load_dumps(tmp_path)
+    union = [torch.load(tmp_path / f"batch_rank{r}.pt") for r in (0, 1)]
+    model = TinyLM(dropout=0.0).double()
     model.load_state_dict(weights)
     layer = model.blocks.layers[0]
     maxima, log_z, inputs = [], [], []

@@ -140,3 +140,16 @@ def test_probe_records_non_finite_activations_by_module():
         model(torch.full((1, 2, 8), math.inf, dtype=torch.float64))
     assert stats.non_finite == ["head"]
     assert stats.output is None
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("length", [5, 8])  # 8 == embed_dim: a wrong transposition would go unnoticed by shape
+def test_attention_logits_of_unbatched_input_whatever_batch_first_says(batch_first, length):
+    # issue 17 item 5: (L, E) input with batch_first=False was transposed as if it were (L, B, E)
+    mha = _mha(batch_first)
+    query = torch.randn(length, 8, dtype=torch.float64)
+    key = torch.randn(6, 8, dtype=torch.float64)
+    _, weights = mha(query, key, key, need_weights=True, average_attn_weights=False)
+    logits = attention_logits(mha, query, key)
+    assert logits.shape == (1, 2, length, 6)
+    torch.testing.assert_close(torch.softmax(logits, -1)[0], weights, rtol=1e-12, atol=1e-12)
