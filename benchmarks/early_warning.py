@@ -536,9 +536,15 @@ def summary_rows(results: list[dict[str, Any]], rollback_note: str) -> list[dict
             row["bundle_first"] = unstable["bundle"].get("first")
             row["bundle_kind"] = unstable["bundle"].get("first_kind")
             row["bundle_lead"] = _lead(divergence, row["bundle_first"])
-            leads = [_lead(divergence, unstable["dense"].get("first", {}).get(b)) for b in BASELINES]
-            leads = [lead for lead in leads if lead is not None]
-            row["best_baseline_lead"] = max(leads, default=None)
+            # a baseline that also alarms on the control is no detector: the fair comparison is with the quiet ones
+            quiet, noisy = [], []
+            for baseline in BASELINES:
+                lead = _lead(divergence, unstable["dense"].get("first", {}).get(baseline))
+                if lead is not None:
+                    on_control = control["dense"].get("first", {}).get(baseline) is not None
+                    (noisy if on_control else quiet).append((lead, baseline))
+            row["best_baseline_lead"] = max(quiet, default=(None, None))[0]
+            row["noisy_baselines"] = [f"{name[len('baseline: ') :]}: {lead}" for lead, name in noisy]
             control_tail = control["dense"].get("tail_mean")
             row["control_tail"] = control_tail
             row["plain_tail"] = unstable["bundle"].get("tail_mean")
@@ -561,8 +567,8 @@ def summary_rows(results: list[dict[str, Any]], rollback_note: str) -> list[dict
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| scenario | divergence | LandscapeMonitor() first alert | its lead | best baseline lead | lead >= best "
-        "baseline | LandscapeMonitor() on control | control last-20 mean | unstable last-20 mean, no rollback | "
+        "| scenario | divergence | LandscapeMonitor() first alert | its lead | best baseline lead (quiet on control) | lead >= it "
+        "| LandscapeMonitor() on control | control last-20 mean | unstable last-20 mean, no rollback | "
         'with on_alert="rollback" |',
         "| --- | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | --- |",
     ]
@@ -577,25 +583,45 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         first = "none" if row["bundle_first"] is None else f"{row['bundle_kind']} at {row['bundle_first']}"
         lead, best = row["bundle_lead"], row["best_baseline_lead"]
         ok = lead is not None and lead > 0 and (best is None or lead >= best)
+        best_cell = _cell(best) or "none"
+        if row.get("noisy_baselines"):
+            best_cell += f" ({'; '.join(row['noisy_baselines'])}, but it alarms on the control)"
         plain = "" if row["plain_tail"] is None else f"{row['plain_tail']:.3g}"
         if row["plain_healthy"] is not None:
             plain += " (healthy)" if row["plain_healthy"] else " (not healthy)"
         control_tail = "" if row["control_tail"] is None else f"{row['control_tail']:.3g}"
         lines.append(
-            f"| {row['scenario']} | {_cell(row['divergence']) or 'none'} | {first} | {_cell(lead)} | {_cell(best)} | "
+            f"| {row['scenario']} | {_cell(row['divergence']) or 'none'} | {first} | {_cell(lead)} | {best_cell} | "
             f"{'yes' if ok else 'no'} | {control_cell} | {control_tail} | {plain} | {row['rollback']} |"
         )
     return "\n".join(lines)
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
+def _load_dump(path: str) -> list[dict[str, Any]]:
+    """The results of a ``--dump`` file (infinite means may have been written as strings by older versions)."""
+
+    def restore(value: Any) -> Any:
+        if isinstance(value, str) and value in ("inf", "-inf", "nan"):
+            return float(value)
+        if isinstance(value, dict):
+            return {k: restore(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [restore(v) for v in value]
+        return value
+
+    return restore(json.loads(Path(path).read_text()))["results"]
+
+
+def report(results: list[dict[str, Any]], rollback_note: str) -> list[dict[str, Any]]:
+    """Print the per-scenario tables and the summary; returns the summary rows."""
+    for result in results:
+        print(f"### {result['scenario']}: {result['what']}\n")
+        print(scenario_table(result))
+        print()
+    rows = summary_rows(results, rollback_note)
+    print("### Summary\n")
+    print(summary_table(rows))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -603,11 +629,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--only", nargs="+", choices=[s.name for s in SCENARIOS])
     parser.add_argument("--dump", help="write every run's alerts, losses and gradient norms to this JSON file")
     parser.add_argument("--fast", action="store_true", help=f"every run cut to {FAST_STEPS} steps (plumbing only)")
+    parser.add_argument("--report", nargs="+", metavar="DUMP", help="only print the tables of these --dump files")
     args = parser.parse_args(argv)
+    rollback_note = "n/a (not implemented)"
+    if args.report:
+        results = [result for path in args.report for result in _load_dump(path)]
+        report(results, rollback_note)
+        return results
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 2 cores, as in RESULTS.md
     root = tempfile.mkdtemp(prefix="early-warning-")
     supported, how = rollback_support()
-    rollback_note = "n/a (not implemented)"
     print(f"torch {torch.__version__}; logs in {root}; on_alert='rollback': {how}")
     started = time.perf_counter()
     results = []
@@ -620,16 +651,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         results[-1]["seconds"] = time.perf_counter() - begun
         print(f"  ({results[-1]['seconds']:.0f} s)", flush=True)
     print()
-    for result in results:
-        print(f"### {result['scenario']}: {result['what']}\n")
-        print(scenario_table(result))
-        print()
-    rows = summary_rows(results, rollback_note)
-    print("### Summary\n")
-    print(summary_table(rows))
+    rows = report(results, rollback_note)
     print(f"\nwall time {time.perf_counter() - started:.0f} s")
-    if args.dump:
-        Path(args.dump).write_text(json.dumps(_json_safe({"results": results, "summary": rows})))
+    if args.dump:  # Python's json writes and reads back Infinity (a run whose last losses are not finite)
+        Path(args.dump).write_text(json.dumps({"results": results, "summary": rows}))
     return results
 
 
