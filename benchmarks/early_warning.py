@@ -365,7 +365,13 @@ def rollback_support() -> tuple[bool, str]:
     return True, f"arguments at their defaults: {names or 'none'}"
 
 
-def _count_rollbacks(trainer: pl.Trainer) -> float | None:
+def _count_rollbacks(trainer: pl.Trainer, bundle: LandscapeMonitor) -> float | None:
+    """Rollbacks made in a run: the alert dispatcher's count where the library has one, else a logged
+    ``*rollbacks`` metric (``landscape/rollbacks``), else None."""
+    for owner in (bundle, *bundle.parts.values()):
+        count = getattr(getattr(owner, "alerting", None), "rollbacks", None)
+        if isinstance(count, int | float):
+            return float(count)
     for metrics in (trainer.callback_metrics, trainer.logged_metrics):
         for key, value in metrics.items():
             if key.endswith("rollbacks"):
@@ -391,7 +397,7 @@ def _bundle_run(make, steps: int, root: str, name: str, on_alert: list) -> dict[
         "divergence": trajectory.divergence,
         "steps_run": len(trajectory.losses),
         "tail_mean": _tail_mean(trajectory.losses),
-        "rollbacks": _count_rollbacks(trainer),
+        "rollbacks": _count_rollbacks(trainer, bundle),
         # budget mode's choices: every how many steps the gradients were read at the end, and how many
         # measurements each periodic part made
         "gradient_stride": bundle.parts["grad_spikes"].stride if "grad_spikes" in bundle.parts else None,
