@@ -1,21 +1,30 @@
 """Early warning, measured: instability scenarios with matched stable controls, lead time of every signal.
 
-    python benchmarks/early_warning.py            # ~5-10 minutes on 2 CPU cores
-    python benchmarks/early_warning.py --only transformer-high-lr
+    python benchmarks/early_warning.py            # the whole suite (wall time in benchmarks/RESULTS.md)
+    python benchmarks/early_warning.py --only transformer-high-lr gpt-sdpa-high-lr
+    python benchmarks/early_warning.py --fast     # every scenario cut to a few steps: checks the plumbing only
 
-Each scenario is trained twice with the same seed: *unstable* and its *control* (the same setup at a safe
-learning rate, or without the corruption). Every monitor watches both runs with ``on_alert`` recording alerts
-(monitors never change training, so the trajectories are those of an unmonitored run):
+Each *paired* scenario is trained with the same seed as *unstable* and as its *control* (the same setup at a safe
+learning rate, or without the corruption); the *healthy* scenarios are 1000-step controls on their own (nanoGPT,
+Hugging Face GPT-2 and Lightning's demo transformer at ordinary settings), where any alert is a false alarm. Every
+monitor watches the runs with ``on_alert`` recording alerts (monitors never change training, so the trajectories
+are those of an unmonitored run):
 
 - the fast signals at their defaults: ``GradientSpikeMonitor`` (``grad_spike``, ``loss_spike``, ``non_finite``,
-  ``grad_growth``) and ``LogitMonitor`` (``attention_logit_growth``; ``logit_divergence`` and ``alignment_collapse``
-  are off by default);
+  ``grad_growth`` and any other kind it has) and ``LogitMonitor`` (``attention_logit_growth``; ``logit_divergence``
+  and ``alignment_collapse`` are off by default);
 - the slow signals at a dense fixed cadence, to see what they could tell: ``HessianMonitor`` (``edge_of_stability``,
   ``sharpness_growth``), ``EffectiveRankMonitor`` (``rank_collapse``), ``ModeConnectivityMonitor`` (``barrier_rise``);
-- ``LandscapeMonitor()`` exactly as a user adds it (defaults, 5% budget), in a separate run;
-- two baselines computed from the same runs' per-step gradient norms and losses: ZClip's z-score rule (the
+- ``LandscapeMonitor()`` exactly as a user adds it (defaults, 5% budget), in a separate run that trains to the end
+  (its alerts after the divergence count too, with a negative lead);
+- two baselines computed from the dense run's per-step gradient norms and losses: ZClip's z-score rule (the
   ``zclip`` package's own statistics: EMA alpha 0.97, z > 2.5 after 25 warm-up steps) and a KillLossSpike-style loss
-  rule (llm-foundry: window 100, 5 consecutive losses >= 2x the window mean).
+  rule (llm-foundry: window 100, 5 consecutive losses >= 2x the window mean);
+- rescue: each unstable scenario once more with ``LandscapeMonitor(on_alert="rollback")`` (the library's rollback
+  arguments at their defaults), trained to the end. It *finishes healthy* when its last 20 losses are finite and
+  their mean is within 1.3x the mean of its control's last 20. Where the installed library has no ``"rollback"``
+  action (its ``on_alert`` validation rejects it) the column reads "n/a (not implemented)". The bundle's run at
+  ``on_alert`` recording is the same test without rollback.
 
 Divergence step: the first step (after 10) whose training loss is non-finite or above 1.5x the loss at step 0. Lead time
 = divergence step - first alert step (positive: the alert came first). An alert on a control is a false alarm.
@@ -24,11 +33,14 @@ Divergence step: the first step (after 10) whose training loss is non-finite or 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
+import os
 import sys
 import tempfile
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +54,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the real models live with the tests
 from _data import digits_tensors
 from grad_spikes import CharTransformer, stdlib_text
 
@@ -53,6 +66,7 @@ from lightning_landscape import (
     LogitMonitor,
     ModeConnectivityMonitor,
 )
+from tests.helpers.real_models import HFGPT2, DemoTransformer, NanoGPT
 
 
 # ------------------------------------------------------------------------------------------------ scenarios
@@ -148,10 +162,17 @@ class Scenario:
     name: str
     what: str
     steps: int
-    unstable: Any  # () -> LightningModule
+    unstable: Any  # () -> LightningModule; None for a healthy control on its own
     control: Any
     dense_every: int  # cadence of the slow signals in the dense run
 
+
+# Language models on the stdlib corpus of tests/helpers/real_models.py (1024 windows of 32 bytes, batch 8): a
+# nanoGPT on F.scaled_dot_product_attention and Hugging Face's GPT2LMHeadModel from a tiny config, AdamW warmed up
+# linearly over 400 steps towards a learning rate they cannot take; the loss creeps up over tens of steps and keeps
+# climbing (it does not recover) while a run at 0.01 on the same schedule keeps learning.
+GPT = {"n_embd": 64, "n_head": 4, "weight_decay": 0.0, "num_windows": 1024, "warmup_steps": 400}
+GPT2 = {"attn_implementation": "sdpa", "num_windows": 1024, "warmup_steps": 400}
 
 SCENARIOS = [
     Scenario(
@@ -186,14 +207,63 @@ SCENARIOS = [
         lambda: DigitsMLP(3, 1e-3, "adam"),
         10,
     ),
+    Scenario(
+        "gpt-sdpa-high-lr",
+        "nanoGPT (F.scaled_dot_product_attention, 2 layers, width 64), AdamW warmed up over 400 steps towards "
+        "lr 0.6 (control 0.01)",
+        300,
+        lambda: NanoGPT(lr=0.6, **GPT),
+        lambda: NanoGPT(lr=0.01, **GPT),
+        10,
+    ),
+    Scenario(
+        "hf-gpt2-high-lr",
+        "HF GPT2LMHeadModel from a tiny GPT2Config (sdpa attention, 2 layers, width 32), AdamW warmed up over 400 "
+        "steps towards lr 0.6 (control 0.01)",
+        350,
+        lambda: HFGPT2(lr=0.6, **GPT2),
+        lambda: HFGPT2(lr=0.01, **GPT2),
+        10,
+    ),
+    Scenario(
+        "gpt-sdpa-healthy",
+        "nanoGPT as above, AdamW lr 3e-3 after 100 warm-up steps, weight decay 0.1, 1000 steps",
+        1000,
+        None,
+        lambda: NanoGPT(lr=3e-3, **{**GPT, "warmup_steps": 100, "weight_decay": 0.1}),
+        25,
+    ),
+    Scenario(
+        "hf-gpt2-healthy",
+        "HF GPT-2 as above, AdamW lr 3e-3 after 100 warm-up steps, 1000 steps",
+        1000,
+        None,
+        lambda: HFGPT2(lr=3e-3, **{**GPT2, "warmup_steps": 100}),
+        25,
+    ),
+    Scenario(
+        "lightning-demo-healthy",
+        "Lightning's demo LightningTransformer (nn.Transformer, its own SGD lr 0.1) on the corpus, 1000 steps",
+        1000,
+        None,
+        lambda: DemoTransformer(num_windows=1024),
+        25,
+    ),
 ]
+
+HEALTHY_WINDOW, HEALTHY_RATIO = 20, 1.3
+FAST_STEPS, FAST_EVERY = 12, 4
+BASELINES = ("baseline: ZClip z > 2.5", "baseline: KillLossSpike")
+BUNDLE = "LandscapeMonitor() (any)"
 
 
 # ------------------------------------------------------------------------------------------------- recording
 class Trajectory(pl.Callback):
-    """Per-step loss and gradient norm; stops the run 10 steps after divergence (nothing left to warn about)."""
+    """Per-step loss and gradient norm; with ``stop``, stops the run 10 steps after divergence (nothing left to
+    warn about)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop: bool = True) -> None:
+        self.stop = stop
         self.losses: list[float] = []
         self.grad_norms: list[float] = []
         self.divergence: int | None = None
@@ -208,7 +278,7 @@ class Trajectory(pl.Callback):
         step = len(self.losses) - 1
         if self.divergence is None and step >= 10 and (not math.isfinite(loss) or loss > 1.5 * self.losses[0]):
             self.divergence = step
-        if self.divergence is not None and step >= self.divergence + 10:
+        if self.stop and self.divergence is not None and step >= self.divergence + 10:
             trainer.should_stop = True
 
 
@@ -254,10 +324,11 @@ def first_alerts(alerts: list) -> dict[str, int]:
     return first
 
 
-def train(make, steps: int, callbacks: list[pl.Callback], root: str, name: str) -> Trajectory:
+def train(make, steps: int, callbacks: list[pl.Callback], root: str, name: str, stop: bool = True):
+    """One seeded run; returns its trajectory and trainer."""
     pl.seed_everything(0, verbose=False)  # before the module is built: its initial weights are part of the run
     module = make()
-    trajectory = Trajectory()
+    trajectory = Trajectory(stop)
     trainer = pl.Trainer(
         max_steps=steps,
         accelerator="cpu",
@@ -265,11 +336,12 @@ def train(make, steps: int, callbacks: list[pl.Callback], root: str, name: str) 
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        num_sanity_val_steps=0,
         callbacks=[trajectory, *callbacks],
         log_every_n_steps=10,
     )
     trainer.fit(module)
-    return trajectory
+    return trajectory, trainer
 
 
 def dense_monitors(every: int, record) -> list[pl.Callback]:
@@ -283,93 +355,313 @@ def dense_monitors(every: int, record) -> list[pl.Callback]:
     return [*monitors, LogitMonitor(**shared)]
 
 
-def run_scenario(scenario: Scenario, root: str) -> list[dict[str, Any]]:
-    rows = []
-    for variant in ("unstable", "control"):
-        make = scenario.unstable if variant == "unstable" else scenario.control
-        alerts: list = []
-        started = time.perf_counter()
-        trajectory = train(
-            make, scenario.steps, dense_monitors(scenario.dense_every, alerts.append), root, scenario.name
-        )
-        bundle_alerts: list = []
-        bundle = LandscapeMonitor(on_alert=bundle_alerts.append)
-        train(make, scenario.steps, [bundle], root, scenario.name)
-        first = first_alerts(alerts)
-        first["LandscapeMonitor() (any)"] = min((a.step for a in bundle_alerts), default=None)
-        bundle_kind = min(bundle_alerts, key=lambda a: a.step).kind if bundle_alerts else None
-        first["baseline: ZClip z > 2.5"] = zclip_first_alert(trajectory.grad_norms)
-        first["baseline: KillLossSpike"] = kill_loss_spike_first_alert(trajectory.losses)
-        rows.append(
-            {
-                "scenario": scenario.name,
-                "variant": variant,
-                "divergence": trajectory.divergence,
-                "first": {k: v for k, v in first.items() if v is not None},
-                "bundle_first_kind": bundle_kind,
-                # budget mode's choices in the bundle's run: every how many steps the gradients were read at the
-                # end, and how many measurements each periodic part made
-                "bundle_gradient_stride": bundle.parts["grad_spikes"].stride,
-                "bundle_measurements": {n: p.num_measurements for n, p in bundle.parts.items() if n != "grad_spikes"},
-                "seconds": time.perf_counter() - started,
-                "losses": trajectory.losses,
-                "grad_norms": trajectory.grad_norms,
-            }
-        )
+def rollback_support() -> tuple[bool, str]:
+    """Whether the installed library accepts ``on_alert="rollback"``, and its rollback arguments (at defaults)."""
+    try:
+        LandscapeMonitor(on_alert="rollback")
+    except (ValueError, TypeError) as error:
+        return False, f"rejected: {error}"
+    names = [n for n in inspect.signature(LandscapeMonitor).parameters if "rollback" in n]
+    return True, f"arguments at their defaults: {names or 'none'}"
+
+
+def _count_rollbacks(trainer: pl.Trainer, bundle: LandscapeMonitor) -> float | None:
+    """Rollbacks made in a run: the alert dispatcher's count where the library has one, else a logged
+    ``*rollbacks`` metric (``landscape/rollbacks``), else None."""
+    for owner in (bundle, *bundle.parts.values()):
+        count = getattr(getattr(owner, "alerting", None), "rollbacks", None)
+        if isinstance(count, int | float):
+            return float(count)
+    for metrics in (trainer.callback_metrics, trainer.logged_metrics):
+        for key, value in metrics.items():
+            if key.endswith("rollbacks"):
+                return float(value)
+    return None
+
+
+def _tail_mean(losses: list[float]) -> float:
+    tail = losses[-HEALTHY_WINDOW:]
+    return sum(tail) / len(tail) if tail and all(math.isfinite(x) for x in tail) else math.inf
+
+
+def _bundle_run(make, steps: int, root: str, name: str, on_alert: list) -> dict[str, Any]:
+    alerts: list = []
+    started = time.perf_counter()
+    bundle = LandscapeMonitor(on_alert=[*on_alert, alerts.append])
+    trajectory, trainer = train(make, steps, [bundle], root, name, stop=False)
+    first = min(alerts, key=lambda a: a.step) if alerts else None
+    return {
+        "first": None if first is None else first.step,
+        "first_kind": None if first is None else first.kind,
+        "kinds": first_alerts(alerts),
+        "divergence": trajectory.divergence,
+        "steps_run": len(trajectory.losses),
+        "tail_mean": _tail_mean(trajectory.losses),
+        "rollbacks": _count_rollbacks(trainer, bundle),
+        # budget mode's choices: every how many steps the gradients were read at the end, and how many
+        # measurements each periodic part made
+        "gradient_stride": bundle.parts["grad_spikes"].stride if "grad_spikes" in bundle.parts else None,
+        "measurements": {n: p.num_measurements for n, p in bundle.parts.items() if n != "grad_spikes"},
+        "seconds": time.perf_counter() - started,
+        "losses": trajectory.losses,
+    }
+
+
+def _dense_run(make, steps: int, every: int, root: str, name: str) -> dict[str, Any]:
+    alerts: list = []
+    started = time.perf_counter()
+    trajectory, _ = train(make, steps, dense_monitors(every, alerts.append), root, name)
+    first = first_alerts(alerts)
+    first[BASELINES[0]] = zclip_first_alert(trajectory.grad_norms)
+    first[BASELINES[1]] = kill_loss_spike_first_alert(trajectory.losses)
+    return {
+        "divergence": trajectory.divergence,
+        "first": {k: v for k, v in first.items() if v is not None},
+        "tail_mean": _tail_mean(trajectory.losses),
+        "seconds": time.perf_counter() - started,
+        "losses": trajectory.losses,
+        "grad_norms": trajectory.grad_norms,
+    }
+
+
+def _guarded(what: str, run, *args) -> dict[str, Any]:
+    """A library failure in one run is recorded (and printed) instead of ending the suite."""
+    try:
+        return run(*args)
+    except Exception as error:  # recorded and reported: the suite goes on
+        print(f"  {what} FAILED: {type(error).__name__}: {error}", flush=True)
+        traceback.print_exc()
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def run_scenario(scenario: Scenario, root: str, fast: bool = False, rollback: bool | None = None) -> dict[str, Any]:
+    """Every run of one scenario: dense monitors and the bundle on each variant, and (unstable scenarios) the
+    bundle with ``on_alert="rollback"``. ``fast`` cuts every run to a few steps (plumbing only)."""
+    steps = min(scenario.steps, FAST_STEPS) if fast else scenario.steps
+    every = FAST_EVERY if fast else scenario.dense_every
+    result: dict[str, Any] = {"scenario": scenario.name, "what": scenario.what, "steps": steps, "paired": False}
+    variants = [("control", scenario.control)]
+    if scenario.unstable is not None:
+        result["paired"] = True
+        variants.insert(0, ("unstable", scenario.unstable))
+    for variant, make in variants:
+        tag = f"{scenario.name}-{variant}"
+        dense = _guarded(f"{tag} dense", _dense_run, make, steps, every, root, tag)
+        bundle = _guarded(f"{tag} bundle", _bundle_run, make, steps, root, tag, [])
+        result[variant] = {"dense": dense, "bundle": bundle}
         print(
-            f"  {scenario.name} {variant}: divergence {trajectory.divergence}, alerts {rows[-1]['first']}; bundle: "
-            f"gradients every {rows[-1]['bundle_gradient_stride']} step(s), {rows[-1]['bundle_measurements']}",
+            f"  {variant}: divergence {dense.get('divergence')}, alerts {dense.get('first', dense.get('error'))} "
+            f"({dense.get('seconds', 0):.0f} s); LandscapeMonitor(): first {bundle.get('first_kind')} at "
+            f"{bundle.get('first')}, gradients every {bundle.get('gradient_stride')} step(s), "
+            f"{bundle.get('measurements', bundle.get('error'))} ({bundle.get('seconds', 0):.0f} s)",
             flush=True,
         )
-    return rows
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| scenario | divergence step | signal | first alert (unstable) | lead (steps) | alerts on control |",
-        "| --- | ---: | --- | ---: | ---: | --- |",
-    ]
-    by_name: dict[str, dict[str, dict]] = {}
-    for row in rows:
-        by_name.setdefault(row["scenario"], {})[row["variant"]] = row
-    for name, variants in by_name.items():
-        unstable, control = variants["unstable"], variants["control"]
-        divergence = unstable["divergence"]
-        signals = sorted(set(unstable["first"]) | set(control["first"]))
-        if not signals:
-            lines.append(f"| {name} | {divergence} | (none) | | | |")
-        for signal in signals:
-            step = unstable["first"].get(signal)
-            lead = "" if step is None or divergence is None else divergence - step
-            false_alarm = control["first"].get(signal)
-            label = signal
-            if signal.startswith("LandscapeMonitor") and unstable.get("bundle_first_kind"):
-                label = f"LandscapeMonitor() (first: {unstable['bundle_first_kind']})"
-            lines.append(
-                f"| {name} | {divergence} | {label} | {'' if step is None else step} | {lead} | "
-                f"{'none' if false_alarm is None else f'at step {false_alarm}'} |"
+    if scenario.unstable is not None:
+        if rollback is None:
+            rollback = rollback_support()[0]
+        if rollback:
+            tag = f"{scenario.name}-rollback"
+            run = _guarded(tag, _bundle_run, scenario.unstable, steps, root, tag, ["rollback"])
+            result["rollback"] = run
+            print(
+                f"  rollback: {run.get('rollbacks')} rollback(s), alerts {run.get('kinds', run.get('error'))}, "
+                f"last-{HEALTHY_WINDOW} mean {run.get('tail_mean', math.nan):.3g} ({run.get('seconds', 0):.0f} s)",
+                flush=True,
             )
+        else:
+            result["rollback"] = None
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def _lead(divergence: int | None, step: int | None) -> int | None:
+    return None if divergence is None or step is None else divergence - step
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _healthy(tail_mean: float | None, control_tail: float | None) -> bool | None:
+    if tail_mean is None or control_tail is None or not math.isfinite(control_tail):
+        return None
+    return math.isfinite(tail_mean) and tail_mean <= HEALTHY_RATIO * control_tail
+
+
+def scenario_table(result: dict[str, Any]) -> str:
+    """signal -> divergence step, first alert on the unstable run, lead, first alert on the control."""
+    control_dense, control_bundle = result["control"]["dense"], result["control"]["bundle"]
+    if "error" in control_dense or "error" in control_bundle:
+        return f"(failed: {control_dense.get('error') or control_bundle.get('error')})"
+    unstable = result.get("unstable")
+    if unstable is not None and ("error" in unstable["dense"] or "error" in unstable["bundle"]):
+        return f"(failed: {unstable['dense'].get('error') or unstable['bundle'].get('error')})"
+    divergence = unstable["dense"]["divergence"] if unstable else None
+    unstable_first = dict(unstable["dense"]["first"]) if unstable else {}
+    control_first = dict(control_dense["first"])
+    if unstable and unstable["bundle"]["first"] is not None:
+        unstable_first[BUNDLE] = unstable["bundle"]["first"]
+    if control_bundle["first"] is not None:
+        control_first[BUNDLE] = control_bundle["first"]
+    fired = set(unstable_first) | set(control_first)
+    signals = [*sorted(fired - {BUNDLE, *BASELINES}), BUNDLE, *BASELINES]
+    lines = [
+        "| signal | divergence step | first alert (unstable) | lead (steps) | alerts on control |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for signal in signals:
+        step = unstable_first.get(signal)
+        false_alarm = control_first.get(signal)
+        label = signal
+        if signal == BUNDLE:
+            kinds = [k for k in (unstable and unstable["bundle"]["first_kind"], control_bundle["first_kind"]) if k]
+            label = "**LandscapeMonitor()**" + (f" (first: {', '.join(dict.fromkeys(kinds))})" if kinds else "")
+        if unstable is None:
+            first_cell = lead_cell = "-"
+        else:
+            first_cell = _cell(step) or "none"
+            lead_cell = _cell(_lead(divergence, step))
+        lines.append(
+            f"| {label} | {_cell(divergence) or ('-' if unstable is None else 'none')} | {first_cell} | "
+            f"{lead_cell} | {'none' if false_alarm is None else f'at step {false_alarm}'} |"
+        )
     return "\n".join(lines)
 
 
-def main() -> None:
+def summary_rows(results: list[dict[str, Any]], rollback_note: str) -> list[dict[str, Any]]:
+    rows = []
+    for result in results:
+        row: dict[str, Any] = {"scenario": result["scenario"], "paired": result["paired"]}
+        control = result["control"]
+        row["bundle_false_alarm"] = control["bundle"].get("first_kind"), control["bundle"].get("first")
+        row["control_divergence"] = control["dense"].get("divergence")
+        if result["paired"]:
+            unstable = result["unstable"]
+            divergence = unstable["dense"].get("divergence")
+            row["divergence"] = divergence
+            row["bundle_first"] = unstable["bundle"].get("first")
+            row["bundle_kind"] = unstable["bundle"].get("first_kind")
+            row["bundle_lead"] = _lead(divergence, row["bundle_first"])
+            # a baseline that also alarms on the control is no detector: the fair comparison is with the quiet ones
+            quiet, noisy = [], []
+            for baseline in BASELINES:
+                lead = _lead(divergence, unstable["dense"].get("first", {}).get(baseline))
+                if lead is not None:
+                    on_control = control["dense"].get("first", {}).get(baseline) is not None
+                    (noisy if on_control else quiet).append((lead, baseline))
+            row["best_baseline_lead"] = max(quiet, default=(None, None))[0]
+            row["noisy_baselines"] = [f"{name[len('baseline: ') :]}: {lead}" for lead, name in noisy]
+            control_tail = control["dense"].get("tail_mean")
+            row["control_tail"] = control_tail
+            row["plain_tail"] = unstable["bundle"].get("tail_mean")
+            row["plain_healthy"] = _healthy(row["plain_tail"], control_tail)
+            rollback = result.get("rollback")
+            if rollback is None:
+                row["rollback"] = rollback_note
+            elif "error" in rollback:
+                row["rollback"] = f"failed: {rollback['error']}"
+            else:
+                healthy = _healthy(rollback["tail_mean"], control_tail)
+                row["rollback"] = (
+                    f"{'healthy' if healthy else 'not healthy'} (last-{HEALTHY_WINDOW} mean "
+                    f"{rollback['tail_mean']:.3g}; {_cell(rollback['rollbacks']) or '?'} rollback(s))"
+                )
+                row["rollback_healthy"] = healthy
+        rows.append(row)
+    return rows
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| scenario | divergence | LandscapeMonitor() first alert | its lead | best baseline lead (quiet on control) | lead >= it "
+        "| LandscapeMonitor() on control | control last-20 mean | unstable last-20 mean, no rollback | "
+        'with on_alert="rollback" |',
+        "| --- | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | --- |",
+    ]
+    for row in rows:
+        kind, step = row["bundle_false_alarm"]
+        control_cell = "none" if step is None else f"{kind} at {step}"
+        if row["control_divergence"] is not None:
+            control_cell += f" (control diverged at {row['control_divergence']}!)"
+        if not row["paired"]:
+            lines.append(f"| {row['scenario']} (healthy) | - | - | - | - | - | {control_cell} | | | - |")
+            continue
+        first = "none" if row["bundle_first"] is None else f"{row['bundle_kind']} at {row['bundle_first']}"
+        lead, best = row["bundle_lead"], row["best_baseline_lead"]
+        ok = lead is not None and lead > 0 and (best is None or lead >= best)
+        best_cell = _cell(best) or "none"
+        if row.get("noisy_baselines"):
+            best_cell += f" ({'; '.join(row['noisy_baselines'])}, but it alarms on the control)"
+        plain = "" if row["plain_tail"] is None else f"{row['plain_tail']:.3g}"
+        if row["plain_healthy"] is not None:
+            plain += " (healthy)" if row["plain_healthy"] else " (not healthy)"
+        control_tail = "" if row["control_tail"] is None else f"{row['control_tail']:.3g}"
+        lines.append(
+            f"| {row['scenario']} | {_cell(row['divergence']) or 'none'} | {first} | {_cell(lead)} | {best_cell} | "
+            f"{'yes' if ok else 'no'} | {control_cell} | {control_tail} | {plain} | {row['rollback']} |"
+        )
+    return "\n".join(lines)
+
+
+def _load_dump(path: str) -> list[dict[str, Any]]:
+    """The results of a ``--dump`` file (infinite means may have been written as strings by older versions)."""
+
+    def restore(value: Any) -> Any:
+        if isinstance(value, str) and value in ("inf", "-inf", "nan"):
+            return float(value)
+        if isinstance(value, dict):
+            return {k: restore(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [restore(v) for v in value]
+        return value
+
+    return restore(json.loads(Path(path).read_text()))["results"]
+
+
+def report(results: list[dict[str, Any]], rollback_note: str) -> list[dict[str, Any]]:
+    """Print the per-scenario tables and the summary; returns the summary rows."""
+    for result in results:
+        print(f"### {result['scenario']}: {result['what']}\n")
+        print(scenario_table(result))
+        print()
+    rows = summary_rows(results, rollback_note)
+    print("### Summary\n")
+    print(summary_table(rows))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=[s.name for s in SCENARIOS])
     parser.add_argument("--dump", help="write every run's alerts, losses and gradient norms to this JSON file")
-    args = parser.parse_args()
-    torch.set_num_threads(2)
+    parser.add_argument("--fast", action="store_true", help=f"every run cut to {FAST_STEPS} steps (plumbing only)")
+    parser.add_argument("--report", nargs="+", metavar="DUMP", help="only print the tables of these --dump files")
+    args = parser.parse_args(argv)
+    rollback_note = "n/a (not implemented)"
+    if args.report:
+        results = [result for path in args.report for result in _load_dump(path)]
+        report(results, rollback_note)
+        return results
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 2 cores, as in RESULTS.md
     root = tempfile.mkdtemp(prefix="early-warning-")
-    print(f"torch {torch.__version__}; logs in {root}")
-    rows = []
+    supported, how = rollback_support()
+    print(f"torch {torch.__version__}; logs in {root}; on_alert='rollback': {how}")
+    started = time.perf_counter()
+    results = []
     for scenario in SCENARIOS:
         if args.only and scenario.name not in args.only:
             continue
         print(f"{scenario.name}: {scenario.what}", flush=True)
-        rows += run_scenario(scenario, root)
+        begun = time.perf_counter()
+        results.append(run_scenario(scenario, root, fast=args.fast, rollback=supported))
+        results[-1]["seconds"] = time.perf_counter() - begun
+        print(f"  ({results[-1]['seconds']:.0f} s)", flush=True)
     print()
-    print(table(rows))
-    if args.dump:
-        Path(args.dump).write_text(json.dumps(rows))
+    rows = report(results, rollback_note)
+    print(f"\nwall time {time.perf_counter() - started:.0f} s")
+    if args.dump:  # Python's json writes and reads back Infinity (a run whose last losses are not finite)
+        Path(args.dump).write_text(json.dumps({"results": results, "summary": rows}))
+    return results
 
 
 if __name__ == "__main__":
