@@ -215,6 +215,9 @@ class NanoGPT(pl.LightningModule):
         data: batch format, one of :data:`DATA_FORMATS`.
         compile_model: wrap the inner network in ``torch.compile`` (the LightningModule itself stays eager).
         seed: initialisation seed (the global RNG is left as it was).
+        log_loss: ``self.log("train_loss", ...)`` in the training step. Off for a ``torch.compile``-d LightningModule:
+            with torch 2.13 and Lightning 2.6 dynamo fails to trace ``self.log`` ("'method' object has no attribute
+            '__dict__'"), with or without any callback.
     """
 
     def __init__(
@@ -232,6 +235,7 @@ class NanoGPT(pl.LightningModule):
         data: str = "tuple",
         compile_model: bool = False,
         seed: int = 0,
+        log_loss: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -249,7 +253,8 @@ class NanoGPT(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self.lm_loss(batch)
-        self.log("train_loss", loss)
+        if self.hparams.log_loss:
+            self.log("train_loss", loss)
         return loss
 
     def configure_optimizers(self):
