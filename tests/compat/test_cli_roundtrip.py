@@ -10,6 +10,11 @@ from tests.helpers.real_models import NanoGPT
 
 pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse (in the dev extra)")
 
+
+def record_alert(alert) -> None:
+    """An ``on_alert`` callable, referenced by import path from YAML."""
+
+
 CONFIG = """
 seed_everything: 0
 model:
@@ -46,6 +51,14 @@ trainer:
         on_alert: [warn, checkpoint]
 """
 
+# The other argument types: a callable in the action list, no loss_fn (null), a part's list and mapping arguments.
+CONFIG_CALLABLE = (
+    CONFIG.replace("on_alert: [warn, checkpoint]", "on_alert: [warn, tests.compat.test_cli_roundtrip.record_alert]")
+    .replace("loss_fn: tests.helpers.real_models.lm_loss_fn", "loss_fn: null")
+    .replace("rank: false", "rank:\n          modules: [net.lm_head]\n          every_n_steps: 2")
+    .replace("z_threshold: 5.0", "z_threshold: 5.0\n          groups: {blocks: 'net\\.h', embeddings: 'net\\.w'}")
+)
+
 
 def _cli(config, root):
     from lightning.pytorch.cli import LightningCLI
@@ -75,24 +88,36 @@ def _arguments(monitor: LandscapeMonitor) -> dict:
     hessian, logits, lmc = monitor.parts["hessian"], monitor.parts["logits"], monitor.parts["connectivity"]
     out["hessian_top_k"], out["hessian_trace"] = hessian.top_k, hessian.trace
     out["logits_threshold"], out["lmc_alphas"] = logits.attention_logit_threshold, lmc.num_alphas
+    out["z_threshold"] = monitor.parts["grad_spikes"].z_threshold
+    if "rank" in monitor.parts:
+        out["rank_modules"] = monitor.parts["rank"].modules
+    out["groups"] = monitor.parts["grad_spikes"].groups
     return out
 
 
-def test_saved_config_reloads_to_the_same_monitor(tmp_path):
+@pytest.mark.parametrize(
+    ("text", "actions"),
+    [(CONFIG, ["warn", "checkpoint"]), (CONFIG_CALLABLE, None)],
+    ids=["action_list", "callable_action"],
+)
+def test_saved_config_reloads_to_the_same_monitor(tmp_path, text, actions):
     config = tmp_path / "in.yaml"
-    config.write_text(CONFIG)
+    config.write_text(text)
     first = _cli(config, tmp_path / "run1")
     first.trainer.fit(first.model)
     saved = tmp_path / "run1" / "config.yaml"
     assert saved.is_file(), sorted(p.name for p in (tmp_path / "run1").iterdir())
     text = saved.read_text()
-    assert "Unable to serialize" not in text, [line for line in text.splitlines() if "Unable to serialize" in line]
+    unserialized = [line for line in text.splitlines() if "Unable to serialize" in line]
+    assert not unserialized, unserialized
     callbacks = yaml.safe_load(text)["trainer"]["callbacks"]
     init = next(c for c in callbacks if c["class_path"].endswith("LandscapeMonitor"))["init_args"]
-    assert init["on_alert"] == ["warn", "checkpoint"], init
+    if actions is not None:
+        assert init["on_alert"] == actions, init
 
     second = _cli(saved, tmp_path / "run2")
     assert _arguments(_monitor(second)) == _arguments(_monitor(first))
-    assert _monitor(second).parts["hessian"].on_alert == ["warn", "checkpoint"]
+    expected = actions if actions is not None else ["warn", record_alert]
+    assert list(_monitor(second).parts["hessian"].on_alert) == expected
     second.trainer.fit(second.model)
     assert "compat/hessian/eig_2" in _monitor(second).last_metrics
