@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
@@ -9,13 +11,27 @@ from lightning.pytorch.plugins import MixedPrecision
 from tests.compat._common import CORE_KEYS, TRANSFORMER_KEYS, check
 from tests.helpers.real_models import HFGPT2, NanoGPT, TinyMLP
 
-INIT_SCALE = 2.0**40
-
 
 def fp16_plugins():
-    """Lightning gives 16-mixed on CPU no scaler; this one starts so high that the first steps overflow (the scaler
-    skips them and halves its scale), as routinely happens at the start of fp16 runs on GPUs."""
-    return [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=INIT_SCALE))]
+    """Lightning gives 16-mixed on CPU no scaler; this one overflows routinely, as fp16 runs on GPUs do: it starts
+    a few doublings too high (the first steps overflow; the scaler skips them and halves its scale) and tries to grow
+    again every 5 good steps (so it overflows again now and then: 5-6 skipped steps of 30 here). With a start at
+    2**40 instead, 23 of the 30 steps were skipped: too few real updates for the measurements to mean much."""
+    return [
+        MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=5))
+    ]
+
+
+def recording_scale(make_model):
+    """The model, with its GradScaler's scale recorded after every batch (a model hook: the same in both runs)."""
+
+    def make():
+        model = make_model()
+        model.scales = []
+        model.on_train_batch_end = lambda *args: model.scales.append(model.trainer.precision_plugin.scaler.get_scale())
+        return model
+
+    return make
 
 
 FP16_MODELS = {
@@ -29,9 +45,10 @@ FP16_MODELS = {
 def test_fp16_mixed_with_overflowing_scaler(name):
     """Skipped overflow steps are the scaler's business: no ``non_finite`` alert, finite values, training unchanged."""
     make_model, keys = FP16_MODELS[name]
-    _, _, trainer = check(make_model, keys, plugins=fp16_plugins)
-    scale = trainer.precision_plugin.scaler.get_scale()
-    assert scale < INIT_SCALE, "the scaler never overflowed: this test would not exercise skipped steps"
+    _, _, trainer = check(recording_scale(make_model), keys, plugins=fp16_plugins)
+    scales = trainer.lightning_module.scales
+    skipped = sum(later < earlier for earlier, later in itertools.pairwise(scales))
+    assert skipped >= 3, f"only {skipped} overflow steps: this test would not exercise skipped steps ({scales})"
 
 
 BF16_MODELS = {
