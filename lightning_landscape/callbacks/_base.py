@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import time
@@ -19,6 +18,13 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from lightning_landscape import tensorboard as tb
+from lightning_landscape.callbacks._alerting import (
+    ALERT_ACTIONS,
+    AlertAction,
+    AlertDispatcher,
+    LandscapeAlertError,
+    validate_on_alert,
+)
 from lightning_landscape.core import distributed
 from lightning_landscape.core._sdpa import differentiable_attention
 from lightning_landscape.core._validation import LandscapeWarning, check_bool, check_choice, check_int
@@ -27,37 +33,14 @@ from lightning_landscape.core.budget import MIN_TIMED_STEPS, OverheadBudget
 from lightning_landscape.core.hvp import MODES, check_loss
 
 LossFn = Callable[[pl.LightningModule, Any], Tensor]
-AlertAction = str | Callable[[Alert], None]
-ALERT_ACTIONS = ("warn", "stop", "raise", "checkpoint", "ignore")
+# the alert path lives in _alerting.py (re-exported here: these names were importable from this module)
+_validate_on_alert = validate_on_alert
 
 
 def is_sharded(strategy: Any) -> bool:
     """True for strategies that shard parameters or gradients across ranks (FSDP, DeepSpeed, model parallel)."""
     names = [cls.__name__ for cls in type(strategy).__mro__]
     return any(key in name for name in names for key in ("FSDP", "DeepSpeed", "ModelParallel"))
-
-
-class LandscapeAlertError(RuntimeError):
-    """Raised by ``on_alert="raise"``; carries the :class:`Alert` as ``.alert``."""
-
-    def __init__(self, alert: Alert) -> None:
-        super().__init__(alert.message)
-        self.alert = alert
-
-
-def _validate_on_alert(on_alert: Any) -> list[AlertAction]:
-    actions = list(on_alert) if isinstance(on_alert, list | tuple) else [on_alert]
-    if not actions:
-        raise ValueError("`on_alert` must name at least one action, got an empty list.")
-    for action in actions:
-        if callable(action):
-            continue
-        if not isinstance(action, str) or action not in ALERT_ACTIONS:
-            raise ValueError(
-                f"`on_alert` must be one of {ALERT_ACTIONS}, a callable taking an Alert, or a list of these, "
-                f"got {action!r}."
-            )
-    return actions
 
 
 def _copy_batch(batch: Any) -> Any:
@@ -165,8 +148,10 @@ class LandscapeCallback(Callback):
             measurement uses the same probe set, so values are comparable over time.
         mode: ``"eval"`` (running BatchNorm statistics, no dropout) or ``"train"`` (batch statistics, BatchNorm
             buffers untouched, dropout masks fixed by ``seed``).
-        on_alert: ``"warn"``, ``"stop"``, ``"raise"``, ``"checkpoint"``, ``"ignore"``, a callable taking an
-            :class:`Alert`, or a list of these.
+        on_alert: ``"warn"``, ``"stop"``, ``"raise"``, ``"checkpoint"``, ``"ignore"``, ``"skip"`` (do not apply
+            the current step's update; for alerts raised before the optimizer step), ``"rollback"`` (restore the
+            last healthy state, multiply the learning rate by ``rollback_lr_factor``, go on; see
+            :mod:`lightning_landscape.callbacks._alerting`), a callable taking an :class:`Alert`, or a list of these.
         prefix: metric key prefix.
         strict: raise when a measurement fails instead of logging a status and warning once.
         seed: seeds the start vectors and the dropout masks of ``mode="train"``.
@@ -177,6 +162,11 @@ class LandscapeCallback(Callback):
             until it fits the budget (``every_n_steps`` stays the shortest spacing; the first one waits for an
             estimate of its cost, ``first_cost_steps`` times the mean step time, to fit). Logs
             ``{prefix}/budget/overhead``. See :mod:`lightning_landscape.core.budget`.
+        rollback_every_n_steps: with ``"rollback"``: the healthy-state snapshot (host memory) is refreshed at most
+            this often, at a check that found nothing, with no rollback pending.
+        max_rollbacks: with ``"rollback"``: rollbacks allowed; the next alert asking for one stops the run.
+        rollback_lr_factor: with ``"rollback"``: each rollback multiplies the learning rate by this, in ``(0, 1]``
+            (schedulers' base rates too, so the cut survives them). Logs ``{prefix}/rollbacks``.
 
     Raises:
         TypeError / ValueError: an argument has the wrong type or value (the message names it).
@@ -205,6 +195,9 @@ class LandscapeCallback(Callback):
         seed: int = 0,
         alert_cooldown_steps: int = 100,
         max_overhead: float | None = None,
+        rollback_every_n_steps: int = 50,
+        max_rollbacks: int = 3,
+        rollback_lr_factor: float = 0.5,
     ) -> None:
         super().__init__()
         self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
@@ -221,6 +214,9 @@ class LandscapeCallback(Callback):
         self.strict = check_bool("strict", strict)
         self.seed = check_int("seed", seed)
         self.alert_cooldown_steps = check_int("alert_cooldown_steps", alert_cooldown_steps, minimum=0)
+        #: Actions, cooldown, alert file and the rollback keeper (``LandscapeMonitor`` gives its parts one).
+        self.alerting = AlertDispatcher(rollback_every_n_steps, max_rollbacks, rollback_lr_factor, prefix=prefix)
+        self.alerting.register("", self)
         self.max_overhead = max_overhead
         #: The time ledger of budget mode (``LandscapeMonitor`` gives its parts one shared ledger).
         self.budget = OverheadBudget(max_overhead) if max_overhead is not None else None
@@ -247,7 +243,6 @@ class LandscapeCallback(Callback):
         self.last_metrics: dict[str, float] = {}
         self._warned: set[str] = set()
         self._shared_warned: set[str] | None = None
-        self._last_alert_step: dict[str, int] = {}
         self._log_root = Path(".")
         self._state_key: str | None = None
         self._definition_logged = False
@@ -275,6 +270,7 @@ class LandscapeCallback(Callback):
             "alerts": [a.to_dict() for a in self.alerts],
             "alert_counts": dict(self.alert_counts),
             "monitor": self._monitor_state_dict(),
+            **({"alerting": self.alerting.state_dict()} if self._owns_rollback_keeper() else {}),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -286,6 +282,26 @@ class LandscapeCallback(Callback):
         self.alerts = [Alert.from_dict(a) for a in state_dict.get("alerts", [])]
         self.alert_counts = {str(k): int(v) for k, v in state_dict.get("alert_counts", {}).items()}
         self._load_monitor_state_dict(state_dict.get("monitor", {}))
+        if "alerting" in state_dict and self.alerting.monitors.get("") is self:
+            self.alerting.load_state_dict(state_dict["alerting"])
+
+    def _owns_rollback_keeper(self) -> bool:
+        # a standalone monitor checkpoints its keeper (only with "rollback": the snapshot doubles the checkpoint)
+        return self.alerting.monitors.get("") is self and self.alerting.rollback_enabled
+
+    def _rollback_state(self) -> dict[str, Any]:
+        """This monitor's state for the rollback snapshot: ``state_dict`` without the probe set (fixed), the alert
+        history (kept across a rollback) and the dispatcher (which holds the snapshot), copied to the host."""
+        state = self.state_dict()
+        for key in ("probe_by_rank", "alerts", "alert_counts", "alerting"):
+            state.pop(key, None)
+        return apply_to_collection(state, Tensor, lambda t: t.detach().to("cpu", copy=True))
+
+    def _rollback_restore(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`_rollback_state`: the alert history and the probe set stay as they are."""
+        kept = (self.alerts, self.alert_counts, self._probe, self._probe_by_rank, self._loaded_probe_by_rank)
+        self.load_state_dict(state)
+        self.alerts, self.alert_counts, self._probe, self._probe_by_rank, self._loaded_probe_by_rank = kept
 
     def _monitor_state_dict(self) -> dict[str, Any]:
         """Subclass state (tensors and primitives only)."""
@@ -312,11 +328,15 @@ class LandscapeCallback(Callback):
         # `trainer.log_dir` is a collective under DDP (rank 0 broadcasts it): resolve it here, where every rank
         # runs, never from a rank-0-only branch.
         self._log_root = Path(trainer.log_dir or trainer.default_root_dir)
+        self.alerting.log_root = self._log_root
+        self.alerting.refresh()
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
+        if self.alerting._due is not None:  # a rollback agreed inside the optimizer closure: carried out here
+            self.alerting.safe_point(trainer, snapshot=False)
         if step < self.idle_until:
             return
         if self.budget is not None:
@@ -514,48 +534,21 @@ class LandscapeCallback(Callback):
     def emit_alert(self, trainer: pl.Trainer, alert: Alert) -> None:
         """Record, log and act on an alert (every alert is logged, whatever the action).
 
-        Logged as ``{prefix}/alerts/{kind}`` (count so far), as TensorBoard text under ``{prefix}/alerts``, and
-        appended as one JSON line to ``landscape_alerts.jsonl`` in the log directory (TensorBoard samples long
-        scalar series, so an isolated alert could otherwise vanish from the chart).
+        Logged as ``{prefix}/alerts/{kind}`` (count so far), as TensorBoard text under ``{prefix}/alerts`` (with
+        what a rescue action did), and appended as one JSON line to ``landscape_alerts.jsonl`` in the log directory
+        (TensorBoard samples long scalar series, so an isolated alert could otherwise vanish from the chart). The
+        actions are carried out by :class:`~lightning_landscape.callbacks._alerting.AlertDispatcher`.
         """
-        previous = self._last_alert_step.get(alert.kind)
-        repeat = previous is not None and alert.step - previous < self.alert_cooldown_steps
-        self._last_alert_step[alert.kind] = alert.step
-        self.alerts.append(alert)
-        self.alert_counts[alert.kind] = self.alert_counts.get(alert.kind, 0) + 1
-        count = float(self.alert_counts[alert.kind])
-        self.log_metrics(trainer, {f"{self.prefix}/alerts/{alert.kind}": count}, alert.step)
-        tb.log_text(trainer, f"{self.prefix}/alerts", f"step {alert.step} · {alert.kind} · {alert.message}", alert.step)
-        self._append_jsonl(trainer, alert)
-        for action in self.on_alert:
-            if callable(action):
-                action(alert)
-            elif action == "warn" and not repeat:
-                rank_zero_warn(f"[{alert.kind}] step {alert.step}: {alert.message}", category=LandscapeWarning)
-            elif action == "checkpoint" and not repeat:
-                path = self._log_root / "landscape_alerts" / f"{alert.kind}-step={alert.step}.ckpt"
-                trainer.save_checkpoint(str(path))
-            elif action == "raise":
-                raise LandscapeAlertError(alert)
-
-    def _append_jsonl(self, trainer: pl.Trainer, alert: Alert) -> None:
-        if not trainer.is_global_zero:
-            return
-        self._log_root.mkdir(parents=True, exist_ok=True)
-        with open(self._log_root / "landscape_alerts.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(alert.to_dict()) + "\n")
+        self.alerting.emit(self, trainer, alert)
 
     def decide_stop(self, trainer: pl.Trainer, fired: bool) -> None:
-        """With ``on_alert`` containing ``"stop"``: stop every rank if any rank fired. Collective: call it on every
-        rank at the same point (decisions come from reduced values, so every rank reaches it)."""
-        if "stop" not in self.on_alert:
-            return
-        # stop every ddp process if any world process decides to stop
-        if trainer.strategy.reduce_boolean_decision(fired, all=False):
-            trainer.should_stop = True
+        """The decision point after a check: with ``"stop"``, stop every rank if any rank fired; with
+        ``"rollback"``, agree on a requested rollback and carry it out. Collective: call it on every rank at the
+        same point (decisions come from reduced values, so every rank reaches it)."""
+        self.alerting.decide(self, trainer, fired)
 
     def _after_measurement(self, trainer: pl.Trainer) -> None:
         self.decide_stop(trainer, any(a.step == self._last_measured_step for a in self.alerts))
 
 
-__all__ = ["LandscapeAlertError", "LandscapeCallback", "model_state_guard"]
+__all__ = ["ALERT_ACTIONS", "AlertAction", "LandscapeAlertError", "LandscapeCallback", "model_state_guard"]

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from lightning_landscape import tensorboard as tb
+from lightning_landscape.callbacks._alerting import AlertDispatcher
 from lightning_landscape.callbacks._base import AlertAction, LandscapeCallback
 from lightning_landscape.callbacks.connectivity import ModeConnectivityMonitor
 from lightning_landscape.callbacks.grad_spikes import GradientSpikeMonitor
@@ -51,6 +52,9 @@ class LandscapeMonitor(Callback):
         hessian, grad_spikes, rank, connectivity, logits: the parts (``True`` / ``False`` / dict of arguments). The
             logits part reads one probe batch unless its dict sets ``num_probe_batches``.
         loss_fn, num_probe_batches, mode, on_alert, prefix, strict, seed: shared arguments.
+        rollback_every_n_steps, max_rollbacks, rollback_lr_factor: the rollback keeper's (see
+            :class:`~lightning_landscape.callbacks._base.LandscapeCallback`): the parts share one keeper, whose
+            snapshot holds every part's state and is refreshed after all parts ran; a part's dict cannot set them.
         dashboard: write TensorBoard's custom-scalars "Landscape" dashboard once at the start of training.
         max_overhead: the parts share one time budget (default 5% of training time): a due measurement waits
             until the parts' total cost fits (every hook's time is charged, the gradient monitor's per-step reads
@@ -83,8 +87,14 @@ class LandscapeMonitor(Callback):
         seed: int = 0,
         dashboard: bool = True,
         max_overhead: float | None = 0.05,
+        rollback_every_n_steps: int = 50,
+        max_rollbacks: int = 3,
+        rollback_lr_factor: float = 0.5,
     ) -> None:
         super().__init__()
+        # one dispatcher for every part: one snapshot (of every part's state), one rollback counter
+        self.alerting = AlertDispatcher(rollback_every_n_steps, max_rollbacks, rollback_lr_factor, prefix=prefix)
+        self.alerting.snapshot_at_decisions = False  # after all parts ran (the bundle's hooks), not inside one
         shared = {"on_alert": on_alert, "prefix": prefix, "strict": strict, "seed": seed}
         probe = {"loss_fn": loss_fn, "num_probe_batches": num_probe_batches, "mode": mode}
         self.parts: dict[str, LandscapeCallback] = {}
@@ -109,7 +119,15 @@ class LandscapeMonitor(Callback):
             if name == "logits":
                 arguments.pop("num_probe_batches")  # its own default, one batch: it runs every few steps
             arguments.update(setting if isinstance(setting, dict) else {})
+            for own in ("rollback_every_n_steps", "max_rollbacks", "rollback_lr_factor"):
+                if own in arguments:
+                    raise ValueError(
+                        f"`{name}` sets `{own}`, but the parts share one rollback keeper: pass `{own}` to "
+                        f"LandscapeMonitor itself (got {name}={setting!r})."
+                    )
             self.parts[name] = _PARTS[name](**arguments)
+            self.parts[name].alerting = self.alerting
+            self.alerting.register(name, self.parts[name])
         if not isinstance(dashboard, bool):
             raise TypeError(f"`dashboard` must be a bool, got {dashboard!r}.")
         # One ledger for every part (unless a part was given its own `max_overhead`): the sum of their costs is
@@ -179,6 +197,7 @@ class LandscapeMonitor(Callback):
         active = [pair for pair in self._implementing("on_train_batch_start") if step >= pair[0].idle_until]
         if active:
             self._call(active, trainer, pl_module, batch, batch_idx)
+        self._safe_point(trainer)  # after every part's check of this step
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         self._forward("on_before_optimizer_step", trainer, pl_module, optimizer)
@@ -187,6 +206,17 @@ class LandscapeMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._forward("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
+        self._safe_point(trainer)
+
+    def _safe_point(self, trainer: pl.Trainer) -> None:
+        """The shared keeper's snapshot refresh or rollback; its time is charged to the budget like a part's."""
+        if not self.alerting.rollback_enabled:
+            return
+        if self.budget is None:
+            self.alerting.safe_point(trainer)
+            return
+        with self.budget.section():
+            self.alerting.safe_point(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._forward("on_train_end", trainer, pl_module)
@@ -212,9 +242,14 @@ class LandscapeMonitor(Callback):
         return self._state_key
 
     def state_dict(self) -> dict[str, Any]:
-        return {name: part.state_dict() for name, part in self.parts.items()}
+        state: dict[str, Any] = {name: part.state_dict() for name, part in self.parts.items()}
+        if self.alerting.rollback_enabled:  # the shared rollback keeper (its snapshot), once
+            state["_alerting"] = self.alerting.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for name, part in self.parts.items():
             if name in state_dict:
                 part.load_state_dict(state_dict[name])
+        if "_alerting" in state_dict:
+            self.alerting.load_state_dict(state_dict["_alerting"])
