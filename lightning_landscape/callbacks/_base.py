@@ -7,10 +7,11 @@ import json
 import math
 import random
 import time
+import typing
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -34,8 +35,19 @@ from lightning_landscape.core.budget import MIN_TIMED_STEPS, OverheadBudget
 from lightning_landscape.core.hvp import MODES, check_loss
 
 LossFn = Callable[[pl.LightningModule, Any], Tensor]
-AlertAction = str | Callable[[Alert], None]
-ALERT_ACTIONS = ("warn", "stop", "raise", "checkpoint", "ignore")
+AlertName = Literal["warn", "stop", "raise", "checkpoint", "ignore"]
+# typing.Callable/Sequence, not collections.abc's: jsonargparse 4.x silently drops a collections.abc.Callable member
+# from a union, so a callable given in a config would not parse.
+AlertAction = AlertName | typing.Callable[[Alert], None]
+#: The annotation of every ``on_alert`` argument. jsonargparse (LightningCLI) tries a union's members in order and
+#: cannot serialise a list whose item type mixes strings and callables ("Unable to serialize instance" in the saved
+#: config.yaml), so the members it can write back come first: a name, a list of names, one callable (by import
+#: path). Other sequences (callables, mixed lists) are accepted from Python.
+OnAlert = AlertName | list[AlertName] | typing.Callable[[Alert], None] | typing.Sequence[AlertAction]
+#: The annotation of ``loss_fn`` arguments: any return annotation (jsonargparse rejects a function given by import
+#: path whose return annotation is not the declared one, and most loss functions have none).
+UserLossFn = typing.Callable[[pl.LightningModule, Any], Any]
+ALERT_ACTIONS = get_args(AlertName)
 #: Largest accepted ``seed``: 2**32 - 1, so ``seed + index`` and the derived sketch seeds stay valid generator seeds.
 MAX_SEED = 2**32 - 1
 
@@ -344,10 +356,10 @@ class LandscapeCallback(Callback):
         *,
         every_n_steps: int = 100,
         start_step: int = 0,
-        loss_fn: LossFn | None = None,
+        loss_fn: UserLossFn | None = None,
         num_probe_batches: int = 4,
         mode: str = "eval",
-        on_alert: AlertAction | Sequence[AlertAction] = "warn",
+        on_alert: OnAlert = "warn",
         prefix: str = "landscape",
         strict: bool = False,
         seed: int = 0,
@@ -358,7 +370,7 @@ class LandscapeCallback(Callback):
         self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
         self.start_step = check_int("start_step", start_step, minimum=0)
         if loss_fn is not None:
-            check_callable("loss_fn", loss_fn, 2, "(pl_module, batch) -> Tensor")
+            check_callable("loss_fn", loss_fn, 2, "(pl_module, batch) -> Tensor", optional=True)
         self.loss_fn = loss_fn
         self.num_probe_batches = check_int("num_probe_batches", num_probe_batches, minimum=1)
         self.mode = check_choice("mode", mode, MODES)

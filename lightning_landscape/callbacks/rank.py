@@ -15,7 +15,8 @@ from lightning_landscape.callbacks._base import LandscapeCallback
 from lightning_landscape.core import distributed
 from lightning_landscape.core._validation import check_bool, check_float, check_int
 from lightning_landscape.core.alerts import Alert, DropFromMaxRule
-from lightning_landscape.core.hvp import operator_mode, seeded_rng
+from lightning_landscape.core.hvp import operator_mode
+from lightning_landscape.core.interpolation import seeded_batches
 from lightning_landscape.core.rank import (
     alpha_req,
     covariance_from_moments,
@@ -26,7 +27,9 @@ from lightning_landscape.core.rank import (
     stable_rank,
 )
 
-ModuleSelector = str | Sequence[str] | type | tuple[type, ...] | None
+# Module types first: LightningCLI (jsonargparse) tries a union's members in order, so `modules: torch.nn.Linear` in a
+# config is the class (an import path that is no class falls through to a regex or a list of names).
+ModuleSelector = type[nn.Module] | tuple[type[nn.Module], ...] | str | Sequence[str] | None
 
 
 def _features(module: nn.Module, inputs: tuple[Any, ...]) -> Tensor | None:
@@ -220,9 +223,8 @@ class EffectiveRankMonitor(LandscapeCallback):
         loss_fn = self.resolve_loss_fn(pl_module)
         try:
             with operator_mode(pl_module, self.mode), torch.no_grad():
-                for index, batch in enumerate(batches):
-                    with seeded_rng(pl_module.device, self.seed + index):
-                        loss_fn(pl_module, batch)
+                for _, batch in seeded_batches(batches, pl_module.device, self.seed):
+                    loss_fn(pl_module, batch)
         finally:
             for handle in handles:  # no hook may outlive a measurement
                 handle.remove()

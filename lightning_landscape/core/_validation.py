@@ -66,14 +66,18 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
-def check_callable(name: str, value: Any, num_args: int, expected: str) -> Callable[..., Any]:
+def check_callable(
+    name: str, value: Any, num_args: int, expected: str, *, optional: bool = False
+) -> Callable[..., Any]:
     """Return ``value`` if it is a callable that accepts ``num_args`` positional arguments; raise otherwise.
 
     ``expected`` describes the call in the message (e.g. ``"(pl_module, batch) -> Tensor"``). Callables whose
-    signature cannot be inspected (some builtins) are accepted as they are.
+    signature cannot be inspected (some builtins) are accepted as they are. ``optional``: the argument may also be
+    ``None`` (the caller handles that case; the message says so).
     """
+    what = "None or a callable" if optional else "a callable"
     if not callable(value):
-        raise TypeError(f"`{name}` must be a callable {expected}, got {value!r}.")
+        raise TypeError(f"`{name}` must be {what} {expected}, got {value!r}.")
     try:
         signature = inspect.signature(value)
     except (TypeError, ValueError):
@@ -82,7 +86,7 @@ def check_callable(name: str, value: Any, num_args: int, expected: str) -> Calla
         signature.bind(*([None] * num_args))
     except TypeError as err:
         raise TypeError(
-            f"`{name}` must be a callable {expected} accepting {num_args} positional argument(s), got {value!r} "
+            f"`{name}` must be {what} {expected} accepting {num_args} positional argument(s), got {value!r} "
             f"with signature {signature} ({err})."
         ) from None
     return value

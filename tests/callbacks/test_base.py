@@ -161,7 +161,11 @@ def test_detached_loss_is_fine_without_gradients(tmp_path):
         ({"seed": -1}, ValueError, "`seed` must be an int >= 0, got -1"),
         ({"on_alert": lambda: None}, TypeError, "`on_alert` must be a callable taking an Alert"),
         ({"on_alert": ["warn", lambda a, b: None]}, TypeError, "`on_alert` must be a callable taking an Alert"),
-        ({"loss_fn": lambda module: None}, TypeError, r"`loss_fn` must be a callable \(pl_module, batch\)"),
+        (
+            {"loss_fn": lambda module: None},
+            TypeError,
+            r"`loss_fn` must be None or a callable \(pl_module, batch\) -> Tensor accepting 2",
+        ),
     ],
 )
 def test_base_arguments_are_checked_at_construction(kwargs, error, match):

@@ -133,7 +133,7 @@ def test_state_round_trip_keeps_the_previous_snapshot(tmp_path):
         ({"layerwise": "yes"}, TypeError, "`layerwise` must be a bool"),
         ({"refine_steps": -1}, ValueError, "`refine_steps` must be an int >= 0, got -1"),
         ({"barrier_threshold": -0.1}, ValueError, "`barrier_threshold` must be >= 0.0, got -0.1"),
-        ({"barrier_patience": 0}, ValueError, "`patience` must be an int >= 1, got 0"),
+        ({"barrier_patience": 0}, ValueError, "`barrier_patience` must be an int >= 1, got 0"),
         ({"error_fn": 1}, TypeError, "`error_fn` must be None or a callable"),
     ],
 )
