@@ -586,11 +586,19 @@ class LandscapeCallback(Callback):
             self._probe_by_rank = loaded
             self._probe = loaded[trainer.global_rank]
         else:
+            if len(loaded) != trainer.world_size:
+                cause = f"was captured with {len(loaded)} process(es) and the world size is now {trainer.world_size}"
+            else:
+                sizes = sorted({len(p) for p in loaded})
+                cause = (
+                    f"holds {'/'.join(map(str, sizes))} batch(es) per process and `num_probe_batches` is "
+                    f"{self.num_probe_batches} (the checkpoint was saved before its probe set was complete, or "
+                    "`num_probe_batches` changed)"
+                )
             self._warn_once(
                 "probe-resume",
-                f"{type(self).__name__}: the checkpoint's probe set was captured with {len(loaded)} process(es) and "
-                f"world size is {trainer.world_size}; capturing a new probe set, so values before and after the "
-                "resume are not directly comparable.",
+                f"{type(self).__name__}: the checkpoint's probe set {cause}; capturing a new probe set, so values "
+                "before and after the resume are not directly comparable.",
             )
 
     def _capture(self, trainer: pl.Trainer, batch: Any) -> None:

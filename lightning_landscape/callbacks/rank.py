@@ -187,7 +187,7 @@ class EffectiveRankMonitor(LandscapeCallback):
             if missing:
                 raise ValueError(f"`modules` names {sorted(missing)} are not modules of the model.")
         if not chosen:
-            what = "an nn.Linear (the default `modules=None` watches the last one)" if self.modules is None else None
+            what = "nn.Linear (the default `modules=None` watches the last one)" if self.modules is None else None
             raise ValueError(
                 f"`modules` must match at least one module of the model, got {self.modules!r}"
                 + (f"; the model has no {what}." if what else ".")

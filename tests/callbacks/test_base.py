@@ -195,3 +195,25 @@ def test_selectors_resolved_at_setup_name_the_argument(tmp_path):
     monitor = EffectiveRankMonitor(modules="^nothing$", max_overhead=0.05)
     with pytest.raises(ValueError, match=r"`modules` must match at least one module of the model, got '\^nothing\$'"):
         make_trainer(tmp_path, [monitor], max_steps=2).fit(ClassifierModule())
+
+
+def test_resume_warning_names_an_incomplete_probe_set():
+    class OneProcess:
+        world_size, global_rank = 1, 0
+
+    batch = (torch.zeros(2, 5), torch.zeros(2, dtype=torch.long))
+    saved = Probe(num_probe_batches=3)
+    saved._probe = [batch]  # checkpointed after one of three probe batches
+    resumed = Probe(num_probe_batches=3)
+    resumed.load_state_dict(saved.state_dict())
+    with pytest.warns(LandscapeWarning, match=r"holds 1 batch\(es\) per process and `num_probe_batches` is 3"):
+        resumed._restore_loaded_probe(OneProcess())
+    assert resumed._probe_by_rank is None  # a new probe set is captured
+
+    class TwoProcesses(OneProcess):
+        world_size = 2
+
+    other = Probe(num_probe_batches=1)
+    other.load_state_dict({**saved.state_dict(), "probe_by_rank": [[batch]]})
+    with pytest.warns(LandscapeWarning, match=r"captured with 1 process\(es\) and the world size is now 2"):
+        other._restore_loaded_probe(TwoProcesses())
