@@ -252,6 +252,10 @@ def _user_loss(loss_fn: LossFn) -> LossFn:
     return checked
 
 
+#: Alert JSONL files written by this process: resolved path -> id of the Trainer that started it (see _append_jsonl).
+_JSONL_STARTED: dict[str, int] = {}
+
+
 class _PeerMeasurementFailed(RuntimeError):
     """Raised inside a measurement under DDP when another rank's measurement failed.
 
@@ -409,6 +413,8 @@ class LandscapeCallback(Callback):
         self._warned: set[str] = set()
         self._shared_warned: set[str] | None = None
         self._last_alert_step: dict[str, int] = {}
+        self._last_stored_step: dict[str, int] = {}
+        self._last_fired_step = -1  # step of the latest alert, stored or not (decides "stop")
         self._log_root = Path(".")
         self._state_key: str | None = None
         self._definition_logged = False
@@ -445,6 +451,7 @@ class LandscapeCallback(Callback):
         self.idle_until = 0
         self._last_measured_step = int(state_dict.get("last_measured_step", -1))
         self.alerts = [Alert.from_dict(a) for a in state_dict.get("alerts", [])]
+        self._last_stored_step = {a.kind: a.step for a in self.alerts}
         self.alert_counts = {str(k): int(v) for k, v in state_dict.get("alert_counts", {}).items()}
         self._load_monitor_state_dict(state_dict.get("monitor", {}))
 
@@ -760,12 +767,20 @@ class LandscapeCallback(Callback):
         previous = self._last_alert_step.get(alert.kind)
         repeat = previous is not None and alert.step - previous < self.alert_cooldown_steps
         self._last_alert_step[alert.kind] = alert.step
-        self.alerts.append(alert)
+        self._last_fired_step = alert.step
         self.alert_counts[alert.kind] = self.alert_counts.get(alert.kind, 0) + 1
         count = float(self.alert_counts[alert.kind])
         self.log_metrics(trainer, {f"{self.prefix}/alerts/{alert.kind}": count}, alert.step)
-        tb.log_text(trainer, f"{self.prefix}/alerts", f"step {alert.step} · {alert.kind} · {alert.message}", alert.step)
-        self._append_jsonl(trainer, alert)
+        # Storage is bounded: one alert of a kind per cooldown window (anchored at the last one kept) goes into
+        # `.alerts`, the checkpoint, the TensorBoard text and the JSONL; the count above includes every one. A
+        # condition that fires every step (weights gone NaN) otherwise stores an alert per step forever.
+        stored = self._last_stored_step.get(alert.kind)
+        if stored is None or alert.step - stored >= max(self.alert_cooldown_steps, 1) or alert.step < stored:
+            self._last_stored_step[alert.kind] = alert.step
+            self.alerts.append(alert)
+            text = f"step {alert.step} · {alert.kind} · {alert.message}"
+            tb.log_text(trainer, f"{self.prefix}/alerts", text, alert.step)
+            self._append_jsonl(trainer, alert)
         for action in self.on_alert:
             if callable(action):
                 action(alert)
@@ -778,10 +793,18 @@ class LandscapeCallback(Callback):
                 raise LandscapeAlertError(alert)
 
     def _append_jsonl(self, trainer: pl.Trainer, alert: Alert) -> None:
-        if not trainer.is_global_zero:
+        # Only into a logger's directory: without a logger the log directory is the working directory, and a file
+        # there would collect the alerts of every run started from it.
+        if not trainer.is_global_zero or not trainer.loggers:
             return
         self._log_root.mkdir(parents=True, exist_ok=True)
-        with open(self._log_root / "landscape_alerts.jsonl", "a", encoding="utf-8") as handle:
+        path = self._log_root / "landscape_alerts.jsonl"
+        # A fit starts the file afresh (a log directory reused by a fixed logger version must not mix runs), unless
+        # it resumes from a checkpoint; every monitor of this Trainer then appends to it.
+        key = str(path.resolve())
+        fresh = _JSONL_STARTED.get(key) != id(trainer) and trainer.ckpt_path is None
+        _JSONL_STARTED[key] = id(trainer)
+        with open(path, "w" if fresh else "a", encoding="utf-8") as handle:
             handle.write(json.dumps(alert.to_dict()) + "\n")
 
     def decide_stop(self, trainer: pl.Trainer, fired: bool) -> None:
@@ -794,7 +817,7 @@ class LandscapeCallback(Callback):
             trainer.should_stop = True
 
     def _after_measurement(self, trainer: pl.Trainer) -> None:
-        self.decide_stop(trainer, any(a.step == self._last_measured_step for a in self.alerts))
+        self.decide_stop(trainer, self._last_fired_step == self._last_measured_step)
 
 
 __all__ = ["LandscapeAlertError", "LandscapeCallback", "model_state_guard"]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from lightning_landscape import EffectiveRankMonitor, HessianMonitor
+from lightning_landscape import Alert, EffectiveRankMonitor, HessianMonitor
 from lightning_landscape.callbacks._base import LandscapeCallback, model_state_guard
 from lightning_landscape.core._validation import LandscapeWarning
 from tests.helpers.lightning import ClassifierModule, loss_of, make_trainer
@@ -217,3 +221,48 @@ def test_resume_warning_names_an_incomplete_probe_set():
     other.load_state_dict({**saved.state_dict(), "probe_by_rank": [[batch]]})
     with pytest.warns(LandscapeWarning, match=r"captured with 1 process\(es\) and the world size is now 2"):
         other._restore_loaded_probe(TwoProcesses())
+
+
+# ------------------------------------------------------------------------------------------ alert storage
+class EveryStep(Probe):
+    """Fires the same alert kind at every measurement (as a NaN condition does)."""
+
+    def measure(self, trainer, pl_module, batches, step):
+        self.emit_alert(trainer, Alert(step, "non_finite", "EveryStep", "m", float("nan"), 0.0, "weights are NaN"))
+        return {}
+
+
+def test_repeated_alerts_are_counted_but_stored_once_per_cooldown_window(tmp_path):
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    monitor = EveryStep(every_n_steps=1, num_probe_batches=1, on_alert="ignore", alert_cooldown_steps=10)
+    make_trainer(tmp_path, [monitor], max_steps=35, logger=logger).fit(ClassifierModule())
+    assert monitor.alert_counts == {"non_finite": 35}
+    assert [a.step for a in monitor.alerts] == [0, 10, 20, 30]
+    assert len(monitor.state_dict()["alerts"]) == 4
+    lines = (Path(logger.log_dir) / "landscape_alerts.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 10, 20, 30]
+
+    # a new fit into the same log directory starts the file afresh (no appending across runs)
+    again = EveryStep(every_n_steps=1, num_probe_batches=1, on_alert="ignore", alert_cooldown_steps=10)
+    make_trainer(tmp_path, [again], max_steps=5, logger=CSVLogger(tmp_path, name="run", version=0)).fit(
+        ClassifierModule()
+    )
+    lines = (Path(logger.log_dir) / "landscape_alerts.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0]
+
+
+def test_stop_acts_on_a_repeat_that_is_not_stored(tmp_path):
+    monitor = EveryStep(every_n_steps=1, num_probe_batches=1, on_alert="stop", alert_cooldown_steps=10, start_step=3)
+    monitor._last_stored_step["non_finite"] = 0  # as if one had been kept at step 0: step 3 is a repeat
+    trainer = make_trainer(tmp_path, [monitor], max_steps=20)
+    trainer.fit(ClassifierModule())
+    assert trainer.global_step == 4 and monitor.alerts == []
+
+
+def test_without_a_logger_no_alert_file_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monitor = EveryStep(every_n_steps=1, num_probe_batches=1, on_alert="ignore")
+    pl_trainer = make_trainer(tmp_path / "root", [monitor], max_steps=2)
+    pl_trainer.fit(ClassifierModule())
+    assert monitor.alerts
+    assert not list(tmp_path.rglob("landscape_alerts.jsonl"))
