@@ -771,11 +771,18 @@ class LandscapeCallback(Callback):
         self.alert_counts[alert.kind] = self.alert_counts.get(alert.kind, 0) + 1
         count = float(self.alert_counts[alert.kind])
         self.log_metrics(trainer, {f"{self.prefix}/alerts/{alert.kind}": count}, alert.step)
-        # Storage is bounded: one alert of a kind per cooldown window (anchored at the last one kept) goes into
-        # `.alerts`, the checkpoint, the TensorBoard text and the JSONL; the count above includes every one. A
-        # condition that fires every step (weights gone NaN) otherwise stores an alert per step forever.
+        # Storage is bounded: an alert that continues an episode (the same kind fired at the previous step) goes
+        # into `.alerts`, the checkpoint, the TensorBoard text and the JSONL only once per cooldown window (anchored
+        # at the last one kept); the count above includes every one. A condition that fires every step (weights
+        # gone NaN) otherwise stores an alert per step forever. Separate events (a gap of a step or more) are kept.
         stored = self._last_stored_step.get(alert.kind)
-        if stored is None or alert.step - stored >= max(self.alert_cooldown_steps, 1) or alert.step < stored:
+        continues = previous is not None and 0 <= alert.step - previous <= 1
+        if (
+            not continues
+            or stored is None
+            or alert.step < stored
+            or alert.step - stored >= max(self.alert_cooldown_steps, 1)
+        ):
             self._last_stored_step[alert.kind] = alert.step
             self.alerts.append(alert)
             text = f"step {alert.step} · {alert.kind} · {alert.message}"

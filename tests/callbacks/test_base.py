@@ -232,7 +232,7 @@ class EveryStep(Probe):
         return {}
 
 
-def test_repeated_alerts_are_counted_but_stored_once_per_cooldown_window(tmp_path):
+def test_an_alert_every_step_is_counted_but_stored_once_per_cooldown_window(tmp_path):
     logger = CSVLogger(tmp_path, name="run", version=0)
     monitor = EveryStep(every_n_steps=1, num_probe_batches=1, on_alert="ignore", alert_cooldown_steps=10)
     make_trainer(tmp_path, [monitor], max_steps=35, logger=logger).fit(ClassifierModule())
@@ -253,7 +253,8 @@ def test_repeated_alerts_are_counted_but_stored_once_per_cooldown_window(tmp_pat
 
 def test_stop_acts_on_a_repeat_that_is_not_stored(tmp_path):
     monitor = EveryStep(every_n_steps=1, num_probe_batches=1, on_alert="stop", alert_cooldown_steps=10, start_step=3)
-    monitor._last_stored_step["non_finite"] = 0  # as if one had been kept at step 0: step 3 is a repeat
+    monitor._last_stored_step["non_finite"] = 0  # as if an episode had begun at step 0 and fired at step 2:
+    monitor._last_alert_step["non_finite"] = 2  # step 3 continues it, inside the cooldown window
     trainer = make_trainer(tmp_path, [monitor], max_steps=20)
     trainer.fit(ClassifierModule())
     assert trainer.global_step == 4 and monitor.alerts == []
@@ -266,3 +267,14 @@ def test_without_a_logger_no_alert_file_is_written(tmp_path, monkeypatch):
     pl_trainer.fit(ClassifierModule())
     assert monitor.alerts
     assert not list(tmp_path.rglob("landscape_alerts.jsonl"))
+
+
+def test_separate_alert_events_are_all_stored(tmp_path):
+    class Twice(EveryStep):
+        def measure(self, trainer, pl_module, batches, step):
+            return super().measure(trainer, pl_module, batches, step) if step in (4, 6, 7) else {}
+
+    monitor = Twice(every_n_steps=1, num_probe_batches=1, on_alert="ignore", alert_cooldown_steps=100)
+    make_trainer(tmp_path, [monitor], max_steps=10).fit(ClassifierModule())
+    assert [a.step for a in monitor.alerts] == [4, 6]  # 7 continues the event of step 6
+    assert monitor.alert_counts == {"non_finite": 3}
