@@ -252,6 +252,21 @@ def _user_loss(loss_fn: LossFn) -> LossFn:
     return checked
 
 
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+
+
+def _is_configuration_error(err: BaseException) -> bool:
+    """An argument error of ours (a ``loss_fn`` returning the wrong type, a selector matching nothing): raised by
+    lightning-landscape's own checks, whose messages start by naming the argument in backticks. Those would fail at
+    every measurement, so they are raised whatever ``strict`` (errors of the user's code or of libraries are not)."""
+    if not isinstance(err, TypeError | ValueError) or not str(err).startswith("`"):
+        return False
+    tb_ = err.__traceback__
+    while tb_ is not None and tb_.tb_next is not None:
+        tb_ = tb_.tb_next
+    return tb_ is not None and str(Path(tb_.tb_frame.f_code.co_filename).resolve()).startswith(_PACKAGE_DIR)
+
+
 #: Alert JSONL files written by this process: resolved path -> id of the Trainer that started it (see _append_jsonl).
 _JSONL_STARTED: dict[str, int] = {}
 
@@ -332,7 +347,8 @@ class LandscapeCallback(Callback):
         on_alert: ``"warn"``, ``"stop"``, ``"raise"``, ``"checkpoint"``, ``"ignore"``, a callable taking an
             :class:`Alert`, or a list of these.
         prefix: metric key prefix.
-        strict: raise when a measurement fails instead of logging a status and warning once.
+        strict: raise when a measurement fails instead of logging a status and warning once per kind of error
+            (errors that name one of your arguments, such as a ``loss_fn`` returning a non-scalar, always raise).
         seed: seeds the start vectors and the dropout masks of ``mode="train"``.
         alert_cooldown_steps: a repeat of the same alert kind within this many steps is logged and counted but
             does not warn or write another checkpoint again (callables, ``"stop"`` and ``"raise"`` always act).
@@ -698,7 +714,7 @@ class LandscapeCallback(Callback):
                 f"continues; the status is logged as `{self.key('status')}` (1 ok, 0 failed).",
             )
             return
-        if self.strict:
+        if self.strict or _is_configuration_error(failure):
             raise failure
         if isinstance(failure, torch.cuda.OutOfMemoryError) and torch.cuda.is_available():
             torch.cuda.empty_cache()  # give training back the memory the failed measurement held

@@ -278,3 +278,14 @@ def test_separate_alert_events_are_all_stored(tmp_path):
     make_trainer(tmp_path, [monitor], max_steps=10).fit(ClassifierModule())
     assert [a.step for a in monitor.alerts] == [4, 6]  # 7 continues the event of step 6
     assert monitor.alert_counts == {"non_finite": 3}
+
+
+def test_argument_errors_of_ours_raise_whatever_strict(tmp_path):
+    # `loss_fn` returning a non-scalar would fail at every measurement: it is raised, not warned about
+    probe = Probe(every_n_steps=2, num_probe_batches=1, loss_fn=lambda m, b: torch.ones(3))
+    with pytest.raises(TypeError, match="`loss_fn` must return a scalar Tensor"):
+        _fit(tmp_path, [probe])
+    # the same message raised by the user's own code is a failure like any other
+    user = Probe(every_n_steps=2, num_probe_batches=1, fail_at={2}, error=ValueError("`x` must be positive"))
+    with pytest.warns(LandscapeWarning, match="failed: ValueError"):
+        _fit(tmp_path, [user])
