@@ -45,23 +45,27 @@ def _checkpoints(folder: Path) -> list[Path]:
 
 
 def _heatmap(matrix: Any, names: list[str], out: Path) -> bool:
+    # A Figure drawn on its own Agg canvas: no pyplot, and no `matplotlib.use`, which would switch the backend of
+    # the whole process (a notebook calling `main` would lose its inline figures).
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        import numpy as np
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return False
-    figure, axis = plt.subplots(figsize=(1.0 + 0.5 * len(names), 0.8 + 0.5 * len(names)), dpi=100)
+    figure = Figure(figsize=(1.0 + 0.5 * len(names), 0.8 + 0.5 * len(names)), dpi=100)
+    canvas = FigureCanvasAgg(figure)
+    axis = figure.add_subplot()
     image = axis.imshow(matrix.numpy(), cmap="viridis")
     axis.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     axis.set_yticks(range(len(names)), names, fontsize=6)
     figure.colorbar(image, ax=axis, label="chord barrier (loss)")
     figure.tight_layout()
+    canvas.draw()
+    rgb = np.asarray(canvas.buffer_rgba())[:, :, :3]
     with SummaryWriter(str(out)) as writer:
-        writer.add_figure("landscape/lmc/barrier_matrix", figure, global_step=0)
-    plt.close(figure)
+        writer.add_image("landscape/lmc/barrier_matrix", rgb, global_step=0, dataformats="HWC")
     return True
 
 

@@ -18,12 +18,13 @@ from torch import Tensor, nn
 
 from lightning_landscape.core._validation import check_choice
 from lightning_landscape.core.barrier import BarrierResult, interpolation_barrier
-from lightning_landscape.core.hvp import default_batch_size, operator_mode
+from lightning_landscape.core.hvp import operator_mode
 from lightning_landscape.core.interpolation import (
     batchnorm_buffer_keys,
     check_bn_policy,
     interpolate_state,
     loaded_state,
+    probe_set_totals,
     recompute_batchnorm,
 )
 
@@ -70,20 +71,18 @@ def evaluation_loss(
     state: dict[str, Tensor],
     bn_policy: str,
     bn_source: dict[str, Tensor] | None = None,
+    seed: int | None = 0,
 ) -> float:
-    """Size-weighted mean loss of ``model`` at ``state`` in eval mode, BatchNorm statistics per ``bn_policy``."""
+    """Size-weighted mean loss of ``model`` at ``state`` in eval mode, BatchNorm statistics per ``bn_policy``
+    (each batch under the RNG seeded ``seed + index``, as in the monitors: a stochastic loss is reproducible)."""
     if bn_policy == "keep" and bn_source is not None:
         state = {**state, **{k: bn_source[k] for k in batchnorm_buffer_keys(model) if k in bn_source}}
     with loaded_state(model, state):
         if bn_policy == "recompute":
             recompute_batchnorm(model, batches, loss_fn)
-        total = count = 0.0
-        with operator_mode(model, "eval"), torch.no_grad():
-            for batch in batches:
-                size = default_batch_size(batch)
-                total += float(loss_fn(model, batch)) * size
-                count += size
-    return total / count
+        with operator_mode(model, "eval"):
+            totals = probe_set_totals(model, loss_fn, batches, seed=seed)
+    return float(totals[0] / totals[2])
 
 
 def barrier_matrix(

@@ -103,3 +103,19 @@ def test_import_object_errors():
         import_object("nothing")
     with pytest.raises(ValueError, match="Cannot import 'Nope'"):
         import_object("tests.helpers.digits:Nope")
+
+
+def test_heatmap_leaves_the_matplotlib_backend_alone(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    from lightning_landscape.cli import _heatmap
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # any backend the user chose: drawing the heatmap must not switch it
+    try:
+        assert _heatmap(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), ["a", "b"], tmp_path)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    events.Reload()
+    assert "landscape/lmc/barrier_matrix" in events.Tags()["images"]

@@ -43,9 +43,10 @@ rank from the alert, which GradientSpikeMonitor computes from all-reduced gradie
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
@@ -53,14 +54,24 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from lightning_landscape import tensorboard as tb
-from lightning_landscape.core._validation import LandscapeWarning, check_float, check_int
+from lightning_landscape.core._validation import LandscapeWarning, check_callable, check_float, check_int
 from lightning_landscape.core.alerts import Alert
 
 if TYPE_CHECKING:
     from lightning_landscape.callbacks._base import LandscapeCallback
 
-AlertAction = str | Callable[[Alert], None]
-ALERT_ACTIONS = ("warn", "stop", "raise", "checkpoint", "ignore", "skip", "rollback")
+AlertName = Literal["warn", "stop", "raise", "checkpoint", "ignore", "skip", "rollback"]
+# typing.Callable/Sequence, not collections.abc's: jsonargparse 4.x silently drops a collections.abc.Callable member
+# from a union, so a callable given in a config would not parse.
+AlertAction = AlertName | typing.Callable[[Alert], None]
+#: The annotation of every ``on_alert`` argument. jsonargparse (LightningCLI) tries a union's members in order and
+#: cannot serialise a list whose item type mixes strings and callables ("Unable to serialize instance" in the saved
+#: config.yaml), so the members it can write back come first: a name, a list of names, one callable (by import
+#: path). Other sequences (callables, mixed lists) are accepted from Python.
+OnAlert = AlertName | list[AlertName] | typing.Callable[[Alert], None] | typing.Sequence[AlertAction]
+ALERT_ACTIONS = get_args(AlertName)
+#: Alert JSONL files written by this process: resolved path -> id of the Trainer that started it (see _append_jsonl).
+_JSONL_STARTED: dict[str, int] = {}
 #: Hooks outside Lightning's optimizer closure, where weights and optimizer state may be replaced.
 SAFE_HOOKS = ("on_train_batch_start", "on_train_batch_end")
 #: Learning-rate entries scaled by a rollback (param groups; scheduler attributes).
@@ -83,6 +94,7 @@ def validate_on_alert(on_alert: Any) -> list[AlertAction]:
         raise ValueError("`on_alert` must name at least one action, got an empty list.")
     for action in actions:
         if callable(action):
+            check_callable("on_alert", action, 1, "taking an Alert")
             continue
         if not isinstance(action, str) or action not in ALERT_ACTIONS:
             raise ValueError(
@@ -193,10 +205,25 @@ class AlertDispatcher:
         previous = self._last_alert_step.get(key)
         repeat = previous is not None and alert.step - previous < monitor.alert_cooldown_steps
         self._last_alert_step[key] = alert.step
-        monitor.alerts.append(alert)
+        monitor._last_fired_step = alert.step
         monitor.alert_counts[alert.kind] = monitor.alert_counts.get(alert.kind, 0) + 1
         count = float(monitor.alert_counts[alert.kind])
         monitor.log_metrics(trainer, {f"{monitor.prefix}/alerts/{alert.kind}": count}, alert.step)
+        # Storage is bounded: an alert that continues an episode (the same kind fired at the previous step) goes
+        # into `.alerts`, the checkpoint, the TensorBoard text and the JSONL only once per cooldown window (anchored
+        # at the last one kept); the count above includes every one. A condition that fires every step (weights
+        # gone NaN) otherwise stores an alert per step forever. Separate events (a gap of a step or more) are kept.
+        stored = monitor._last_stored_step.get(alert.kind)
+        continues = previous is not None and 0 <= alert.step - previous <= 1
+        keep = (
+            not continues
+            or stored is None
+            or alert.step < stored
+            or alert.step - stored >= max(monitor.alert_cooldown_steps, 1)
+        )
+        if keep:
+            monitor._last_stored_step[alert.kind] = alert.step
+            monitor.alerts.append(alert)
         notes = []
         if "skip" in monitor.on_alert:
             notes.append(self._skip(trainer, alert))
@@ -204,9 +231,10 @@ class AlertDispatcher:
             self._requested.append(alert)
             notes.append("rollback requested")
         note = f" [{'; '.join(notes)}]" if notes else ""
-        text = f"step {alert.step} · {alert.kind} · {alert.message}{note}"
-        tb.log_text(trainer, f"{monitor.prefix}/alerts", text, alert.step)
-        self._append_jsonl(trainer, alert.to_dict())
+        if keep:
+            text = f"step {alert.step} · {alert.kind} · {alert.message}{note}"
+            tb.log_text(trainer, f"{monitor.prefix}/alerts", text, alert.step)
+            self._append_jsonl(trainer, alert.to_dict())
         for action in monitor.on_alert:
             if callable(action):
                 action(alert)
@@ -226,10 +254,18 @@ class AlertDispatcher:
         return f"update of step {alert.step} skipped"
 
     def _append_jsonl(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
-        if not trainer.is_global_zero:
+        # Only into a logger's directory: without a logger the log directory is the working directory, and a file
+        # there would collect the alerts of every run started from it.
+        if not trainer.is_global_zero or not trainer.loggers:
             return
         self.log_root.mkdir(parents=True, exist_ok=True)
-        with open(self.log_root / "landscape_alerts.jsonl", "a", encoding="utf-8") as handle:
+        path = self.log_root / "landscape_alerts.jsonl"
+        # A fit starts the file afresh (a log directory reused by a fixed logger version must not mix runs), unless
+        # it resumes from a checkpoint; every monitor of this Trainer then appends to it.
+        key = str(path.resolve())
+        fresh = _JSONL_STARTED.get(key) != id(trainer) and trainer.ckpt_path is None
+        _JSONL_STARTED[key] = id(trainer)
+        with open(path, "w" if fresh else "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def decide(self, monitor: LandscapeCallback, trainer: pl.Trainer, fired: bool) -> None:

@@ -6,7 +6,9 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+import typing
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,18 @@ from lightning_landscape.callbacks._alerting import (
     AlertAction,
     AlertDispatcher,
     LandscapeAlertError,
+    OnAlert,
     validate_on_alert,
 )
 from lightning_landscape.core import distributed
 from lightning_landscape.core._sdpa import differentiable_attention
-from lightning_landscape.core._validation import LandscapeWarning, check_bool, check_choice, check_int
+from lightning_landscape.core._validation import (
+    LandscapeWarning,
+    check_bool,
+    check_callable,
+    check_choice,
+    check_int,
+)
 from lightning_landscape.core.alerts import Alert
 from lightning_landscape.core.budget import MIN_TIMED_STEPS, OverheadBudget
 from lightning_landscape.core.hvp import MODES, check_loss
@@ -35,6 +44,11 @@ from lightning_landscape.core.hvp import MODES, check_loss
 LossFn = Callable[[pl.LightningModule, Any], Tensor]
 # the alert path lives in _alerting.py (re-exported here: these names were importable from this module)
 _validate_on_alert = validate_on_alert
+#: The annotation of ``loss_fn`` arguments: any return annotation (jsonargparse rejects a function given by import
+#: path whose return annotation is not the declared one, and most loss functions have none).
+UserLossFn = typing.Callable[[pl.LightningModule, Any], Any]
+#: Largest accepted ``seed``: 2**32 - 1, so ``seed + index`` and the derived sketch seeds stay valid generator seeds.
+MAX_SEED = 2**32 - 1
 
 
 def is_sharded(strategy: Any) -> bool:
@@ -52,11 +66,81 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return apply_to_collection(batch, Tensor, lambda t: t.to(device))
 
 
+# The bookkeeping attributes a torchmetrics ``Metric`` changes in ``update``/``forward``/``compute`` besides its
+# registered states (``_defaults``): torchmetrics 1.x, metric.py.
+_METRIC_ATTRIBUTES = (
+    "_update_count",
+    "_computed",
+    "_forward_cache",
+    "_is_synced",
+    "_cache",
+    "_should_unsync",
+    "_to_sync",
+    "_enable_grad",
+    "compute_on_cpu",
+)
+
+
+def _is_metric(module: nn.Module) -> bool:
+    # duck-typed so torchmetrics stays optional: a Metric registers its states in `_defaults` and counts updates
+    return isinstance(getattr(module, "_defaults", None), dict) and hasattr(module, "_update_count")
+
+
+def _clone_state(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, list):
+        return list(value)  # list states grow by append; the tensors already in them are not written in place
+    return value
+
+
+class _MetricSnapshot:
+    """The states of every torchmetrics ``Metric`` registered under a module, restored bitwise.
+
+    ``training_step`` used as the loss (``loss_fn=None``) runs the user's metric updates at every probe batch (at
+    every Hessian-vector product for some backends): without this, an ``Accuracy`` updated there counts the probe
+    set many times per measurement. Tensor states are copied back into the same tensor objects (``copy_``), list
+    states get their original elements back in the original list object.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.saved: list[tuple[nn.Module, dict[str, tuple[Any, Any]], dict[str, Any]]] = []
+        for m in module.modules():
+            if not _is_metric(m):
+                continue
+            states = {name: (getattr(m, name), _clone_state(getattr(m, name))) for name in m._defaults}
+            extra = {name: _clone_state(getattr(m, name)) for name in _METRIC_ATTRIBUTES if hasattr(m, name)}
+            self.saved.append((m, states, extra))
+
+    def restore(self) -> None:
+        for m, states, extra in self.saved:
+            for name, (original, copy) in states.items():
+                if isinstance(original, Tensor) and original.shape == copy.shape:
+                    with torch.no_grad():
+                        original.copy_(copy)
+                    restored: Any = original
+                elif isinstance(original, list):
+                    original[:] = copy
+                    restored = original
+                else:
+                    restored = copy
+                setattr(m, name, restored)
+            for name, value in extra.items():
+                setattr(m, name, value)
+
+
 @contextlib.contextmanager
 def model_state_guard(module: nn.Module) -> Iterator[None]:
     """Restore, bitwise, everything a measurement could touch: train/eval flags, ``.grad``, ``requires_grad``,
-    buffers, and the torch (CPU and CUDA), Python and NumPy RNG states."""
+    buffers, the states of torchmetrics ``Metric`` modules registered under ``module``, and the torch (CPU and
+    CUDA), Python and NumPy RNG states.
+
+    Not restored: plain Python attributes and tensors that are neither parameters, buffers nor metric states, which
+    a ``training_step`` used as the loss may change (an EMA teacher updated in place, a step counter). Pass
+    ``loss_fn`` when ``training_step`` does such things.
+    """
     flags = [(m, m.training) for m in module.modules()]
+    metrics = _MetricSnapshot(module)
     params = list(module.parameters())
     grads = [p.grad for p in params]
     requires = [p.requires_grad for p in params]
@@ -74,6 +158,7 @@ def model_state_guard(module: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+        metrics.restore()
         for p, g, r in zip(params, grads, requires, strict=True):
             p.grad = g
             p.requires_grad_(r)
@@ -121,14 +206,96 @@ def _training_step_loss(module: pl.LightningModule, batch: Any) -> Tensor:
             "`loss_fn` is None, so `training_step` is used as the loss, but it returned "
             f"{type(output).__name__}; it must return a Tensor or a dict with 'loss', or pass `loss_fn`."
         )
-    return check_loss(output)
+    return _check_attached(check_loss(output), "`training_step` (used as the loss because `loss_fn` is None)")
+
+
+def _check_attached(loss: Tensor, source: str) -> Tensor:
+    # With gradients enabled a measurement differentiates the loss; a detached one (`.item()`, `.detach()`, a loss
+    # built under `torch.no_grad()`) would fail deep inside autograd without naming what returned it.
+    if torch.is_grad_enabled() and not loss.requires_grad:
+        raise TypeError(
+            f"{source} must return a loss attached to the autograd graph of the model's parameters, got a tensor "
+            "without grad_fn (was it detached, rebuilt from `.item()`, or computed under `torch.no_grad()`?)."
+        )
+    return loss
 
 
 def _user_loss(loss_fn: LossFn) -> LossFn:
     def checked(module: pl.LightningModule, batch: Any) -> Tensor:
-        return check_loss(loss_fn(module, batch), name="loss_fn")
+        return _check_attached(check_loss(loss_fn(module, batch), name="loss_fn"), "`loss_fn`")
 
     return checked
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+
+
+def _is_configuration_error(err: BaseException) -> bool:
+    """An argument error of ours (a ``loss_fn`` returning the wrong type, a selector matching nothing): raised by
+    lightning-landscape's own checks, whose messages start by naming the argument in backticks. Those would fail at
+    every measurement, so they are raised whatever ``strict`` (errors of the user's code or of libraries are not)."""
+    if not isinstance(err, TypeError | ValueError) or not str(err).startswith("`"):
+        return False
+    tb_ = err.__traceback__
+    while tb_ is not None and tb_.tb_next is not None:
+        tb_ = tb_.tb_next
+    return tb_ is not None and str(Path(tb_.tb_frame.f_code.co_filename).resolve()).startswith(_PACKAGE_DIR)
+
+
+class _PeerMeasurementFailed(RuntimeError):
+    """Raised inside a measurement under DDP when another rank's measurement failed.
+
+    See :func:`_failure_aware_collectives`."""
+
+
+_COLLECTIVES = ("all_reduce_sum", "all_reduce_mean", "all_reduce_max", "broadcast", "any_true", "all_gather_object")
+
+
+def _status_all_reduce(failed: bool, device: torch.device) -> bool:
+    flag = torch.tensor([1.0 if failed else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def _agree_failed(failed: bool, device: torch.device) -> bool:
+    """Whether the measurement failed on any rank (one 1-element all-reduce, the same as a status check)."""
+    if not distributed.is_distributed():
+        return failed
+    return _status_all_reduce(failed, device)
+
+
+@contextlib.contextmanager
+def _failure_aware_collectives(device: torch.device, enabled: bool) -> Iterator[None]:
+    """Precede every collective of ``core.distributed`` made inside a measurement by a 1-element status all-reduce.
+
+    A rank whose measurement raised leaves ``measure`` and calls :func:`_agree_failed` with "failed": that
+    all-reduce has the shape of a status check, so it meets its peers wherever they are (at their next collective's
+    check, or at their own agreement). A peer that sees the failure raises :class:`_PeerMeasurementFailed` and skips
+    the payload and its own agreement: every rank takes part in exactly one status all-reduce that reports the
+    failure, and nobody waits in a collective another rank will never reach. Cost: one extra 1-element all-reduce
+    per collective of a measurement (one per Hessian-vector product). The monitors call the collectives through the
+    ``distributed`` module attribute at call time, which is what makes the swap below reach them.
+    """
+    if not enabled or not distributed.is_distributed():
+        yield
+        return
+    originals = {name: getattr(distributed, name) for name in _COLLECTIVES}
+
+    def checked(original: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if _status_all_reduce(False, device):
+                raise _PeerMeasurementFailed("The measurement failed on another rank.")
+            return original(*args, **kwargs)
+
+        return call
+
+    for name, original in originals.items():
+        setattr(distributed, name, checked(original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(distributed, name, original)
 
 
 class LandscapeCallback(Callback):
@@ -153,7 +320,8 @@ class LandscapeCallback(Callback):
             last healthy state, multiply the learning rate by ``rollback_lr_factor``, go on; see
             :mod:`lightning_landscape.callbacks._alerting`), a callable taking an :class:`Alert`, or a list of these.
         prefix: metric key prefix.
-        strict: raise when a measurement fails instead of logging a status and warning once.
+        strict: raise when a measurement fails instead of logging a status and warning once per kind of error
+            (errors that name one of your arguments, such as a ``loss_fn`` returning a non-scalar, always raise).
         seed: seeds the start vectors and the dropout masks of ``mode="train"``.
         alert_cooldown_steps: a repeat of the same alert kind within this many steps is logged and counted but
             does not warn or write another checkpoint again (callables, ``"stop"`` and ``"raise"`` always act).
@@ -186,10 +354,10 @@ class LandscapeCallback(Callback):
         *,
         every_n_steps: int = 100,
         start_step: int = 0,
-        loss_fn: LossFn | None = None,
+        loss_fn: UserLossFn | None = None,
         num_probe_batches: int = 4,
         mode: str = "eval",
-        on_alert: AlertAction | Sequence[AlertAction] = "warn",
+        on_alert: OnAlert = "warn",
         prefix: str = "landscape",
         strict: bool = False,
         seed: int = 0,
@@ -202,8 +370,8 @@ class LandscapeCallback(Callback):
         super().__init__()
         self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
         self.start_step = check_int("start_step", start_step, minimum=0)
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"`loss_fn` must be None or a callable (pl_module, batch) -> Tensor, got {loss_fn!r}.")
+        if loss_fn is not None:
+            check_callable("loss_fn", loss_fn, 2, "(pl_module, batch) -> Tensor", optional=True)
         self.loss_fn = loss_fn
         self.num_probe_batches = check_int("num_probe_batches", num_probe_batches, minimum=1)
         self.mode = check_choice("mode", mode, MODES)
@@ -212,7 +380,8 @@ class LandscapeCallback(Callback):
             raise ValueError(f"`prefix` must be a non-empty string without a trailing '/', got {prefix!r}.")
         self.prefix = prefix
         self.strict = check_bool("strict", strict)
-        self.seed = check_int("seed", seed)
+        # seeds reach torch.Generator.manual_seed and NumPy-style 32-bit seeding after small offsets
+        self.seed = check_int("seed", seed, minimum=0, maximum=MAX_SEED)
         self.alert_cooldown_steps = check_int("alert_cooldown_steps", alert_cooldown_steps, minimum=0)
         #: Actions, cooldown, alert file and the rollback keeper (``LandscapeMonitor`` gives its parts one).
         self.alerting = AlertDispatcher(rollback_every_n_steps, max_rollbacks, rollback_lr_factor, prefix=prefix)
@@ -243,6 +412,8 @@ class LandscapeCallback(Callback):
         self.last_metrics: dict[str, float] = {}
         self._warned: set[str] = set()
         self._shared_warned: set[str] | None = None
+        self._last_fired_step = -1  # step of the latest alert, stored or not (decides "stop")
+        self._last_stored_step: dict[str, int] = {}  # per kind: the last alert kept in `.alerts` (AlertDispatcher)
         self._log_root = Path(".")
         self._state_key: str | None = None
         self._definition_logged = False
@@ -280,6 +451,7 @@ class LandscapeCallback(Callback):
         self.idle_until = 0
         self._last_measured_step = int(state_dict.get("last_measured_step", -1))
         self.alerts = [Alert.from_dict(a) for a in state_dict.get("alerts", [])]
+        self._last_stored_step = {a.kind: a.step for a in self.alerts}
         self.alert_counts = {str(k): int(v) for k, v in state_dict.get("alert_counts", {}).items()}
         self._load_monitor_state_dict(state_dict.get("monitor", {}))
         if "alerting" in state_dict and self.alerting.monitors.get("") is self:
@@ -317,6 +489,37 @@ class LandscapeCallback(Callback):
         self._next_allowed = None
         self._provisional = False
         self.idle_until = 0
+        self._check_probe_fits_epoch(trainer)
+
+    def _check_probe_fits_epoch(self, trainer: pl.Trainer) -> None:
+        # The dataloader's length is known from here on (inf for iterable datasets without a length).
+        if not self._uses_probe_set() or self._probe_by_rank is not None or self._loaded_probe_by_rank:
+            return
+        per_epoch = trainer.num_training_batches
+        if isinstance(per_epoch, int | float) and math.isfinite(per_epoch) and self.num_probe_batches > per_epoch:
+            self._warn_once(
+                "probe-longer-than-epoch",
+                f"{type(self).__name__}: `num_probe_batches`={self.num_probe_batches} is larger than an epoch "
+                f"({int(per_epoch)} training batches): the probe set completes only in a later epoch, and no "
+                "measurement runs before it does. Lower `num_probe_batches`.",
+            )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._uses_probe_set() and self._probe_by_rank is None and self.num_measurements == 0:
+            self._warn_once(
+                "probe-never-complete",
+                f"{type(self).__name__} never completed its probe set ({len(self._probe)} of `num_probe_batches`="
+                f"{self.num_probe_batches} batches seen), so it measured nothing in this fit. Lower "
+                "`num_probe_batches` or train longer.",
+            )
+
+    def _uses_probe_set(self) -> bool:
+        # monitors without a `measure` (GradientSpikeMonitor reads the training step itself) keep no probe set
+        return type(self).measure is not LandscapeCallback.measure
+
+    def resolve_selectors(self, pl_module: pl.LightningModule) -> None:
+        """Resolve this monitor's module/parameter selectors against the model, raising at ``setup`` (not at the
+        first measurement, which budget mode may never reach) with an error naming the argument. Base: nothing."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.needs_full_parameters and is_sharded(trainer.strategy):
@@ -330,6 +533,7 @@ class LandscapeCallback(Callback):
         self._log_root = Path(trainer.log_dir or trainer.default_root_dir)
         self.alerting.log_root = self._log_root
         self.alerting.refresh()
+        self.resolve_selectors(pl_module)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -413,11 +617,19 @@ class LandscapeCallback(Callback):
             self._probe_by_rank = loaded
             self._probe = loaded[trainer.global_rank]
         else:
+            if len(loaded) != trainer.world_size:
+                cause = f"was captured with {len(loaded)} process(es) and the world size is now {trainer.world_size}"
+            else:
+                sizes = sorted({len(p) for p in loaded})
+                cause = (
+                    f"holds {'/'.join(map(str, sizes))} batch(es) per process and `num_probe_batches` is "
+                    f"{self.num_probe_batches} (the checkpoint was saved before its probe set was complete, or "
+                    "`num_probe_batches` changed)"
+                )
             self._warn_once(
                 "probe-resume",
-                f"{type(self).__name__}: the checkpoint's probe set was captured with {len(loaded)} process(es) and "
-                f"world size is {trainer.world_size}; capturing a new probe set, so values before and after the "
-                "resume are not directly comparable.",
+                f"{type(self).__name__}: the checkpoint's probe set {cause}; capturing a new probe set, so values "
+                "before and after the resume are not directly comparable.",
             )
 
     def _capture(self, trainer: pl.Trainer, batch: Any) -> None:
@@ -449,29 +661,36 @@ class LandscapeCallback(Callback):
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         started = time.perf_counter()
         self.num_measurements += 1
-        batches = self.probe_batches(pl_module)
-        try:
-            with (
-                model_state_guard(pl_module),
-                _logging_suppressed(pl_module),
-                torch.enable_grad(),
-                differentiable_attention(),
-            ):
-                if trainer.world_size > 1:
-                    # DDP broadcasts rank 0's buffers at the start of each forward, but between steps every rank
-                    # holds running statistics updated by its own batches. Measure every rank on rank 0's buffers
-                    # (what the next forward would use); the guard gives each rank its own back afterwards.
-                    for buffer in pl_module.buffers():
-                        distributed.broadcast(buffer)
-                metrics = self.measure(trainer, pl_module, batches, step)
-        except FloatingPointError as err:  # includes NonFiniteLossError
-            if self.strict:
-                raise
-            self._warn_once(
-                "measurement-failed",
-                f"{type(self).__name__} measurement at step {step} failed: {err} Training continues; the status is "
-                f"logged as `{self.key('status')}` (1 ok, 0 failed). Pass strict=True to raise instead.",
-            )
+        distributed_run = trainer.world_size > 1
+        failure: BaseException | None = None
+        metrics: dict[str, float] = {}
+        with (
+            model_state_guard(pl_module),
+            _logging_suppressed(pl_module),
+            torch.enable_grad(),
+            differentiable_attention(),
+        ):
+            if distributed_run:
+                # DDP broadcasts rank 0's buffers at the start of each forward, but between steps every rank
+                # holds running statistics updated by its own batches. Measure every rank on rank 0's buffers
+                # (what the next forward would use); the guard gives each rank its own back afterwards.
+                for buffer in pl_module.buffers():
+                    distributed.broadcast(buffer)
+            try:
+                with _failure_aware_collectives(pl_module.device, enabled=distributed_run):
+                    batches = self.probe_batches(pl_module)
+                    metrics = self.measure(trainer, pl_module, batches, step)
+            except LandscapeAlertError:
+                raise  # on_alert="raise" is the user's choice, not a failure (every rank raises it: reduced values)
+            except Exception as err:  # user code, OOM, library errors; KeyboardInterrupt and SystemExit pass
+                failure = err
+        failed = failure is not None
+        if distributed_run and not isinstance(failure, _PeerMeasurementFailed):
+            # The ranks agree before any later collective: a rank that failed answers here the status check its
+            # peers make before their next collective inside `measure` (or their own agreement), so nobody waits.
+            failed = _agree_failed(failed, pl_module.device)
+        if failed:
+            self._report_failure(failure, step)
             metrics = {self.key("status"): 0.0}
         else:
             metrics[self.key("status")] = 1.0
@@ -488,6 +707,37 @@ class LandscapeCallback(Callback):
         self.last_metrics = metrics
         self.log_metrics(trainer, metrics, step)
         self._after_measurement(trainer)
+
+    def _report_failure(self, failure: BaseException | None, step: int) -> None:
+        """Warn once per kind of failure (naming the monitor, the step and the error), or raise with ``strict``."""
+        name = type(self).__name__
+        if failure is None or isinstance(failure, _PeerMeasurementFailed):
+            if self.strict:
+                raise RuntimeError(
+                    f"{name} measurement at step {step} failed on another rank (strict=True); see that rank's error."
+                ) from failure
+            self._warn_once(
+                "measurement-failed-peer",
+                f"{name} measurement at step {step} failed on another rank; every rank skipped it. Training "
+                f"continues; the status is logged as `{self.key('status')}` (1 ok, 0 failed).",
+            )
+            return
+        if self.strict or _is_configuration_error(failure):
+            raise failure
+        if isinstance(failure, torch.cuda.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # give training back the memory the failed measurement held
+        kind = f"measurement-failed-{type(failure).__name__}"
+        if kind in self._warned:
+            return
+        self._warned.add(kind)
+        # every rank's own failure is reported (not rank 0's only): under DDP it may be the only one that failed
+        warnings.warn(
+            f"{name} measurement at step {step} failed: {type(failure).__name__}: {failure} Training continues; "
+            f"the status is logged as `{self.key('status')}` (1 ok, 0 failed), and this warning is not repeated for "
+            f"this kind of error. Pass strict=True to raise instead.",
+            LandscapeWarning,
+            stacklevel=2,
+        )
 
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], step: int
@@ -548,7 +798,7 @@ class LandscapeCallback(Callback):
         self.alerting.decide(self, trainer, fired)
 
     def _after_measurement(self, trainer: pl.Trainer) -> None:
-        self.decide_stop(trainer, any(a.step == self._last_measured_step for a in self.alerts))
+        self.decide_stop(trainer, self._last_fired_step == self._last_measured_step)
 
 
 __all__ = ["ALERT_ACTIONS", "AlertAction", "LandscapeAlertError", "LandscapeCallback", "model_state_guard"]

@@ -7,13 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from torch import Tensor, nn
 
 from lightning_landscape import tensorboard as tb
 from lightning_landscape.callbacks._base import LandscapeCallback
 from lightning_landscape.core import distributed
-from lightning_landscape.core._validation import check_bool, check_float, check_int
+from lightning_landscape.core._validation import check_bool, check_callable, check_float, check_int
 from lightning_landscape.core.alerts import Alert, ConsecutiveAboveRule
 from lightning_landscape.core.barrier import (
     barriers_from_curve,
@@ -21,12 +20,13 @@ from lightning_landscape.core.barrier import (
     hessian_midpoint_predictor,
     interpolation_barrier,
 )
-from lightning_landscape.core.hvp import HessianOperator, default_batch_size, operator_mode, seeded_rng
+from lightning_landscape.core.hvp import HessianOperator, operator_mode
 from lightning_landscape.core.interpolation import (
     batchnorm_buffer_keys,
     check_bn_policy,
     interpolate_state,
     loaded_state,
+    probe_set_totals,
     recompute_batchnorm,
 )
 from lightning_landscape.core.params import flatten, top_level_blocks
@@ -70,6 +70,8 @@ class ModeConnectivityMonitor(LandscapeCallback):
         barrier_threshold, barrier_patience, relative: the ``barrier_rise`` rule.
         error_fn: ``error_fn(pl_module, batch)`` -> the batch's error rate in [0, 1] (e.g. 1 - accuracy), for the
             error barriers Frankle et al. report; one more forward pass per batch and alpha.
+        batch_size_fn: ``batch -> int`` for the size weights of the probe batches (default: the leading dimension
+            of the first tensor in the batch).
         **kwargs: the shared arguments of :class:`~lightning_landscape.callbacks._base.LandscapeCallback`.
 
     References: Frankle et al. 2020 (ICML); Entezari et al. 2022 (ICLR); Adilova et al. 2024 (ICLR); Singh et al.
@@ -94,14 +96,16 @@ class ModeConnectivityMonitor(LandscapeCallback):
         barrier_patience: int = 2,
         relative: bool = False,
         error_fn: Callable[[pl.LightningModule, Any], Any] | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if error_fn is not None and not callable(error_fn):
-            raise TypeError(
-                f"`error_fn` must be None or a callable (pl_module, batch) -> error rate, got {error_fn!r}."
-            )
+        if error_fn is not None:
+            check_callable("error_fn", error_fn, 2, "(pl_module, batch) -> error rate", optional=True)
         self.error_fn = error_fn
+        if batch_size_fn is not None:
+            check_callable("batch_size_fn", batch_size_fn, 1, "batch -> int", optional=True)
+        self.batch_size_fn = batch_size_fn
         self.num_alphas = check_int("num_alphas", num_alphas, minimum=3)
         self.bn_policy = check_bn_policy(bn_policy)
         self.layerwise = check_bool("layerwise", layerwise)
@@ -109,7 +113,8 @@ class ModeConnectivityMonitor(LandscapeCallback):
         self.predictors = check_bool("predictors", predictors)
         self.relative = check_bool("relative", relative)
         self.barrier_rule = ConsecutiveAboveRule(
-            check_float("barrier_threshold", barrier_threshold, minimum=0.0), barrier_patience
+            check_float("barrier_threshold", barrier_threshold, minimum=0.0),
+            check_int("barrier_patience", barrier_patience, minimum=1),
         )
         self._previous: dict[str, Tensor] | None = None
         self._previous_step = -1
@@ -213,16 +218,15 @@ class ModeConnectivityMonitor(LandscapeCallback):
                         if isinstance(layer, nn.modules.batchnorm._NormBase) and layer.track_running_stats:
                             distributed.all_reduce_mean(layer.running_mean)
                             distributed.all_reduce_mean(layer.running_var)
-            totals = torch.zeros(3, dtype=torch.float64, device=pl_module.device)
-            with operator_mode(pl_module, self.mode), torch.no_grad():
-                for index, batch in enumerate(batches):
-                    size = default_batch_size(batch)
-                    with seeded_rng(pl_module.device, self.seed + index):
-                        totals[0] += loss_fn(pl_module, batch).detach().double() * size
-                    if self.error_fn is not None:
-                        with seeded_rng(pl_module.device, self.seed + index):
-                            totals[1] += torch.as_tensor(self.error_fn(pl_module, batch)).double() * size
-                    totals[2] += size
+            with operator_mode(pl_module, self.mode):
+                totals = probe_set_totals(
+                    pl_module,
+                    loss_fn,
+                    batches,
+                    seed=self.seed,
+                    batch_size_fn=self.batch_size_fn,
+                    error_fn=self.error_fn,
+                )
         if trainer.world_size > 1:
             totals = distributed.all_reduce_sum(totals)
         value = float(totals[0] / totals[2])
@@ -245,13 +249,17 @@ class ModeConnectivityMonitor(LandscapeCallback):
         gradients = []
         for state in (start, end):
             with loaded_state(pl_module, state), operator_mode(pl_module, self.mode):
-                op = HessianOperator(pl_module, loss_fn, batches, seed=self.seed, all_reduce=all_reduce)
+                op = HessianOperator(
+                    pl_module, loss_fn, batches, seed=self.seed, all_reduce=all_reduce, batch_size_fn=self.batch_size_fn
+                )
                 gradients.append(op.loss_and_gradient()[1])
         midpoint = interpolate_state(start, end, 0.5)
         with (
             loaded_state(pl_module, midpoint),
             operator_mode(pl_module, self.mode),
-            HessianOperator(pl_module, loss_fn, batches, seed=self.seed, all_reduce=all_reduce) as op,
+            HessianOperator(
+                pl_module, loss_fn, batches, seed=self.seed, all_reduce=all_reduce, batch_size_fn=self.batch_size_fn
+            ) as op,
         ):
             hv = op @ direction
         p = self.prefix

@@ -15,7 +15,8 @@ from lightning_landscape.callbacks._base import LandscapeCallback
 from lightning_landscape.core import distributed
 from lightning_landscape.core._validation import check_bool, check_float, check_int
 from lightning_landscape.core.alerts import Alert, DropFromMaxRule
-from lightning_landscape.core.hvp import operator_mode, seeded_rng
+from lightning_landscape.core.hvp import operator_mode
+from lightning_landscape.core.interpolation import seeded_batches
 from lightning_landscape.core.rank import (
     alpha_req,
     covariance_from_moments,
@@ -26,7 +27,9 @@ from lightning_landscape.core.rank import (
     stable_rank,
 )
 
-ModuleSelector = str | Sequence[str] | type | tuple[type, ...] | None
+# Module types first: LightningCLI (jsonargparse) tries a union's members in order, so `modules: torch.nn.Linear` in a
+# config is the class (an import path that is no class falls through to a regex or a list of names).
+ModuleSelector = type[nn.Module] | tuple[type[nn.Module], ...] | str | Sequence[str] | None
 
 
 def _features(module: nn.Module, inputs: tuple[Any, ...]) -> Tensor | None:
@@ -136,7 +139,10 @@ class EffectiveRankMonitor(LandscapeCallback):
         self.sketch_dim = check_int("sketch_dim", sketch_dim, minimum=1)
         if self.sketch_dim > self.max_width:
             raise ValueError(f"`sketch_dim` must be <= max_width={self.max_width}, got {sketch_dim!r}.")
-        self.collapse_fraction = check_float("collapse_fraction", collapse_fraction, minimum=0.0, maximum=1.0)
+        # DropFromMaxRule's bounds (0, 1], checked here so the error names this argument
+        self.collapse_fraction = check_float(
+            "collapse_fraction", collapse_fraction, minimum=0.0, maximum=1.0, strict_minimum=True
+        )
         self.collapse_window = check_int("collapse_window", collapse_window, minimum=2)
         self._rules: dict[str, DropFromMaxRule] = {}
 
@@ -154,6 +160,10 @@ class EffectiveRankMonitor(LandscapeCallback):
         if name not in self._rules:
             self._rules[name] = DropFromMaxRule(self.collapse_fraction, self.collapse_window)
         return self._rules[name]
+
+    def resolve_selectors(self, pl_module: pl.LightningModule) -> None:
+        """``modules`` must match the model: checked at ``setup``, before any training step."""
+        self.watched_modules(pl_module)
 
     # ----------------------------------------------------------------------------------------------- measure
     def watched_modules(self, pl_module: nn.Module) -> dict[str, nn.Module]:
@@ -177,7 +187,11 @@ class EffectiveRankMonitor(LandscapeCallback):
             if missing:
                 raise ValueError(f"`modules` names {sorted(missing)} are not modules of the model.")
         if not chosen:
-            raise ValueError(f"`modules` must match at least one module of the model, got {self.modules!r}.")
+            what = "nn.Linear (the default `modules=None` watches the last one)" if self.modules is None else None
+            raise ValueError(
+                f"`modules` must match at least one module of the model, got {self.modules!r}"
+                + (f"; the model has no {what}." if what else ".")
+            )
         return dict(chosen)
 
     def _sketch(self, name: str, width: int, device: torch.device) -> Tensor:
@@ -209,9 +223,8 @@ class EffectiveRankMonitor(LandscapeCallback):
         loss_fn = self.resolve_loss_fn(pl_module)
         try:
             with operator_mode(pl_module, self.mode), torch.no_grad():
-                for index, batch in enumerate(batches):
-                    with seeded_rng(pl_module.device, self.seed + index):
-                        loss_fn(pl_module, batch)
+                for _, batch in seeded_batches(batches, pl_module.device, self.seed):
+                    loss_fn(pl_module, batch)
         finally:
             for handle in handles:  # no hook may outlive a measurement
                 handle.remove()
@@ -234,9 +247,13 @@ class EffectiveRankMonitor(LandscapeCallback):
             covariance = covariance_from_moments(m.second, m.first, m.count)
             metrics[f"{self.prefix}/rank/{name}/alpha_req"] = alpha_req(eigenvalues_psd(covariance))
         if self.weights:
+            seen: set[int] = set()
             for layer, module in pl_module.named_modules():
                 weight = getattr(module, "weight", None)
-                if layer and isinstance(weight, Tensor) and weight.dim() >= 2:
+                if layer and isinstance(weight, Tensor) and weight.dim() >= 2 and id(weight) not in seen:
+                    # a weight tied to several modules (embedding and output head) is logged once, under the
+                    # first name `named_modules` gives it
+                    seen.add(id(weight))
                     s = singular_values(weight.detach().flatten(1))
                     metrics[f"{self.prefix}/weights/{layer}/stable_rank"] = stable_rank(s)
                     metrics[f"{self.prefix}/weights/{layer}/effective_rank"] = rankme(s)

@@ -6,8 +6,9 @@ the argument at once. These helpers raise built-in ``ValueError``/``TypeError`` 
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -15,12 +16,14 @@ class LandscapeWarning(UserWarning):
     """Warnings emitted by lightning-landscape (numerical trouble, skipped measurements, configuration notes)."""
 
 
-def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
-    """Return ``value`` if it is an ``int`` (not ``bool``) at least ``minimum``; raise otherwise."""
+def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Return ``value`` if it is an ``int`` (not ``bool``) in ``[minimum, maximum]``; raise otherwise."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"`{name}` must be an int, got {value!r}.")
     if minimum is not None and value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"`{name}` must be an int <= {maximum}, got {value!r}.")
     return value
 
 
@@ -60,4 +63,30 @@ def check_bool(name: str, value: Any) -> bool:
     """Return ``value`` if it is a ``bool``; raise a ``TypeError`` otherwise."""
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+    return value
+
+
+def check_callable(
+    name: str, value: Any, num_args: int, expected: str, *, optional: bool = False
+) -> Callable[..., Any]:
+    """Return ``value`` if it is a callable that accepts ``num_args`` positional arguments; raise otherwise.
+
+    ``expected`` describes the call in the message (e.g. ``"(pl_module, batch) -> Tensor"``). Callables whose
+    signature cannot be inspected (some builtins) are accepted as they are. ``optional``: the argument may also be
+    ``None`` (the caller handles that case; the message says so).
+    """
+    what = "None or a callable" if optional else "a callable"
+    if not callable(value):
+        raise TypeError(f"`{name}` must be {what} {expected}, got {value!r}.")
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):
+        return value
+    try:
+        signature.bind(*([None] * num_args))
+    except TypeError as err:
+        raise TypeError(
+            f"`{name}` must be {what} {expected} accepting {num_args} positional argument(s), got {value!r} "
+            f"with signature {signature} ({err})."
+        ) from None
     return value

@@ -19,19 +19,75 @@ BatchNorm policies (Jordan et al. 2023, REPAIR; Frankle et al. 2020):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_landscape.core._validation import check_choice
+from lightning_landscape.core.hvp import _norm_layers, default_batch_size, seeded_rng
 
 BN_POLICIES = ("recompute", "interpolate", "keep")
 
 
-def _norm_layers(module: nn.Module) -> list[nn.modules.batchnorm._NormBase]:
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+def seeded_batches(batches: Iterable[Any], device: torch.device, seed: int | None) -> Iterator[tuple[int, Any]]:
+    """``(index, batch)`` over the probe set, each step run with the global RNG forked and seeded ``seed + index``
+    (restored afterwards; ``None`` leaves the RNG alone), so dropout masks are the same at every measurement."""
+    for index, batch in enumerate(batches):
+        if seed is None:
+            yield index, batch
+            continue
+        with seeded_rng(device, seed + index):
+            yield index, batch
+
+
+def _size_of(batch: Any, batch_size_fn: Callable[[Any], int] | None) -> int:
+    if batch_size_fn is None:
+        return default_batch_size(batch)
+    size = batch_size_fn(batch)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise TypeError(f"`batch_size_fn` must return an int >= 1 (the number of samples), got {size!r}.")
+    return size
+
+
+def _error_value(value: Any) -> Tensor:
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+        return value.detach().double().reshape(())
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float64)
+    raise TypeError(f"`error_fn` must return a number or a one-element Tensor (the batch's error rate), got {value!r}.")
+
+
+def probe_set_totals(
+    module: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batches: Sequence[Any],
+    *,
+    seed: int | None = 0,
+    batch_size_fn: Callable[[Any], int] | None = None,
+    error_fn: Callable[[nn.Module, Any], Any] | None = None,
+) -> Tensor:
+    """``[sum of size * loss, sum of size * error, sum of sizes]`` over ``batches`` (float64, on the module's
+    device, without gradients; the error sum is 0 without ``error_fn``). Sums, not means, so that callers can add
+    them over ranks before dividing. Runs in the module's current mode: wrap in ``operator_mode`` for another.
+
+    Raises:
+        TypeError: ``batch_size_fn`` or ``error_fn`` returned something else than documented (the message names
+            the argument).
+    """
+    device = next(iter(module.parameters())).device
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for _, batch in seeded_batches(batches, device, seed):
+            size = _size_of(batch, batch_size_fn)
+            totals[0] += loss_fn(module, batch).detach().double().reshape(()) * size
+            totals[2] += size
+        if error_fn is not None:
+            # same seeds: the error is measured on the same dropout masks as the loss
+            for _, batch in seeded_batches(batches, device, seed):
+                totals[1] += _error_value(error_fn(module, batch)).to(device) * _size_of(batch, batch_size_fn)
+    return totals
 
 
 def check_compatible(state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]) -> None:

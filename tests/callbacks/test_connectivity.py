@@ -133,10 +133,52 @@ def test_state_round_trip_keeps_the_previous_snapshot(tmp_path):
         ({"layerwise": "yes"}, TypeError, "`layerwise` must be a bool"),
         ({"refine_steps": -1}, ValueError, "`refine_steps` must be an int >= 0, got -1"),
         ({"barrier_threshold": -0.1}, ValueError, "`barrier_threshold` must be >= 0.0, got -0.1"),
-        ({"barrier_patience": 0}, ValueError, "`patience` must be an int >= 1, got 0"),
+        ({"barrier_patience": 0}, ValueError, "`barrier_patience` must be an int >= 1, got 0"),
         ({"error_fn": 1}, TypeError, "`error_fn` must be None or a callable"),
+        ({"error_fn": lambda module: 0.0}, TypeError, "`error_fn` must be None or a callable .* accepting 2"),
+        ({"batch_size_fn": "len"}, TypeError, "`batch_size_fn` must be None or a callable batch -> int"),
+        ({"batch_size_fn": lambda: 1}, TypeError, "`batch_size_fn` must be None or a callable .* accepting 1"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         ModeConnectivityMonitor(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"error_fn": lambda module, batch: "high"}, "`error_fn` must return a number or a one-element Tensor"),
+        ({"batch_size_fn": lambda batch: "8"}, r"`batch_size_fn` must return an int >= 1 \(the number of samples\)"),
+    ],
+)
+def test_bad_callable_results_name_the_argument(tmp_path, kwargs, match):
+    monitor = ModeConnectivityMonitor(every_n_steps=1, num_probe_batches=1, loss_fn=loss_of, strict=True, **kwargs)
+    with pytest.raises(TypeError, match=match):
+        make_trainer(tmp_path, [monitor], max_steps=2).fit(ClassifierModule())
+
+
+def test_batch_size_fn_weights_the_probe_losses(tmp_path):
+    # weights from the first label (1 to 3) instead of the batch sizes: the endpoint loss is their weighted mean
+    def weight(batch):
+        return 1 + int(batch[1][0])
+
+    monitor = ModeConnectivityMonitor(
+        every_n_steps=2, num_probe_batches=2, loss_fn=loss_of, bn_policy="interpolate", batch_size_fn=weight
+    )
+    recorder = {}
+
+    class Keep(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            recorder.setdefault(trainer.global_step, {k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    make_trainer(tmp_path, [Keep(), monitor], max_steps=3).fit(ClassifierModule(dropout=0.0))
+    model = ClassifierModule(dropout=0.0)
+    model.load_state_dict(recorder[2])
+    model.eval()
+    with torch.no_grad():
+        weighted = [(float(loss_of(model, b)) * weight(b), weight(b)) for b in monitor._probe]
+    expected = sum(v for v, _ in weighted) / sum(w for _, w in weighted)
+    plain = sum(v / w for v, w in weighted) / len(weighted)  # what equal batch sizes (8 and 8) give
+    assert abs(expected - plain) > 1e-4  # so the check below can tell the weights were used
+    assert monitor.last_metrics["landscape/lmc/loss_end"] == pytest.approx(expected, rel=1e-6)

@@ -147,6 +147,8 @@ def test_state_round_trip():
         ({"sketch_dim": 10, "max_width": 5}, ValueError, "`sketch_dim` must be <= max_width=5, got 10"),
         ({"collapse_fraction": 1.5}, ValueError, "`collapse_fraction` must be <= 1.0, got 1.5"),
         ({"collapse_window": 1}, ValueError, "`collapse_window` must be an int >= 2, got 1"),
+        ({"collapse_fraction": 0.0}, ValueError, "`collapse_fraction` must be > 0.0, got 0.0"),
+        ({"seed": 2**32}, ValueError, "`seed` must be an int <= 4294967295, got 4294967296"),
         ({"mode": "test"}, ValueError, "`mode` must be one of"),
     ],
 )
@@ -160,3 +162,29 @@ def test_unknown_module_names_fail_clearly(tmp_path):
         make_trainer(tmp_path, [EffectiveRankMonitor(modules=["encoder"], num_probe_batches=1)], max_steps=1).fit(
             ClassifierModule()
         )
+
+
+def test_tied_weights_are_logged_once(tmp_path):
+    class Tied(ClassifierModule):
+        def __init__(self):
+            super().__init__(batchnorm=False, dropout=0.0, hidden=5)
+            self.head = nn.Linear(5, 5)
+            self.head.weight = self.net[0].weight  # the same Parameter under two names
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(self.head(x)), y)
+
+    monitor = EffectiveRankMonitor(every_n_steps=100, num_probe_batches=1, loss_fn=None)
+    make_trainer(tmp_path, [monitor], max_steps=1).fit(Tied())
+    weights = sorted(k for k in monitor.last_metrics if k.endswith("/stable_rank"))
+    assert weights == ["landscape/weights/net.0/stable_rank", "landscape/weights/net.3/stable_rank"]
+
+
+def test_modules_selector_is_checked_at_setup_even_in_budget_mode(tmp_path):
+    monitor = EffectiveRankMonitor(modules=["net.0", "nope"], max_overhead=0.05)
+    with pytest.raises(ValueError, match=r"`modules` names \['nope'\] are not modules of the model"):
+        make_trainer(tmp_path, [monitor], max_steps=1).fit(ClassifierModule())
+    no_linear = EffectiveRankMonitor()
+    with pytest.raises(ValueError, match="the model has no nn.Linear"):
+        no_linear.watched_modules(nn.Sequential(nn.Tanh()))
