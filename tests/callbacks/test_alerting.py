@@ -100,6 +100,8 @@ def test_the_snapshot_holds_the_gradient_scaler_and_restores_it_bitwise(tmp_path
 def test_rollback_and_skip_notes_go_into_the_alert_file(tmp_path):
     monitor = ScriptedMonitor(on_alert=["rollback", "skip", "ignore"])
     trainer = fake_trainer(tmp_path, hook="on_before_optimizer_step", step=5)
+    # the alert file is written only into a logger's directory
+    trainer.loggers, trainer.ckpt_path = [SimpleNamespace(log_metrics=lambda metrics, step: None)], None
     monitor.alerting.log_root = tmp_path
     monitor.emit_alert(trainer, alert(5))
     assert all(p.grad is None for p in trainer.lightning_module.parameters())  # skipped

@@ -254,7 +254,7 @@ def test_an_alert_every_step_is_counted_but_stored_once_per_cooldown_window(tmp_
 def test_stop_acts_on_a_repeat_that_is_not_stored(tmp_path):
     monitor = EveryStep(every_n_steps=1, num_probe_batches=1, on_alert="stop", alert_cooldown_steps=10, start_step=3)
     monitor._last_stored_step["non_finite"] = 0  # as if an episode had begun at step 0 and fired at step 2:
-    monitor._last_alert_step["non_finite"] = 2  # step 3 continues it, inside the cooldown window
+    monitor.alerting._last_alert_step[(id(monitor), "non_finite")] = 2  # step 3 continues it, inside the cooldown
     trainer = make_trainer(tmp_path, [monitor], max_steps=20)
     trainer.fit(ClassifierModule())
     assert trainer.global_step == 4 and monitor.alerts == []

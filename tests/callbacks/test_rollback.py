@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 
 from lightning_landscape import LandscapeMonitor
 from lightning_landscape.callbacks._alerting import scale_learning_rates
@@ -24,13 +25,16 @@ def spy_logged(monitor):
 
 
 def jsonl(tmp_path):
+    # written into the logger's directory (tmp_path itself: `run` gives the Trainer a CSVLogger with no subfolders)
     path = tmp_path / "landscape_alerts.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def run(tmp_path, monitor, max_steps=20, module=None, ckpt_path=None):
     before, after = Recorder(), Recorder()
-    trainer = trainer_for(tmp_path, [before, monitor, after], max_steps=max_steps)
+    # a logger, because the alert file is only written into a logger's directory
+    logger = CSVLogger(tmp_path, name="", version="")
+    trainer = trainer_for(tmp_path, [before, monitor, after], max_steps=max_steps, logger=logger)
     trainer.fit(module or Regression(), ckpt_path=ckpt_path)
     return trainer, before, after
 
