@@ -129,7 +129,8 @@ def test_adam_preconditioned_sharpness_equals_dense(tmp_path):
     expected = float(dense_eigvalsh(scale[:, None] * hessian * scale[None, :])[0])
     logged = monitor.last_metrics
     assert logged["landscape/hessian/preconditioned_sharpness"] == pytest.approx(expected, rel=1e-6)
-    threshold = (2 + 2 * 0.9) / ((1 - 0.9) * 0.01)
+    # Adam's bias factor 1 - beta1^(t+1) at t = 6 steps taken (the threshold was 38/lr before it was modelled)
+    threshold = (2 + 2 * 0.9) * (1 - 0.9**7) / ((1 - 0.9) * 0.01)
     assert logged["landscape/hessian/stability_threshold"] == pytest.approx(threshold)
     assert logged["landscape/hessian/eos_ratio"] == pytest.approx(expected / threshold, rel=1e-6)
 
@@ -406,8 +407,21 @@ def test_probe_set_completes_before_first_measurement(tmp_path):
         ({"density_steps": 1}, ValueError, "`density_steps` must be an int >= 2, got 1"),
         ({"backend": "jax"}, ValueError, "`backend` must be one of .*got 'jax'"),
         ({"params": 5}, TypeError, "`params` must be None, a regex string or a list of names, got 5"),
-        ({"eos_patience": 0}, ValueError, "`patience` must be an int >= 1, got 0"),
-        ({"sharpness_jump": 0.0}, ValueError, "`jump` must be > 0.0, got 0.0"),
+        ({"eos_patience": 0}, ValueError, "`eos_patience` must be an int >= 1, got 0"),
+        ({"sharpness_jump": 0.0}, ValueError, "`sharpness_jump` must be > 0.0, got 0.0"),
+        ({"top_k": 500}, ValueError, r"`top_k` must be <= `max_iter` \(100.*got 500"),
+        ({"raw_sharpness_every": 0}, ValueError, "`raw_sharpness_every` must be an int >= 1, got 0"),
+        ({"params": "(["}, ValueError, "`params` must be a valid regular expression, got '\\(\\['"),
+        ({"growth_min_eos_ratio": -1.0}, ValueError, "`growth_min_eos_ratio` must be >= 0.0, got -1.0"),
+        ({"eos_threshold": -1.0}, ValueError, "`eos_threshold` must be >= 0.0, got -1.0"),
+        ({"density_runs": 0}, ValueError, "`density_runs` must be an int >= 1, got 0"),
+        ({"density_bins": 1}, ValueError, "`density_bins` must be an int >= 2, got 1"),
+        ({"basis_on_cpu": 1}, TypeError, "`basis_on_cpu` must be a bool, got 1"),
+        ({"per_block": 1}, TypeError, "`per_block` must be a bool, got 1"),
+        ({"lambda_min": 1}, TypeError, "`lambda_min` must be a bool, got 1"),
+        ({"trace": 1}, TypeError, "`trace` must be a bool, got 1"),
+        ({"density": 1}, TypeError, "`density` must be a bool, got 1"),
+        ({"top_k": 0}, ValueError, "`top_k` must be an int >= 1, got 0"),
         ({"batch_size_fn": 1}, TypeError, "`batch_size_fn` must be None or a callable"),
         ({"seed": "0"}, TypeError, "`seed` must be an int, got '0'"),
     ],
@@ -417,11 +431,20 @@ def test_bad_arguments(kwargs, error, match):
         HessianMonitor(**kwargs)
 
 
-def test_unknown_param_name_fails_at_first_measurement(tmp_path):
-    with pytest.raises(ValueError, match="`params` entry 'encoder' matches no trainable parameter"):
-        make_trainer(tmp_path, [HessianMonitor(num_probe_batches=1, params=["encoder"])], max_steps=1).fit(
+@pytest.mark.parametrize("params", [["encoder"], "^encoder"])
+def test_unknown_param_selector_fails_at_setup(tmp_path, monkeypatch, params):
+    steps = []
+
+    class Counter(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            steps.append(trainer.global_step)
+
+    match = "`params` entry 'encoder' matches no" if isinstance(params, list) else "`params` must select at least"
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tmp_path, [Counter(), HessianMonitor(num_probe_batches=1, params=params)], max_steps=1).fit(
             ClassifierModule()
         )
+    assert steps == []  # raised in setup, before any training step
 
 
 def test_quiet_with_logger(tmp_path):
