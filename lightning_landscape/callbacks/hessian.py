@@ -154,6 +154,7 @@ class HessianMonitor(LandscapeCallback):
         self.batch_size_fn = batch_size_fn
         # Warm-start vectors (on CPU between measurements): "top" for H, "precond" for Adam's form, "block/<name>".
         self._warm: dict[str, Tensor] = {}
+        self._growth_key = ""
         self._measured = 0  # measurements made: the raw-sharpness cadence under a preconditioned optimizer
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -232,6 +233,8 @@ class HessianMonitor(LandscapeCallback):
         # form exists yet, e.g. before Adam's first step).
         raw = stability is None or stability[1] is None or self._measured % self.raw_sharpness_every == 0
         self._measured += 1
+        preconditioned = stability is not None and stability[0].preconditioned
+        self._growth_key = self.key("eos_sharpness") if preconditioned else f"{self.prefix}/sharpness"
         with operator_mode(pl_module, self.mode):
             with self._operator(pl_module, batches, params, trainer) as op:
                 self.log_definition(trainer, self._definition(op, len(batches)))
@@ -362,7 +365,7 @@ class HessianMonitor(LandscapeCallback):
             )
         # The growth rule follows the quantity the threshold applies to (the preconditioned sharpness under Adam),
         # one series, so a raw value every `raw_sharpness_every` measurements never reads as a jump.
-        watched = self.key("eos_sharpness") if self.key("eos_sharpness") in metrics else f"{self.prefix}/sharpness"
+        watched = self._growth_key
         sharpness = metrics.get(watched)
         if sharpness is None:
             return
