@@ -208,7 +208,12 @@ class HessianMonitor(LandscapeCallback):
             generator=generator,
             basis_device="cpu" if self.basis_on_cpu else None,
         )
-        self._warm[key] = result.eigenvectors.detach().to("cpu", copy=True)
+        vectors = result.eigenvectors.detach()
+        if smallest and result.lambda_min_vector is not None:
+            # keep the bottom vector too: warm-started from the top ones only, the most negative direction would
+            # enter the Krylov space through the 1e-3 random part alone and could be missed
+            vectors = torch.cat([vectors, result.lambda_min_vector.detach()[None]])
+        self._warm[key] = vectors.to("cpu", copy=True)
         return result
 
     def measure(
