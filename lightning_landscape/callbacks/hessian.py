@@ -41,21 +41,36 @@ class HessianMonitor(LandscapeCallback):
         - ``p/hessian/hvps``: Hessian-vector products this measurement cost (all parts together).
         - ``p/hessian/trace``, ``p/hessian/trace_stderr``: Hutch++ estimate, when ``trace=True``.
         - ``p/hessian/density``: TensorBoard histogram of the SLQ spectral density, when ``density=True``.
-        - ``p/hessian/eos_ratio``: sharpness over the optimizer's stability threshold (SGD: ``(2+2m)/lr``; Adam/AdamW:
-          preconditioned sharpness over ``(2+2 beta1)/((1-beta1) lr)``), plus ``p/hessian/stability_threshold`` and,
-          for Adam, ``p/hessian/preconditioned_sharpness``.
+        - ``p/hessian/eos_ratio``: ``p/hessian/eos_sharpness`` over ``p/hessian/stability_threshold``, with
+          ``p/hessian/log10_eos_ratio`` its log10 (0 = at the threshold; the dashboard's ratio chart). The
+          thresholds are exact linear-stability limits (:mod:`~lightning_landscape.core.stability`, derived there
+          and tested against bisection): SGD ``(2+2b)/((1-d) lr)`` (momentum ``b``, dampening ``d``), Nesterov
+          ``(2+2b)/((1+2b) lr)``; Adam/AdamW ``(2+2 beta1)(1-beta1^(t+1))/((1-beta1) lr)`` at step ``t``
+          (AMSGrad's ``max_exp_avg_sq`` in the preconditioner).
+        - ``p/hessian/eos_sharpness``: what the threshold applies to: the sharpness under plain SGD; under Adam/AdamW
+          (and SGD with per-group learning rates) the preconditioned sharpness ``lambda_max(D H D)``, also logged as
+          ``p/hessian/preconditioned_sharpness`` (``D = sqrt(lr_i / lr / P_i)``, 0 on entries Adam has never
+          moved: second moment still exactly 0).
         - ``p/hessian/block/{name}/eig_1``: top eigenvalue of each top-level block's diagonal Hessian block,
           when ``per_block=True``.
         - ``p/hessian/status``: 1 ok, 0 the measurement failed (non-finite loss); see ``strict``.
 
+    Under Adam/AdamW (and SGD with per-group learning rates) each measurement converges the preconditioned
+    sharpness, which decides stability; the Hessian's own spectrum (``p/sharpness``, ``eig_i``, ``lambda_min``,
+    per-block values) is measured on every ``raw_sharpness_every``-th measurement only (default 10; 1 = every time),
+    and always when no preconditioner exists yet (before Adam's first step).
+
     Alerts: ``edge_of_stability`` when ``eos_ratio > eos_threshold`` for ``eos_patience`` consecutive measurements;
-    ``sharpness_growth`` when the sharpness exceeds ``(1 + sharpness_jump)`` times the previous measurement while
+    ``sharpness_growth`` when ``eos_sharpness`` (the sharpness where no threshold is known) exceeds ``(1 +
+    sharpness_jump)`` times the previous measurement while
     ``eos_ratio >= growth_min_eos_ratio`` (where the ratio is known): far below the stability threshold a doubling is
     ordinary early-training behaviour (the quickstart's sharpness went 0.66 -> 2.39 at eos_ratio 0.03).
 
     Cost per measurement: Lanczos HVPs (typically 5-20 cold, a handful warm-started, at most ``max_iter``), plus
-    ``trace_matvecs``, ``density_runs * density_steps``, one top-1 Lanczos per block and one for Adam's
-    preconditioned sharpness. One HVP is one pass over the probe set at about 2-4 times the cost of a gradient.
+    ``trace_matvecs``, ``density_runs * density_steps``, one top-1 Lanczos per block; under Adam one top-1 Lanczos
+    of the preconditioned operator, the raw one every ``raw_sharpness_every`` measurements (warm measurements on
+    the MLP workload of ``benchmarks/hessian.py --part cost``: 8-21 HVPs, against 18-25 before). One HVP is one pass
+    over the probe set at about 2-4 times the cost of a gradient.
 
     Args:
         top_k: number of top eigenvalues.
@@ -66,7 +81,8 @@ class HessianMonitor(LandscapeCallback):
         per_block: also log the top eigenvalue of each top-level block.
         lambda_min: also converge and log the smallest eigenvalue (about doubles the HVPs of a measurement: the
             bottom of the spectrum converges more slowly than the top).
-        tol: Ritz-residual tolerance relative to the sharpness (1e-3 gives the sharpness to ~1e-3 or better).
+        tol: relative eigenvalue accuracy: Lanczos stops when ``min(r, 10 r^2 / gap) <= tol * sharpness``
+            (:func:`~lightning_landscape.core.lanczos.lanczos`, ``criterion="eigenvalue"``).
         max_iter: most HVPs one Lanczos run may use.
         trace_matvecs: HVP budget of the trace estimate.
         density_runs, density_steps, density_bins: SLQ runs, Lanczos steps per run, and histogram bins.
@@ -76,6 +92,8 @@ class HessianMonitor(LandscapeCallback):
         sharpness_jump: relative jump for the ``sharpness_growth`` alert.
         growth_min_eos_ratio: the ``sharpness_growth`` alert needs at least this ``eos_ratio`` (ignored when the
             optimizer has no known threshold).
+        raw_sharpness_every: under a preconditioned optimizer, measure the Hessian's own spectrum on every this
+            many measurements (the preconditioned sharpness is measured every time).
         batch_size_fn: ``batch -> int`` for the size weights (default: leading dimension of the first tensor).
         **kwargs: the shared arguments of :class:`~lightning_landscape.callbacks._base.LandscapeCallback`
             (``every_n_steps``, ``loss_fn``, ``num_probe_batches``, ``on_alert``, ``prefix``, ...).
