@@ -563,3 +563,36 @@ def test_adam_measures_the_raw_spectrum_on_its_own_cadence(tmp_path):
     # the growth rule follows the preconditioned series only: the raw value of measurement 0 is no jump origin
     assert all(a.metric == "landscape/hessian/eos_sharpness" for a in seen.alerts if a.kind == "sharpness_growth")
     assert not [a for a in seen.alerts if a.kind == "sharpness_growth" and a.step == 1]
+
+
+# ------------------------------------------------------------------------------------------ torch.compile
+class _UnloggedClassifier(ClassifierModule):
+    def training_step(self, batch, batch_idx):  # self.log does not trace under dynamo (a compiled module is traced)
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+
+def _compiled_run(tmp_path, callbacks, how):
+    pl.seed_everything(3, workers=True)
+    model = _UnloggedClassifier(dropout=0.1, batchnorm=False)
+    if how == "inner":
+        model.net = torch.compile(model.net)
+        target = model
+    else:
+        target = torch.compile(model)
+    make_trainer(tmp_path, callbacks, max_steps=6).fit(target)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["inner", "module"])
+def test_compiled_models_are_measured_and_left_bitwise_unchanged(tmp_path, how):
+    """Issue 17: the first measurement raised (donated buffers: compiled backward has no double backward) and with
+    dropout 0.1 the callback changed the compiled run's trajectory. Default backend, bitwise comparison."""
+    monitor = HessianMonitor(every_n_steps=2, num_probe_batches=1, loss_fn=loss_of, strict=True)
+    with_monitor = _compiled_run(tmp_path, [monitor], how)
+    without = _compiled_run(tmp_path, [], how)
+    assert monitor.last_metrics["landscape/hessian/status"] == 1.0
+    assert math.isfinite(monitor.last_metrics["landscape/sharpness"])
+    for key, value in without.items():
+        assert torch.equal(with_monitor[key], value), key
