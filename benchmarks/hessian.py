@@ -10,6 +10,8 @@ the same model and batch. PyHessian is a peer, not a dependency: install it in t
 column is skipped.
 
     python benchmarks/hessian.py            # prints markdown tables (copied into benchmarks/RESULTS.md)
+    python benchmarks/hessian.py --part cost   # part 3: a measurement's cost in training steps (before/after:
+                                               # run with PYTHONPATH=/work/main, then with this checkout)
 """
 
 from __future__ import annotations
@@ -236,10 +238,70 @@ def part2() -> None:
     print("\n".join(defaults))
 
 
+def cost(steps: int, every: int, kinds: list[str]) -> None:
+    """Part 3: cost of a HessianMonitor measurement in training steps on benchmarks/grad_spikes.py's workloads (AdamW,
+    default HessianMonitor arguments as the bundle configures them, every ``every`` steps), counted in HVPs (the
+    deterministic part) and in seconds over the median unmonitored training step. Runs on whatever code is first on
+    PYTHONPATH, so the same command gives "before" (PYTHONPATH=/work/main) and "after"."""
+    import lightning.pytorch as pl
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from grad_spikes import Workload
+
+    from lightning_landscape import HessianMonitor
+
+    class StepClock(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.times.append(time.perf_counter() - self.start)
+
+    print("| workload | measurement | HVPs | preconditioned HVPs | seconds | steps (seconds / median step) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for kind in kinds:
+        pl.seed_everything(0, verbose=False)
+        clock = StepClock()
+        monitor = HessianMonitor(every_n_steps=every, on_alert="ignore")
+        logged: list[dict] = []
+        original = monitor.log_metrics
+
+        def record(trainer, metrics, step, original=original):
+            logged.append(dict(metrics))
+            original(trainer, metrics, step)
+
+        monitor.log_metrics = record
+        # the monitor first: its measurement happens in on_train_batch_start, outside the clock's step interval
+        trainer = pl.Trainer(
+            max_steps=steps,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[monitor, clock],
+        )
+        trainer.fit(Workload(kind))
+        step = statistics.median(clock.times)
+        for i, metrics in enumerate(logged):
+            seconds = metrics.get("landscape/hessian/seconds", float("nan"))
+            print(
+                f"| {kind} | {i} | {metrics.get('landscape/hessian/hvps', float('nan')):.0f} | "
+                f"{'yes' if 'landscape/hessian/preconditioned_sharpness' in metrics else 'no'} | {seconds:.3f} | "
+                f"{seconds / step:.1f} |"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--part", choices=["1", "2", "all"], default="all")
+    parser.add_argument("--part", choices=["1", "2", "cost", "all"], default="all")
+    parser.add_argument("--steps", type=int, default=41, help="part cost: training steps")
+    parser.add_argument("--every", type=int, default=10, help="part cost: measurement cadence")
+    parser.add_argument("--kinds", default="mlp,cnn,transformer", help="part cost: workloads")
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -247,6 +309,8 @@ def main() -> None:
         part1(args.repeats)
     if args.part in ("2", "all"):
         part2()
+    if args.part == "cost":
+        cost(args.steps, args.every, args.kinds.split(","))
 
 
 if __name__ == "__main__":

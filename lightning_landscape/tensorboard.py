@@ -118,15 +118,27 @@ def log_curve_figure(
 
 
 def dashboard_layout(prefix: str = "landscape") -> dict[str, dict[str, tuple[str, list[str]]]]:
-    """The custom-scalars layout of the "Landscape" dashboard: category -> chart title -> (kind, tag regexes)."""
+    """The custom-scalars layout of the "Landscape" dashboard: category -> chart title -> (kind, tag regexes).
+
+    The first chart plots ``hessian/eos_sharpness`` (what the threshold applies to: the sharpness under SGD, the
+    preconditioned sharpness under Adam/AdamW) against ``hessian/stability_threshold``; the ratio chart plots
+    ``hessian/log10_eos_ratio`` (0 = at the threshold); the Hessian's own sharpness has its own chart.
+    """
     p = prefix
     return {
         "Landscape": {
+            # The quantity the threshold applies to: the sharpness under SGD, the preconditioned sharpness under
+            # Adam/AdamW (raw sharpness 10-100 against a preconditioned threshold of 38,000 read as "far from it").
             "sharpness vs stability threshold": (
                 "Multiline",
-                [rf"{p}/sharpness$", rf"{p}/hessian/stability_threshold$"],
+                [rf"{p}/hessian/eos_sharpness$", rf"{p}/hessian/stability_threshold$"],
             ),
-            "edge-of-stability ratio": ("Multiline", [rf"{p}/hessian/eos_ratio$"]),
+            # log10 of the ratio: 0 is the threshold, -1 ten times below; a spike does not flatten the rest.
+            "edge-of-stability ratio (log10, 0 = at the threshold)": (
+                "Multiline",
+                [rf"{p}/hessian/log10_eos_ratio$"],
+            ),
+            "Hessian sharpness and top eigenvalues": ("Multiline", [rf"{p}/sharpness$", rf"{p}/hessian/eig_\d+$"]),
             "gradient norm and spikes": ("Multiline", [rf"{p}/grad/norm$", rf"{p}/events/grad_spike$"]),
             "loss z-score and spikes": ("Multiline", [rf"{p}/loss/zscore$", rf"{p}/events/loss_spike$"]),
             "attention logits (max) and output log-partition": (

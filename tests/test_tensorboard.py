@@ -127,3 +127,26 @@ def test_one_event_scalars_read_back_like_lightnings_own(tmp_path):
             super().log_metrics(metrics, step)
 
     assert not tb.log_scalars(trainer, Forwarding(tmp_path, name="sub"), metrics[0], 0)  # its own log_metrics runs
+
+
+def test_dashboard_sharpness_chart_plots_the_preconditioned_sharpness_under_adam(tmp_path):
+    """Issue 16 item 6: under Adam the chart compares the preconditioned sharpness with its threshold (it plotted the
+    raw sharpness, 10-100, against a preconditioned threshold of 38,000), and the ratio chart is log10 (0 = at it)."""
+    import math
+
+    from lightning_landscape import HessianMonitor
+    from lightning_landscape.tensorboard import dashboard_layout
+    from tests.helpers.lightning import ClassifierModule
+
+    monitor = HessianMonitor(every_n_steps=2, num_probe_batches=1)
+    make_trainer(tmp_path, [monitor], max_steps=5).fit(ClassifierModule(optimizer="adam", lr=0.01))
+    metrics = monitor.last_metrics
+    charts = dashboard_layout()["Landscape"]
+    plotted = {k for k in metrics if any(re.search(r, k) for r in charts["sharpness vs stability threshold"][1])}
+    assert plotted == {"landscape/hessian/eos_sharpness", "landscape/hessian/stability_threshold"}
+    assert metrics["landscape/hessian/eos_sharpness"] == metrics["landscape/hessian/preconditioned_sharpness"]
+    assert "landscape/sharpness" not in plotted
+    (ratio_key,) = [
+        k for k in metrics if any(re.search(r, k) for r in charts[next(c for c in charts if "ratio" in c)][1])
+    ]
+    assert metrics[ratio_key] == pytest.approx(math.log10(metrics["landscape/hessian/eos_ratio"]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,7 +20,7 @@ from lightning_landscape.core.density import slq_density
 from lightning_landscape.core.hvp import BACKENDS, DiagonalScaledOperator, HessianOperator, operator_mode
 from lightning_landscape.core.lanczos import lanczos
 from lightning_landscape.core.params import ParamSelector, select_parameters, top_level_blocks
-from lightning_landscape.core.stability import adam_preconditioner, stability_threshold
+from lightning_landscape.core.stability import StabilityThreshold, stability_scale, stability_threshold
 from lightning_landscape.core.trace import hutchpp_trace
 
 
@@ -39,21 +41,36 @@ class HessianMonitor(LandscapeCallback):
         - ``p/hessian/hvps``: Hessian-vector products this measurement cost (all parts together).
         - ``p/hessian/trace``, ``p/hessian/trace_stderr``: Hutch++ estimate, when ``trace=True``.
         - ``p/hessian/density``: TensorBoard histogram of the SLQ spectral density, when ``density=True``.
-        - ``p/hessian/eos_ratio``: sharpness over the optimizer's stability threshold (SGD: ``(2+2m)/lr``; Adam/AdamW:
-          preconditioned sharpness over ``(2+2 beta1)/((1-beta1) lr)``), plus ``p/hessian/stability_threshold`` and,
-          for Adam, ``p/hessian/preconditioned_sharpness``.
+        - ``p/hessian/eos_ratio``: ``p/hessian/eos_sharpness`` over ``p/hessian/stability_threshold``, with
+          ``p/hessian/log10_eos_ratio`` its log10 (0 = at the threshold; the dashboard's ratio chart). The
+          thresholds are exact linear-stability limits (:mod:`~lightning_landscape.core.stability`, derived there
+          and tested against bisection): SGD ``(2+2b)/((1-d) lr)`` (momentum ``b``, dampening ``d``), Nesterov
+          ``(2+2b)/((1+2b) lr)``; Adam/AdamW ``(2+2 beta1)(1-beta1^(t+1))/((1-beta1) lr)`` at step ``t``
+          (AMSGrad's ``max_exp_avg_sq`` in the preconditioner).
+        - ``p/hessian/eos_sharpness``: what the threshold applies to: the sharpness under plain SGD; under Adam/AdamW
+          (and SGD with per-group learning rates) the preconditioned sharpness ``lambda_max(D H D)``, also logged as
+          ``p/hessian/preconditioned_sharpness`` (``D = sqrt(lr_i / lr / P_i)``, 0 on entries Adam has never
+          moved: second moment still exactly 0).
         - ``p/hessian/block/{name}/eig_1``: top eigenvalue of each top-level block's diagonal Hessian block,
           when ``per_block=True``.
         - ``p/hessian/status``: 1 ok, 0 the measurement failed (non-finite loss); see ``strict``.
 
+    Under Adam/AdamW (and SGD with per-group learning rates) each measurement converges the preconditioned
+    sharpness, which decides stability; the Hessian's own spectrum (``p/sharpness``, ``eig_i``, ``lambda_min``,
+    per-block values) is measured on every ``raw_sharpness_every``-th measurement only (default 10; 1 = every time),
+    and always when no preconditioner exists yet (before Adam's first step).
+
     Alerts: ``edge_of_stability`` when ``eos_ratio > eos_threshold`` for ``eos_patience`` consecutive measurements;
-    ``sharpness_growth`` when the sharpness exceeds ``(1 + sharpness_jump)`` times the previous measurement while
+    ``sharpness_growth`` when ``eos_sharpness`` (the sharpness where no threshold is known) exceeds ``(1 +
+    sharpness_jump)`` times the previous measurement while
     ``eos_ratio >= growth_min_eos_ratio`` (where the ratio is known): far below the stability threshold a doubling is
     ordinary early-training behaviour (the quickstart's sharpness went 0.66 -> 2.39 at eos_ratio 0.03).
 
     Cost per measurement: Lanczos HVPs (typically 5-20 cold, a handful warm-started, at most ``max_iter``), plus
-    ``trace_matvecs``, ``density_runs * density_steps``, one top-1 Lanczos per block and one for Adam's
-    preconditioned sharpness. One HVP is one pass over the probe set at about 2-4 times the cost of a gradient.
+    ``trace_matvecs``, ``density_runs * density_steps``, one top-1 Lanczos per block; under Adam one top-1 Lanczos
+    of the preconditioned operator, the raw one every ``raw_sharpness_every`` measurements (warm measurements on
+    the MLP workload of ``benchmarks/hessian.py --part cost``: 8-21 HVPs, against 18-25 before). One HVP is one pass
+    over the probe set at about 2-4 times the cost of a gradient.
 
     Args:
         top_k: number of top eigenvalues.
@@ -64,7 +81,8 @@ class HessianMonitor(LandscapeCallback):
         per_block: also log the top eigenvalue of each top-level block.
         lambda_min: also converge and log the smallest eigenvalue (about doubles the HVPs of a measurement: the
             bottom of the spectrum converges more slowly than the top).
-        tol: Ritz-residual tolerance relative to the sharpness (1e-3 gives the sharpness to ~1e-3 or better).
+        tol: relative eigenvalue accuracy: Lanczos stops when ``min(r, 10 r^2 / gap) <= tol * sharpness``
+            (:func:`~lightning_landscape.core.lanczos.lanczos`, ``criterion="eigenvalue"``).
         max_iter: most HVPs one Lanczos run may use.
         trace_matvecs: HVP budget of the trace estimate.
         density_runs, density_steps, density_bins: SLQ runs, Lanczos steps per run, and histogram bins.
@@ -74,6 +92,8 @@ class HessianMonitor(LandscapeCallback):
         sharpness_jump: relative jump for the ``sharpness_growth`` alert.
         growth_min_eos_ratio: the ``sharpness_growth`` alert needs at least this ``eos_ratio`` (ignored when the
             optimizer has no known threshold).
+        raw_sharpness_every: under a preconditioned optimizer, measure the Hessian's own spectrum on every this
+            many measurements (the preconditioned sharpness is measured every time).
         batch_size_fn: ``batch -> int`` for the size weights (default: leading dimension of the first tensor).
         **kwargs: the shared arguments of :class:`~lightning_landscape.callbacks._base.LandscapeCallback`
             (``every_n_steps``, ``loss_fn``, ``num_probe_batches``, ``on_alert``, ``prefix``, ...).
@@ -109,6 +129,7 @@ class HessianMonitor(LandscapeCallback):
         eos_patience: int = 2,
         sharpness_jump: float = 1.0,
         growth_min_eos_ratio: float = 0.5,
+        raw_sharpness_every: int = 10,
         batch_size_fn: Callable[[Any], int] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -122,21 +143,42 @@ class HessianMonitor(LandscapeCallback):
         self.per_block = check_bool("per_block", per_block)
         self.lambda_min = check_bool("lambda_min", lambda_min)
         self.tol = check_float("tol", tol, minimum=0.0, strict_minimum=True)
-        self.max_iter = check_int("max_iter", max_iter, minimum=self.top_k)
+        self.max_iter = check_int("max_iter", max_iter, minimum=1)
+        if self.top_k > self.max_iter:
+            raise ValueError(
+                f"`top_k` must be <= `max_iter` ({self.max_iter}: Lanczos needs at least one product per "
+                f"eigenvalue), got {self.top_k}."
+            )
+        if isinstance(params, str):
+            try:
+                re.compile(params)
+            except re.error as err:
+                raise ValueError(f"`params` must be a valid regular expression, got {params!r} ({err}).") from err
         self.trace_matvecs = check_int("trace_matvecs", trace_matvecs, minimum=3)
         self.density_runs = check_int("density_runs", density_runs, minimum=1)
         self.density_steps = check_int("density_steps", density_steps, minimum=2)
         self.density_bins = check_int("density_bins", density_bins, minimum=2)
         self.backend = check_choice("backend", backend, BACKENDS)
         self.basis_on_cpu = check_bool("basis_on_cpu", basis_on_cpu)
-        self.eos_rule = ConsecutiveAboveRule(check_float("eos_threshold", eos_threshold, minimum=0.0), eos_patience)
-        self.growth_rule = RelativeJumpRule(sharpness_jump)
+        self.eos_rule = ConsecutiveAboveRule(
+            check_float("eos_threshold", eos_threshold, minimum=0.0), check_int("eos_patience", eos_patience, minimum=1)
+        )
+        jump = check_float("sharpness_jump", sharpness_jump, minimum=0.0, strict_minimum=True)
+        self.growth_rule = RelativeJumpRule(jump)
+        self.raw_sharpness_every = check_int("raw_sharpness_every", raw_sharpness_every, minimum=1)
         self.growth_min_eos_ratio = check_float("growth_min_eos_ratio", growth_min_eos_ratio, minimum=0.0)
         if batch_size_fn is not None and not callable(batch_size_fn):
             raise TypeError(f"`batch_size_fn` must be None or a callable batch -> int, got {batch_size_fn!r}.")
         self.batch_size_fn = batch_size_fn
         # Warm-start vectors (on CPU between measurements): "top" for H, "precond" for Adam's form, "block/<name>".
         self._warm: dict[str, Tensor] = {}
+        self._growth_key = ""
+        self._measured = 0  # measurements made: the raw-sharpness cadence under a preconditioned optimizer
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # A selector that matches nothing fails here, before training, not at the first measurement.
+        select_parameters(pl_module, self.params)
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {"prefix": self.prefix, "params": str(self.params), "mode": self.mode}
@@ -146,12 +188,14 @@ class HessianMonitor(LandscapeCallback):
             "warm": {k: v.clone() for k, v in self._warm.items()},
             "eos_rule": self.eos_rule.state_dict(),
             "growth_rule": self.growth_rule.state_dict(),
+            "measured": self._measured,
         }
 
     def _load_monitor_state_dict(self, state: dict[str, Any]) -> None:
         self._warm = {k: v.clone() for k, v in state.get("warm", {}).items()}
         self.eos_rule.load_state_dict(state.get("eos_rule", {}))
         self.growth_rule.load_state_dict(state.get("growth_rule", {}))
+        self._measured = int(state.get("measured", 0))
 
     # ----------------------------------------------------------------------------------------------- measure
     def _operator(
@@ -182,7 +226,12 @@ class HessianMonitor(LandscapeCallback):
             generator=generator,
             basis_device="cpu" if self.basis_on_cpu else None,
         )
-        self._warm[key] = result.eigenvectors.detach().to("cpu", copy=True)
+        vectors = result.eigenvectors.detach()
+        if smallest and result.lambda_min_vector is not None:
+            # keep the bottom vector too: warm-started from the top ones only, the most negative direction would
+            # enter the Krylov space through the 1e-3 random part alone and could be missed
+            vectors = torch.cat([vectors, result.lambda_min_vector.detach()[None]])
+        self._warm[key] = vectors.to("cpu", copy=True)
         return result
 
     def measure(
@@ -201,33 +250,30 @@ class HessianMonitor(LandscapeCallback):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         metrics: dict[str, float] = {}
         hvps = 0
+        stability = self._stability(trainer, params)
+        # Under a preconditioned optimizer the preconditioned sharpness decides stability; the Hessian's own
+        # spectrum is measured on every `raw_sharpness_every`-th measurement only (and whenever no preconditioned
+        # form exists yet, e.g. before Adam's first step).
+        raw = stability is None or stability[1] is None or self._measured % self.raw_sharpness_every == 0
+        self._measured += 1
+        preconditioned = stability is not None and stability[0].preconditioned
+        self._growth_key = self.key("eos_sharpness") if preconditioned else f"{self.prefix}/sharpness"
         with operator_mode(pl_module, self.mode):
             with self._operator(pl_module, batches, params, trainer) as op:
                 self.log_definition(trainer, self._definition(op, len(batches)))
-                result = self._lanczos(op, "top", self.top_k, self.lambda_min, generator)
-                eigenvalues = result.eigenvalues.tolist()
-                sharpness = eigenvalues[0]
-                metrics[f"{self.prefix}/sharpness"] = sharpness
-                for i, value in enumerate(eigenvalues, start=1):
-                    metrics[self.key(f"eig_{i}")] = value
-                if self.lambda_min and result.lambda_min is not None:
-                    metrics[self.key("lambda_min")] = float(result.lambda_min)
-                metrics[self.key("converged")] = float(result.converged)
-                if not result.converged:
-                    self._warn_once(
-                        "not-converged",
-                        f"HessianMonitor: Lanczos did not reach tol={self.tol} in max_iter={self.max_iter} HVPs at "
-                        f"step {step}; the logged values are the best Ritz values (see `{self.key('converged')}`).",
-                    )
+                sharpness = None
+                if raw:
+                    sharpness = self._raw_spectrum(op, generator, step, metrics)
                 if self.trace:
                     estimate = hutchpp_trace(op, self.trace_matvecs, generator=generator)
                     metrics[self.key("trace")] = estimate.estimate
                     metrics[self.key("trace_stderr")] = estimate.stderr
                 if self.density:
                     self._log_density(trainer, op, generator, step)
-                metrics.update(self._edge_of_stability(trainer, op, params, sharpness, generator))
+                if stability is not None:
+                    metrics.update(self._edge_of_stability(op, stability, sharpness, generator))
                 hvps += op.num_matvecs
-            if self.per_block:
+            if self.per_block and raw:
                 blocks = top_level_blocks(params)
                 for name, names in blocks.items():
                     with self._operator(pl_module, batches, {n: params[n] for n in names}, trainer) as block_op:
@@ -237,6 +283,23 @@ class HessianMonitor(LandscapeCallback):
         metrics[self.key("hvps")] = float(hvps)
         self._check_alerts(trainer, metrics, step)
         return metrics
+
+    def _raw_spectrum(self, op: HessianOperator, generator: torch.Generator, step: int, metrics: dict) -> float:
+        result = self._lanczos(op, "top", self.top_k, self.lambda_min, generator)
+        eigenvalues = result.eigenvalues.tolist()
+        metrics[f"{self.prefix}/sharpness"] = eigenvalues[0]
+        for i, value in enumerate(eigenvalues, start=1):
+            metrics[self.key(f"eig_{i}")] = value
+        if self.lambda_min and result.lambda_min is not None:
+            metrics[self.key("lambda_min")] = float(result.lambda_min)
+        metrics[self.key("converged")] = float(result.converged)
+        if not result.converged:
+            self._warn_once(
+                "not-converged",
+                f"HessianMonitor: Lanczos did not reach tol={self.tol} in max_iter={self.max_iter} HVPs at "
+                f"step {step}; the logged values are the best Ritz values (see `{self.key('converged')}`).",
+            )
+        return eigenvalues[0]
 
     def _definition(self, op: HessianOperator, num_batches: int) -> str:
         selection = "all trainable parameters" if self.params is None else f"parameters selected by {self.params!r}"
@@ -264,30 +327,42 @@ class HessianMonitor(LandscapeCallback):
         edges = torch.linspace(lo - pad, hi + pad, self.density_bins + 1, dtype=torch.float64)
         tb.log_histogram_raw(trainer, self.key("density"), edges, spectrum.histogram(edges), step)
 
-    def _edge_of_stability(
-        self, trainer: pl.Trainer, op: HessianOperator, params: dict, sharpness: float, generator: torch.Generator
-    ) -> dict[str, float]:
+    def _stability(self, trainer: pl.Trainer, params: dict) -> tuple[StabilityThreshold, Tensor | None] | None:
+        """The optimizer's threshold and the diagonal ``D`` of the operator ``D H D`` it applies to (``None``:
+        ``H`` itself; a preconditioned threshold with ``D = None`` has no preconditioner yet). ``None`` when no
+        optimizer has a known threshold."""
         for optimizer in trainer.optimizers:
             threshold = stability_threshold(optimizer, params)
             if threshold is not None:
-                break
-        else:
-            self._warn_once(
-                "no-eos",
-                "HessianMonitor: eos_ratio is logged for SGD, Adam and AdamW only; the optimizer in use is "
-                f"{[type(o).__name__ for o in trainer.optimizers]}.",
-            )
-            return {}
+                return threshold, stability_scale(optimizer, params, threshold)
+        self._warn_once(
+            "no-eos",
+            "HessianMonitor: eos_ratio is logged for SGD, Adam and AdamW only (groups sharing their momentum "
+            f"settings); the optimizer in use is {[type(o).__name__ for o in trainer.optimizers]}.",
+        )
+        return None
+
+    def _edge_of_stability(
+        self,
+        op: HessianOperator,
+        stability: tuple[StabilityThreshold, Tensor | None],
+        sharpness: float | None,
+        generator: torch.Generator,
+    ) -> dict[str, float]:
+        threshold, scale = stability
         metrics = {self.key("stability_threshold"): threshold.threshold}
-        value = sharpness
         if threshold.preconditioned:
-            preconditioner = adam_preconditioner(optimizer, params)
-            if preconditioner is None:
+            if scale is None:
                 return {}  # before Adam's first step there is no second-moment estimate
-            scaled = DiagonalScaledOperator(op, preconditioner.rsqrt())
+            scaled = DiagonalScaledOperator(op, scale)
             value = float(self._lanczos(scaled, "precond", 1, False, generator).eigenvalues[0])
             metrics[self.key("preconditioned_sharpness")] = value
-        metrics[self.key("eos_ratio")] = value / threshold.threshold
+        else:
+            value = float(sharpness)
+        ratio = value / threshold.threshold
+        metrics[self.key("eos_sharpness")] = value
+        metrics[self.key("eos_ratio")] = ratio
+        metrics[self.key("log10_eos_ratio")] = math.log10(ratio) if ratio > 0 else -math.inf
         return metrics
 
     def _check_alerts(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
@@ -311,7 +386,12 @@ class HessianMonitor(LandscapeCallback):
                     ),
                 ),
             )
-        sharpness = metrics[f"{self.prefix}/sharpness"]
+        # The growth rule follows the quantity the threshold applies to (the preconditioned sharpness under Adam),
+        # one series, so a raw value every `raw_sharpness_every` measurements never reads as a jump.
+        watched = self._growth_key
+        sharpness = metrics.get(watched)
+        if sharpness is None:
+            return
         threshold = self.growth_rule.threshold
         near_threshold = ratio is None or ratio >= self.growth_min_eos_ratio
         if self.growth_rule.update(sharpness) and near_threshold:
@@ -321,7 +401,7 @@ class HessianMonitor(LandscapeCallback):
                     step=step,
                     kind="sharpness_growth",
                     source=source,
-                    metric=f"{self.prefix}/sharpness",
+                    metric=watched,
                     value=sharpness,
                     threshold=threshold,
                     message=(

@@ -19,7 +19,9 @@ Backends (one HVP = one pass over the probe set; times are HVP / gradient on the
     CPU). Widest op coverage (custom ``autograd.Function`` without a forward-mode rule); the automatic fallback of
     ``"func"``.
 ``"func"``
-    ``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse); keeps no graph between matvecs. Slowest on CPU
+    ``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse); keeps no graph between matvecs. Losses whose
+    forward-mode derivative fails on ZeroTensors (mean-reduced MSE, pytorch#123996) switch to ``torch.func.vjp`` of
+    ``torch.func.grad`` (reverse-over-reverse, same product) on the first failure. Slowest on CPU
     (2.8-6.6x: dual-number forward plus ``functional_call`` overhead) but, per curvlinops' published GPU
     measurements, 30-37 % less peak memory than double backward at equal or better time, hence the default on
     accelerators (not re-measured by us: no GPU was available when the default was set).
@@ -35,6 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_landscape.core._sdpa import differentiable_attention
 from lightning_landscape.core._validation import LandscapeWarning, check_choice
 from lightning_landscape.core.params import flatten, select_parameters, unflatten
 
@@ -78,6 +81,7 @@ def default_batch_size(batch: Any) -> int:
 
 
 def _norm_layers(module: nn.Module) -> list[nn.modules.batchnorm._NormBase]:
+    """Normalisation layers with running statistics (the one definition; core.interpolation uses it too)."""
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
 
 
@@ -167,7 +171,11 @@ class HessianOperator:
     """The Hessian of the size-weighted mean loss over a fixed probe set, as a matrix-free operator.
 
     Use as ``H @ v`` with a flat vector over the selected parameters (``named_parameters()`` order). It satisfies the
-    operator protocol of :mod:`lightning_landscape.core` (``shape``, ``dtype``, ``device``, ``@``).
+    operator protocol of :mod:`lightning_landscape.core` (``shape``, ``dtype``, ``device``, ``@``). Every product
+    runs inside :func:`~lightning_landscape.core._sdpa.differentiable_attention`: attention uses the math kernel
+    (the fused ones have no double backward) and ``torch.compile``-d modules run eagerly (compiled backward graphs
+    have none either), so the operator works on ``nn.MultiheadAttention``, ``F.scaled_dot_product_attention`` and
+    compiled models as it is, without the callbacks.
 
     Args:
         module: the model; its parameters are read, never written.
@@ -235,6 +243,7 @@ class HessianOperator:
         self.num_samples = int(total.item())
         self.weights = (sizes / total.cpu()).tolist()
         self.num_matvecs = 0
+        self._func_reverse = False  # "func" switched to reverse-over-reverse (a loss without forward-mode support)
         self._graphs: list[tuple[Tensor, ...] | None] = [None] * len(self.batches)
 
     # ----------------------------------------------------------------------------------------------- protocol
@@ -346,6 +355,9 @@ class HessianOperator:
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.enable_grad())
             stack.enter_context(torch.autocast(device_type=self.device.type, enabled=False))
+            # twice-differentiable attention kernel, compiled modules run eagerly: the operator works on any model,
+            # not only inside the callbacks (which enter the same context around a measurement)
+            stack.enter_context(differentiable_attention())
             if self.seed is not None:
                 stack.enter_context(seeded_rng(self.device, self.seed + index))
             yield
@@ -428,8 +440,21 @@ class HessianOperator:
         def loss_of(p: dict[str, Tensor]) -> Tensor:
             return check_loss(torch.func.functional_call(wrapper, {f"inner.{k}": v for k, v in p.items()}, (batch,)))
 
+        directions = {k: tangents[k] for k in names}
         with self._batch_context(index):
-            _, hv = torch.func.jvp(torch.func.grad(loss_of), (primals,), ({k: tangents[k] for k in names},))
+            if not self._func_reverse:
+                try:
+                    _, hv = torch.func.jvp(torch.func.grad(loss_of), (primals,), (directions,))
+                    return flatten(hv[k] for k in names).detach()
+                except RuntimeError as err:
+                    # Forward-mode AD of some losses trips over ZeroTensors (mean-reduced MSE: "ZeroTensors are
+                    # immutable", pytorch#123996). Reverse-over-reverse needs no forward-mode rule: H v = vjp of
+                    # the gradient with v (H is symmetric); still functional, still no graph between matvecs.
+                    if "ZeroTensor" not in str(err):
+                        raise
+                    self._func_reverse = True
+            _, vjp = torch.func.vjp(torch.func.grad(loss_of), primals)
+            (hv,) = vjp(directions)
         return flatten(hv[k] for k in names).detach()
 
 

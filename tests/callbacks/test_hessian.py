@@ -9,6 +9,8 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape import Alert, HessianMonitor, LandscapeWarning
 from lightning_landscape.callbacks._base import LandscapeAlertError
@@ -129,7 +131,8 @@ def test_adam_preconditioned_sharpness_equals_dense(tmp_path):
     expected = float(dense_eigvalsh(scale[:, None] * hessian * scale[None, :])[0])
     logged = monitor.last_metrics
     assert logged["landscape/hessian/preconditioned_sharpness"] == pytest.approx(expected, rel=1e-6)
-    threshold = (2 + 2 * 0.9) / ((1 - 0.9) * 0.01)
+    # Adam's bias factor 1 - beta1^(t+1) at t = 6 steps taken (the threshold was 38/lr before it was modelled)
+    threshold = (2 + 2 * 0.9) * (1 - 0.9**7) / ((1 - 0.9) * 0.01)
     assert logged["landscape/hessian/stability_threshold"] == pytest.approx(threshold)
     assert logged["landscape/hessian/eos_ratio"] == pytest.approx(expected / threshold, rel=1e-6)
 
@@ -406,8 +409,20 @@ def test_probe_set_completes_before_first_measurement(tmp_path):
         ({"density_steps": 1}, ValueError, "`density_steps` must be an int >= 2, got 1"),
         ({"backend": "jax"}, ValueError, "`backend` must be one of .*got 'jax'"),
         ({"params": 5}, TypeError, "`params` must be None, a regex string or a list of names, got 5"),
-        ({"eos_patience": 0}, ValueError, "`patience` must be an int >= 1, got 0"),
-        ({"sharpness_jump": 0.0}, ValueError, "`jump` must be > 0.0, got 0.0"),
+        ({"eos_patience": 0}, ValueError, "`eos_patience` must be an int >= 1, got 0"),
+        ({"sharpness_jump": 0.0}, ValueError, "`sharpness_jump` must be > 0.0, got 0.0"),
+        ({"top_k": 500}, ValueError, r"`top_k` must be <= `max_iter` \(100.*got 500"),
+        ({"raw_sharpness_every": 0}, ValueError, "`raw_sharpness_every` must be an int >= 1, got 0"),
+        ({"params": "(["}, ValueError, "`params` must be a valid regular expression, got '\\(\\['"),
+        ({"growth_min_eos_ratio": -1.0}, ValueError, "`growth_min_eos_ratio` must be >= 0.0, got -1.0"),
+        ({"eos_threshold": -1.0}, ValueError, "`eos_threshold` must be >= 0.0, got -1.0"),
+        ({"density_runs": 0}, ValueError, "`density_runs` must be an int >= 1, got 0"),
+        ({"density_bins": 1}, ValueError, "`density_bins` must be an int >= 2, got 1"),
+        ({"basis_on_cpu": 1}, TypeError, "`basis_on_cpu` must be a bool, got 1"),
+        ({"per_block": 1}, TypeError, "`per_block` must be a bool, got 1"),
+        ({"lambda_min": 1}, TypeError, "`lambda_min` must be a bool, got 1"),
+        ({"trace": 1}, TypeError, "`trace` must be a bool, got 1"),
+        ({"density": 1}, TypeError, "`density` must be a bool, got 1"),
         ({"batch_size_fn": 1}, TypeError, "`batch_size_fn` must be None or a callable"),
         ({"seed": "0"}, TypeError, "`seed` must be an int, got '0'"),
     ],
@@ -417,11 +432,20 @@ def test_bad_arguments(kwargs, error, match):
         HessianMonitor(**kwargs)
 
 
-def test_unknown_param_name_fails_at_first_measurement(tmp_path):
-    with pytest.raises(ValueError, match="`params` entry 'encoder' matches no trainable parameter"):
-        make_trainer(tmp_path, [HessianMonitor(num_probe_batches=1, params=["encoder"])], max_steps=1).fit(
+@pytest.mark.parametrize("params", [["encoder"], "^encoder"])
+def test_unknown_param_selector_fails_at_setup(tmp_path, monkeypatch, params):
+    steps = []
+
+    class Counter(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            steps.append(trainer.global_step)
+
+    match = "`params` entry 'encoder' matches no" if isinstance(params, list) else "`params` must select at least"
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tmp_path, [Counter(), HessianMonitor(num_probe_batches=1, params=params)], max_steps=1).fit(
             ClassifierModule()
         )
+    assert steps == []  # raised in setup, before any training step
 
 
 def test_quiet_with_logger(tmp_path):
@@ -470,3 +494,105 @@ def test_sharpness_through_attention_matches_the_dense_reference(tmp_path):
     with differentiable_attention(), operator_mode(reference, "eval"):
         top = dense_eigvalsh(dense_hessian(reference, loss, monitor._probe))[0]
     assert monitor.last_metrics["landscape/sharpness"] == pytest.approx(float(top), rel=1e-6)
+
+
+# ------------------------------------------------------------------------ Adam: coordinates without a gradient yet
+class TokenModule(pl.LightningModule):
+    """Embedding bag classifier whose two batches use disjoint tokens: after step 0 the rows of batch 1's tokens
+    still have Adam second moment exactly 0, while the probe set (batches 0 and 1) gives them curvature."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(8, 3)
+        self.head = nn.Linear(3, 2)
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.cat([torch.randint(0, 4, (8, 2), generator=g), torch.randint(4, 8, (8, 2), generator=g)])
+        self.y = torch.randint(0, 2, (16,), generator=g)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.embed(x).mean(1)))
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=8, shuffle=False)
+
+
+def test_adam_entries_without_second_moment_raise_no_false_alarm(tmp_path):
+    """Issue 15: entries of v still exactly 0 were divided by eps (eos_ratio 76-88 at steps 3-4 of a transformer)."""
+    model = TokenModule().double()
+    recorder = StateRecorder()
+    monitor = HessianMonitor(every_n_steps=1, num_probe_batches=2, loss_fn=loss_of, tol=1e-10, eos_patience=1)
+    make_trainer(tmp_path, [recorder, monitor], max_steps=2, precision="64-true").fit(model)
+    step = max(recorder.states)
+    m = copy.deepcopy(model)
+    m.load_state_dict(recorder.states[step])
+    optimizer = torch.optim.Adam(m.parameters(), lr=0.01)
+    optimizer.load_state_dict(recorder.optimizer_states[step])
+    v = torch.cat([optimizer.state[p]["exp_avg_sq"].reshape(-1) for p in m.parameters()])
+    assert int((v == 0).sum()) > 0  # the case of the issue
+    with operator_mode(m, "eval"):
+        hessian = dense_hessian(m, loss_of, monitor._probe)
+    p_hat = (v / (1 - 0.999**step)).sqrt() + 1e-8
+    naive = p_hat.rsqrt()  # what was measured before: 1/sqrt(eps) on the zero entries
+    threshold = 3.8 * (1 - 0.9 ** (step + 1)) / (0.1 * 0.01)
+    naive_ratio = float(dense_eigvalsh(naive[:, None] * hessian * naive[None, :])[0]) / threshold
+    assert naive_ratio > 10  # the false alarm, reproduced on the dense reference
+    scale = torch.where(v == 0, torch.zeros_like(v), naive)
+    expected = float(dense_eigvalsh(scale[:, None] * hessian * scale[None, :])[0]) / threshold
+    assert monitor.last_metrics["landscape/hessian/eos_ratio"] == pytest.approx(expected, rel=1e-6)
+    assert expected < 1
+    assert not [a for a in monitor.alerts if a.kind == "edge_of_stability"]
+
+
+def test_adam_measures_the_raw_spectrum_on_its_own_cadence(tmp_path):
+    # measurement 0 (no preconditioner yet) and every third one converge the Hessian's own spectrum
+    seen = HessianMonitor(every_n_steps=1, num_probe_batches=1, raw_sharpness_every=3)
+    logged = []
+    seen.log_metrics = lambda trainer, metrics, step: logged.append((step, dict(metrics)))
+    make_trainer(tmp_path, [seen], max_steps=7).fit(ClassifierModule(optimizer="adam", lr=0.01))
+    raw_steps = [step for step, metrics in logged if "landscape/sharpness" in metrics]
+    precond_steps = [step for step, metrics in logged if "landscape/hessian/preconditioned_sharpness" in metrics]
+    assert raw_steps == [0, 3, 6]
+    assert precond_steps == [1, 2, 3, 4, 5, 6]
+    assert seen._measured == 7
+    # the growth rule follows the preconditioned series only: the raw value of measurement 0 is no jump origin
+    assert all(a.metric == "landscape/hessian/eos_sharpness" for a in seen.alerts if a.kind == "sharpness_growth")
+    assert not [a for a in seen.alerts if a.kind == "sharpness_growth" and a.step == 1]
+
+
+# ------------------------------------------------------------------------------------------ torch.compile
+class _UnloggedClassifier(ClassifierModule):
+    def training_step(self, batch, batch_idx):  # self.log does not trace under dynamo (a compiled module is traced)
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+
+def _compiled_run(tmp_path, callbacks, how):
+    pl.seed_everything(3, workers=True)
+    model = _UnloggedClassifier(dropout=0.1, batchnorm=False)
+    if how == "inner":
+        model.net = torch.compile(model.net)
+        target = model
+    else:
+        target = torch.compile(model)
+    make_trainer(tmp_path, callbacks, max_steps=6).fit(target)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["inner", "module"])
+def test_compiled_models_are_measured_and_left_bitwise_unchanged(tmp_path, how):
+    """Issue 17: the first measurement raised (donated buffers: compiled backward has no double backward) and with
+    dropout 0.1 the callback changed the compiled run's trajectory. Default backend, bitwise comparison."""
+    monitor = HessianMonitor(every_n_steps=2, num_probe_batches=1, loss_fn=loss_of, strict=True)
+    with_monitor = _compiled_run(tmp_path, [monitor], how)
+    without = _compiled_run(tmp_path, [], how)
+    assert monitor.last_metrics["landscape/hessian/status"] == 1.0
+    assert math.isfinite(monitor.last_metrics["landscape/sharpness"])
+    for key, value in without.items():
+        assert torch.equal(with_monitor[key], value), key

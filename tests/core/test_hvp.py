@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from lightning_landscape import LandscapeWarning
+from lightning_landscape.core._sdpa import differentiable_attention
 from lightning_landscape.core.hvp import (
     DiagonalScaledOperator,
     HessianOperator,
@@ -238,3 +239,65 @@ def test_finiteness_check_does_not_overflow_on_large_finite_half_precision_produ
         product[3] = bad
         with pytest.raises(NonFiniteLossError):
             _check_finite(product)
+
+
+# ------------------------------------------------------------------------------ the core on every model
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        out, _ = self.attn(x, x, x, need_weights=False)  # the fused kernel path, no double backward
+        return self.head(nn.functional.scaled_dot_product_attention(out, out, out)).mean(1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_operator_alone_works_through_fused_attention(backend):
+    """Outside any callback: the operator selects the twice-differentiable kernel itself (the README snippet)."""
+    torch.manual_seed(0)
+    model = _Attention().double().eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(3, 5, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (3,), generator=g))]
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=g, dtype=torch.float64)
+    with HessianOperator(model, cross_entropy_loss, batches, backend=backend) as op:
+        product = op @ v
+    with differentiable_attention():  # the reference differentiates twice as well
+        dense = dense_hessian(model, cross_entropy_loss, batches)
+    torch.testing.assert_close(product, dense @ v, rtol=1e-9, atol=1e-11)
+
+
+def _mse(module, batch):
+    return nn.functional.mse_loss(module(batch[0]), batch[1])  # mean reduction: jvp fails on ZeroTensors
+
+
+def test_func_backend_works_on_mean_reduced_mse():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    g = torch.Generator().manual_seed(2)
+    batches = [
+        (torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64))
+    ]
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=g, dtype=torch.float64)
+    with HessianOperator(model, _mse, batches, backend="func") as op:
+        product = op @ v
+        assert op.backend == "func" and op._func_reverse  # stayed functional, switched to reverse-over-reverse
+        again = op @ v
+    torch.testing.assert_close(product, dense_hessian(model, _mse, batches) @ v, rtol=1e-9, atol=1e-11)
+    assert torch.equal(product, again)
+
+
+@pytest.mark.slow
+def test_operator_on_a_compiled_module_with_the_default_backend():
+    """torch.compile'd modules: the compiled backward has no double backward; the operator runs them eagerly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    compiled = torch.compile(model)
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 3, generator=g), torch.randn(8, 2, generator=g))]
+    _mse(compiled, batches[0]).backward()  # compile (and run) it once, as training would
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=g)
+    with HessianOperator(compiled, _mse, batches) as op:
+        product = op @ v
+    torch.testing.assert_close(product, dense_hessian(model, _mse, batches) @ v, rtol=1e-4, atol=1e-5)
