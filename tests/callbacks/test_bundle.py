@@ -99,7 +99,11 @@ def test_state_round_trip_through_a_checkpoint(tmp_path):
 
 def test_dashboard_layout_names_the_documented_charts():
     layout = dashboard_layout("lp")["Landscape"]
-    assert layout["sharpness vs stability threshold"][1] == [r"lp/sharpness$", r"lp/hessian/stability_threshold$"]
+    # the sharpness the threshold applies to (the preconditioned one under Adam, issue 16): eos_sharpness
+    assert layout["sharpness vs stability threshold"][1] == [
+        r"lp/hessian/eos_sharpness$",
+        r"lp/hessian/stability_threshold$",
+    ]
     assert "alerts" in layout
 
 
