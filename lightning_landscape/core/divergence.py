@@ -13,8 +13,8 @@ the series' *slow level* with the *lowest level it reached recently*:
 - best: the lowest level over the last ``horizon`` updates, from the moment ``warmup`` weighted values are in (before
   that the level is only a running mean of a few values);
 - noise: the level's own standard deviation ``s = sigma / sqrt(2 time_constant - 1)`` (that of an EMA of white noise),
-  with ``sigma^2`` an EMA over ``10 time_constant`` steps of half the squared step-to-step change of ``y`` (capped like
-  the moves): a trend barely changes it, so a rise does not hide behind its own growth;
+  with ``sigma^2`` an EMA over ``10 time_constant`` steps of the squared step-to-step change of ``y`` over ``sqrt(2)``
+  (capped like the moves): a trend barely changes it, so a rise does not hide behind its own growth;
 - ``divergence`` fires when ``m - best > log(ratio) + noise_sigmas * s``, once; it re-arms when the excess is back
   below half of that.
 
@@ -59,7 +59,7 @@ class DivergenceRule:
         horizon: int = 1000,
         warmup: float | None = None,
         max_step_ratio: float = 2.0,
-        noise_sigmas: float = 4.0,
+        noise_sigmas: float = 6.0,
     ) -> None:
         self.ratio = check_float("ratio", ratio, minimum=1.0, strict_minimum=True)
         self.time_constant = check_float("time_constant", time_constant, minimum=1.0)
@@ -112,9 +112,11 @@ class DivergenceRule:
             move = min(max(y - self.level, -self._cap), self._cap)
             rate = max(1.0 - self._decay**weight, weight / self.weight)
             self.level += rate * move
-            change = min(abs(y - self.previous), self._cap)
+            # the step-to-step change over sqrt(2) has the noise's spread (a trend barely adds to it), capped like the
+            # moves: then it estimates the spread of what enters the level
+            change = min(abs(y - self.previous) / math.sqrt(2.0), self._cap)
             noise_rate = max(1.0 - self._noise_decay**weight, weight / (self.weight - weight))
-            self.noise += noise_rate * (change * change / 2.0 - self.noise)
+            self.noise += noise_rate * (change * change - self.noise)
         self.previous = y
         self.updates += 1
         if self.weight < self.warmup:
