@@ -193,9 +193,9 @@ class GradientSpikeMonitor(LandscapeCallback):
         track_update: bool = True,
         growth_z: float | None = 2.5,
         growth_patience: int = 3,
-        divergence_ratio: float | None = 1.2,
+        divergence_ratio: float | None = 1.15,
         grad_divergence_ratio: float | None = 5.0,
-        divergence_steps: float = 10.0,
+        divergence_steps: float = 7.0,
         divergence_horizon: int = 1000,
         min_batch_fraction: float = 0.5,
         max_overflow_steps: int = 50,
@@ -272,6 +272,8 @@ class GradientSpikeMonitor(LandscapeCallback):
         self._defer = False  # tests: read back as on an accelerator
         self._fired = False  # an alert at this step so far (for on_alert="stop")
         self._current: tuple[int, Any] | None = None  # (step, None if budget mode skipped its gradients)
+        self._scaler: Any = None  # the fit's GradScaler (16-mixed), if any
+        self._optimizers: list[Optimizer] = []
         self._loss_sum: Tensor | None = None  # micro-batch losses of the step (gradient accumulation)
         self._reset_stride()
 
@@ -381,6 +383,9 @@ class GradientSpikeMonitor(LandscapeCallback):
         self._names = None
         self._sharded = is_sharded(trainer.strategy)
         self._world_size = trainer.world_size
+        # fixed for the fit (property walks through the strategy cost microseconds a step)
+        self._scaler = _scaler(trainer)
+        self._optimizers = list(trainer.optimizers)
         # a step left half-done by an earlier fit that failed is not this fit's; deferred losses from before this
         # fit's first step came from the checkpoint it resumes (kept), later ones from an earlier fit (dropped)
         self._open, self._snapshot, self._current = None, None, None
@@ -496,7 +501,9 @@ class GradientSpikeMonitor(LandscapeCallback):
             self._snapshot = (trainable, [p.detach().clone() for p in trainable])
 
     def _stream_index(self, trainer: pl.Trainer) -> int:
-        optimizers = trainer.optimizers
+        optimizers = self._optimizers
+        if self._optimizer is not None and not any(o is self._optimizer for o in optimizers):
+            optimizers = self._optimizers = list(trainer.optimizers)  # set up after on_train_start
         if len(optimizers) <= 1:
             return 0
         optimizer = self._optimizer
@@ -622,10 +629,13 @@ class GradientSpikeMonitor(LandscapeCallback):
             if all(isinstance(s.loss, float) or s.loss.device.type == "cpu" for s in losses) and self._world_size == 1:
                 values = [float(s.loss) for s in losses]
             else:
-                stacked = torch.stack([torch.as_tensor(s.loss).detach().double().reshape(()).cpu() for s in losses])
+                where = next((s.loss.device for s in losses if isinstance(s.loss, Tensor)), torch.device("cpu"))
+                stacked = torch.stack(
+                    [torch.as_tensor(s.loss, dtype=torch.float64, device=where).reshape(()) for s in losses]
+                )
                 if self._world_size > 1:
                     stacked = distributed.all_reduce_mean(stacked)
-                values = stacked.tolist()
+                values = stacked.cpu().tolist()
             for s, value in zip(losses, values, strict=True):
                 s.loss = value
         for s in pending:
@@ -649,7 +659,7 @@ class GradientSpikeMonitor(LandscapeCallback):
         short = record.weight < self.min_batch_fraction
         detector = stream.detector
         clip_to = None
-        scaler = _scaler(trainer)
+        scaler = self._scaler
         overflow = scaler is not None and not math.isfinite(total)
         if short or overflow:
             z, spike, bad = 0.0, False, not math.isfinite(total)

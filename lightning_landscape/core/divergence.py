@@ -54,8 +54,8 @@ class DivergenceRule:
 
     def __init__(
         self,
-        ratio: float = 1.2,
-        time_constant: float = 10.0,
+        ratio: float = 1.15,
+        time_constant: float = 7.0,
         horizon: int = 1000,
         warmup: float | None = None,
         max_step_ratio: float = 2.0,
