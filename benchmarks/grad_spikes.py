@@ -6,6 +6,16 @@ repeat trains the same seeded model for ``--steps`` optimizer steps without and 
 which goes first; the time between ``on_train_start`` and ``on_train_end`` is compared (setup excluded).
 
     python benchmarks/grad_spikes.py --steps 300 --repeats 5
+
+``--divergence``: the early-warning scenarios of the divergence rule (issue 15), on the real models of
+``tests/helpers/real_models.py``: nanoGPT (``F.scaled_dot_product_attention``) with AdamW warmed up to a too-high
+learning rate (lr 1.0 over 100 steps: the loss climbs from ~3.2 to 20-60 from step ~57), and healthy 1000-step
+controls with one-sample remainder batches at every epoch end (1249 windows, batch 16): nanoGPT and HF GPT-2 with a
+100-step warm-up, and Lightning's demo transformer (which memorises the corpus: a very noisy late loss). Reports, for
+``GradientSpikeMonitor()`` at its defaults, every alert by kind, the first ``divergence`` alert and the step at which
+the loss first passed 1.5x its initial value.
+
+    PYTHONPATH=$PWD python benchmarks/grad_spikes.py --divergence
 """
 
 from __future__ import annotations
@@ -124,12 +134,49 @@ def timed_run(kind: str, steps: int, monitored: bool) -> float:
     return clock.seconds
 
 
+class LossRecorder(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step - 1] = float(outputs["loss"] if isinstance(outputs, dict) else outputs)
+
+
+def divergence_scenarios() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.helpers.real_models import HFGPT2, DemoTransformer, NanoGPT, make_trainer
+
+    data = {"batch_size": 16, "num_windows": 1249}  # 78 batches of 16, then one of 1 sample
+    scenarios = [
+        ("nanoGPT, AdamW warmed up to lr=1.0 (diverges)", lambda: NanoGPT(lr=1.0, warmup_steps=100, **data), 150),
+        ("nanoGPT, lr 3e-3, 100-step warm-up (healthy)", lambda: NanoGPT(warmup_steps=100, **data), 1000),
+        ("HF GPT-2, lr 3e-3, 100-step warm-up (healthy)", lambda: HFGPT2(warmup_steps=100, **data), 1000),
+        ("Lightning demo transformer (healthy)", lambda: DemoTransformer(**data), 1000),
+    ]
+    print("| scenario | steps | loss first > 1.5x its start | first divergence alert (loss then) | alerts |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    for name, make, steps in scenarios:
+        monitor = GradientSpikeMonitor(on_alert="ignore")
+        recorder = LossRecorder()
+        make_trainer(None, [recorder, monitor], max_steps=steps).fit(make())
+        losses = recorder.losses
+        passes = next((s for s in sorted(losses) if losses[s] > 1.5 * losses[0]), None)
+        first = next((a.step for a in monitor.alerts if a.kind == "divergence"), None)
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(monitor.alert_counts.items())) or "none"
+        when = "-" if first is None else f"{first} ({losses[first]:.2f})"
+        print(f"| {name} | {steps} | {'-' if passes is None else passes} | {when} | {counts} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--divergence", action="store_true", help="the divergence scenarios instead of timings")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.divergence:
+        divergence_scenarios()
+        return
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x {args.repeats} repeats\n"
     )

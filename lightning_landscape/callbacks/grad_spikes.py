@@ -1,12 +1,12 @@
-"""GradientSpikeMonitor: gradient-norm, loss and update-size spikes, every optimizer step, without host syncs."""
+"""GradientSpikeMonitor: gradient-norm, loss and update-size spikes and divergence, every optimizer step."""
 
 from __future__ import annotations
 
 import math
 import re
-import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,73 +16,157 @@ from torch.optim import Optimizer
 
 from lightning_landscape.callbacks._base import LandscapeCallback, is_sharded
 from lightning_landscape.core import distributed
-from lightning_landscape.core._validation import check_bool, check_float, check_int
+from lightning_landscape.core._validation import check_bool, check_choice, check_float, check_int
 from lightning_landscape.core.alerts import Alert, ConsecutiveAboveRule
+from lightning_landscape.core.divergence import DivergenceRule
 from lightning_landscape.core.params import top_level_blocks
-from lightning_landscape.core.spikes import EMAZScore
+from lightning_landscape.core.spikes import SPIKE_UPDATES, EMAZScore
 
-# Columns of one step's record (a float64 tensor on the training device until it is read back).
-_GRAD_NORM, _GRAD_Z, _GRAD_SPIKE, _GRAD_BAD, _CLIPPED, _LOSS, _LOSS_Z, _LOSS_SPIKE, _LOSS_BAD, _UPDATE, _PARAM = range(
-    11
-)
-_WIDTH = 11
 # Kinds of optimizer step, for budget mode's cost tallies.
 _SKIPPED, _READ, _LOGGED = range(3)
+_COMPILED = "_orig_mod."  # torch.compile's wrapper inserts this into parameter names
+
+
+@dataclass
+class _Stream:
+    """One optimizer's gradient statistics (manual optimization with several optimizers keeps one each)."""
+
+    detector: EMAZScore
+    growth: ConsecutiveAboveRule | None
+    divergence: DivergenceRule | None
+    bad: bool = False  # inside a non-finite excursion (non_finite fires on entering it, once)
+    overflow_run: int = 0  # consecutive steps a GradScaler skipped
+    # cached per fit: (number of parameters in the optimizer, names, parameters)
+    params: tuple[int, list[str], list[torch.nn.Parameter]] | None = None
+    group_names: list[str] = field(default_factory=list)
+    group_members: list[list[int]] = field(default_factory=list)
+    resolved: list[str] | None = None
+    norm_dtype: dict[str, torch.dtype] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "detector": self.detector.state_dict(),
+            "growth": self.growth.state_dict() if self.growth is not None else None,
+            "divergence": self.divergence.state_dict() if self.divergence is not None else None,
+            "bad": self.bad,
+            "overflow_run": self.overflow_run,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.detector.load_state_dict(state["detector"])
+        if self.growth is not None and state.get("growth") is not None:
+            self.growth.load_state_dict(state["growth"])
+        if self.divergence is not None and state.get("divergence") is not None:
+            self.divergence.load_state_dict(state["divergence"])
+        self.bad = bool(state.get("bad", False))
+        self.overflow_run = int(state.get("overflow_run", 0))
+
+
+@dataclass
+class _Read:
+    """One optimizer's gradients at one step: squared per-tensor norms (host floats, or a device tensor awaiting
+    readback), and once scored, the values that are logged."""
+
+    stream: int
+    squares: list[float] | Tensor
+    scored: dict[str, Any] | None = None
+
+
+@dataclass
+class _Step:
+    """One optimizer step from its first gradient read to its scoring (one record for host and device alike)."""
+
+    step: int
+    weight: float = 1.0  # samples of this step over the usual number (a remainder batch is a fraction)
+    reads: list[_Read] = field(default_factory=list)
+    loss: Tensor | float | None = None
+    update: tuple[Tensor, Tensor] | None = None
+    logged: bool = False
 
 
 class GradientSpikeMonitor(LandscapeCallback):
-    """Global and per-layer gradient norms, the training loss and the size of the applied update, with spike alerts.
+    """Global and per-layer gradient norms, the training loss and the size of the applied update, with spike and
+    divergence alerts.
 
     Every optimizer step the global gradient norm is read in ``on_before_optimizer_step`` (after AMP unscaling and
     DDP's all-reduce, before Lightning's gradient clipping) and scored by an EMA z-score on the log scale
     (:class:`~lightning_landscape.core.spikes.EMAZScore`; ZClip's statistic, tuned for alerting). The loss of the
-    step (averaged over ranks) is scored the same way. Everything stays on the training device; the host reads the
-    records back every ``every_n_steps`` steps (on CPU: every step), which is when values are logged and alerts are
-    decided, so on an accelerator an alert can come up to ``every_n_steps - 1`` steps after the step it names.
+    step (averaged over ranks) is scored the same way. Both also feed a slow divergence rule
+    (:class:`~lightning_landscape.core.divergence.DivergenceRule`). One path for every device: the norms are computed
+    where the gradients live; on the CPU they are read at once (alerts about a step's gradients come in
+    ``on_before_optimizer_step``, before the update is applied), on an accelerator they stay on the device and are
+    read back every logged step in one transfer (no host sync per step), so an alert can come up to
+    ``every_n_steps - 1`` steps after the step it names.
 
-    Logged metrics (``p`` = ``prefix``; dense keys at every ``every_n_steps``-th step and at every event):
-        - ``p/grad/norm``, ``p/grad/zscore``, ``p/grad/spike`` (0/1), ``p/grad/norm/{group}`` per layer group.
+    Logged metrics (``p`` = ``prefix``; at Lightning's logging steps, ``(step + 1) % every_n_steps == 0`` as for
+    ``self.log``, and at every event):
+        - ``p/grad/norm``, ``p/grad/zscore``, ``p/grad/spike`` (0/1), ``p/grad/norm/{group}`` per layer group
+          (``torch.compile``'s ``_orig_mod.`` removed from the names).
+        - ``p/grad/level``, ``p/grad/rise``; ``p/loss/level``, ``p/loss/rise``: the divergence rule's slow level and
+          its ratio to the recent best.
         - ``p/loss/value``, ``p/loss/zscore``, ``p/loss/spike`` (0/1), when ``watch_loss``.
         - ``p/update/norm`` (norm of the parameter change the optimizer applied) and ``p/update/ratio`` (over the
           parameter norm), when ``track_update`` (measured at the logged steps only).
         - ``p/grad/clipped``: how many steps ``clip=True`` acted on so far.
+        - ``p/grad/overflow_steps``: under a GradScaler (``precision="16-mixed"``), how many steps it skipped so far.
         - ``p/events/grad_spike``, ``p/events/loss_spike``: the z-score, logged only at spike steps (a sparse tag
           TensorBoard's sampling cannot drop).
         - ``p/grad/stride``: budget mode only, every how many steps the gradients are read (see below).
+        - Manual optimization with several optimizers: optimizer ``i > 0`` (its position in
+          ``trainer.optimizers``) logs the same gradient keys under ``p/grad/optimizer_{i}/...``; each optimizer's
+          gradients (only its own parameters) have their own detector. Steps are Lightning's logging steps.
 
-    Alerts: ``grad_spike``, ``loss_spike``, ``non_finite`` (NaN/inf gradient norm or loss, at once on CPU unless
-    budget mode strides, see below), and
-    ``grad_growth``: the gradient z-score stayed above ``growth_z`` for ``growth_patience`` consecutive steps.
-    That is a sustained rise rather than a one-step spike, the signature of a run drifting past the edge of
-    stability: in ``benchmarks/early_warning.py`` it fired 100+ steps before a full-batch run diverged, where the
-    spike rule fires at the blow-up; on 50,000 stationary steps (10-50% noise) it never fired.
+    Alerts:
+        - ``grad_spike``, ``loss_spike``: z above ``z_threshold``.
+        - ``divergence``: the slow level of the loss (log scale, EMA over ``divergence_steps`` steps, each batch
+          weighted by its size, each step's move capped at 2x) has risen more than ``divergence_ratio`` times above
+          its lowest point of the last ``divergence_horizon`` steps (the gradient norm likewise, with
+          ``grad_divergence_ratio``). The spike rules adapt to a gradual rise; this one does not.
+        - ``grad_growth``: the gradient z-score stayed above ``growth_z`` for ``growth_patience`` consecutive steps.
+        - ``non_finite``: a NaN/inf gradient norm or loss, once per excursion (it re-arms at the next finite value).
+          Under a GradScaler a non-finite gradient is a routine overflow step (the scaler skips it and lowers its
+          scale): it is counted, and ``non_finite`` fires only after ``max_overflow_steps`` consecutive skips.
 
-    Cost per step: one fused norm pass over the gradients in float32 (``torch._foreach_norm``) and a few scalar
-    operations; no host sync between readbacks. ``track_update`` copies the parameters once per logged step. On CPU
-    that is ~0.05-0.15 ms a step, which on a tiny model with 3 ms steps is itself a few percent.
+    Batches far below the usual size (fewer than ``min_batch_fraction`` of the largest number of samples a step has
+    seen, e.g. the remainder batch at an epoch end) are not scored by the spike detectors (their norms and losses
+    are noisier, not anomalous) and weigh in the divergence level by their size.
+
+    Cost per step: one fused norm pass over the gradients in float32 (``torch._foreach_norm``) and a few float
+    operations; no host sync between readbacks on accelerators, except with ``clip=True``, which must decide before
+    the optimizer step and so reads the norm back every step (as ZClip does). ``track_update`` copies the
+    parameters once per logged step. On CPU that is ~0.05-0.15 ms a step.
 
     Budget mode (``max_overhead``; ``LandscapeMonitor`` gives this monitor 60% of its budget): the hooks' time is
     charged every step, and at every logged step the monitor checks that reading the gradients every step fits its
-    share of the budget. When it does not, it reads them every ``stride``-th step (and at every logged step; the
-    smallest stride that fits, from the measured cost of a reading step and of a loss-only step; logged steps, whose
-    writes cost the same at any stride, are charged but left out), warns once and logs ``p/grad/stride``. The loss
-    is still scored at every step (a skipped step's loss with the next reading step, in one batch; its alerts name
-    its own step), so a corrupted batch is still caught; a gradient spike on a step that was not read is not, and
-    the ``grad_growth`` rule counts reading steps. ``clip=True`` always reads every step. On the reference
-    workloads only the 85k-parameter MLP (3-5 ms steps) needed a stride (2).
+    share of the budget. When it does not, it reads them every ``stride``-th step (and at every logged step, and at
+    every step until the detector's warm-up is done, so spike detection starts after ``warmup_steps`` steps whatever
+    the stride), warns once and logs ``p/grad/stride``. The loss is still scored at every step (a skipped step's loss
+    with the next reading step, in one batch; its alerts name its own step). ``clip=True`` always reads every step.
 
     Args:
         z_threshold: z above which a value is a spike (ZClip clips at 2.5; alerts need more, see core/spikes.py).
         warmup_steps: steps that initialise the statistics; nothing is flagged before.
         clip: clip a spiking gradient back to the norm at ``z = z_threshold`` before the optimizer step (ZClip-style
-            mitigation, off by default). Steps without a spike are untouched bitwise.
+            mitigation, off by default). Steps without a spike are untouched bitwise. After a lasting level shift
+            the baseline re-anchors (``reanchor_steps``), so clipping never becomes a permanent learning-rate cut.
         alpha: EMA decay.
+        spike_update: how a spike enters the baseline: ``"skip"`` (default), ``"clip"`` (ZClip's) or ``"raw"``.
+        reanchor_steps: after this many consecutive spikes the baseline moves to the new level (``None``: never).
         groups: ``None`` for the top-level blocks of the model (looking through a wrapper such as ``self.net``),
-            ``False`` for none, or ``{name: regex}`` matched against parameter names.
+            ``False`` for none, or ``{name: regex}`` matched against parameter names (each must match a parameter,
+            checked at ``setup``).
         watch_loss: also score the training loss.
-        loss_log_scale: score ``log(loss)``; set False for a loss that can be zero or negative.
+        loss_log_scale: score ``log(loss)``; set False for a loss that can be zero or negative (the loss divergence
+            rule, a ratio, is then off).
         track_update: also log the size of the applied update.
         growth_z, growth_patience: the ``grad_growth`` rule (``growth_z=None`` turns it off).
+        divergence_ratio: the loss divergence rule's ratio (``None``: off).
+        grad_divergence_ratio: the gradient-norm divergence rule's ratio (``None``: off). Larger than the loss's:
+            gradient norms wander by several times in healthy runs.
+        divergence_steps: the divergence level's EMA time constant, in steps.
+        divergence_horizon: how many steps back the best level is looked for.
+        min_batch_fraction: steps with fewer samples than this fraction of the usual are not spike-scored.
+        max_overflow_steps: consecutive GradScaler skips after which ``non_finite`` fires.
         every_n_steps: readback and logging cadence; ``None`` uses the Trainer's ``log_every_n_steps``.
         **kwargs: ``on_alert``, ``prefix``, ``strict``, ``alert_cooldown_steps`` of
             :class:`~lightning_landscape.callbacks._base.LandscapeCallback`. (``loss_fn``, ``num_probe_batches``
@@ -101,12 +185,20 @@ class GradientSpikeMonitor(LandscapeCallback):
         clip: bool = False,
         *,
         alpha: float = 0.97,
+        spike_update: str = "skip",
+        reanchor_steps: int | None = 10,
         groups: Mapping[str, str] | bool | None = None,
         watch_loss: bool = True,
         loss_log_scale: bool = True,
         track_update: bool = True,
         growth_z: float | None = 2.5,
         growth_patience: int = 3,
+        divergence_ratio: float | None = 1.15,
+        grad_divergence_ratio: float | None = 5.0,
+        divergence_steps: float = 7.0,
+        divergence_horizon: int = 1000,
+        min_batch_fraction: float = 0.5,
+        max_overflow_steps: int = 50,
         every_n_steps: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -123,6 +215,8 @@ class GradientSpikeMonitor(LandscapeCallback):
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=1)
         self.clip = check_bool("clip", clip)
         self.alpha = check_float("alpha", alpha, minimum=0.0, maximum=1.0, strict_minimum=True)
+        self.spike_update = check_choice("spike_update", spike_update, SPIKE_UPDATES)
+        self.reanchor_steps = None if reanchor_steps is None else check_int("reanchor_steps", reanchor_steps, minimum=1)
         if groups is not None and groups is not False and not isinstance(groups, Mapping):
             raise TypeError(f"`groups` must be None, False or a mapping of group name to regex, got {groups!r}.")
         if isinstance(groups, Mapping):
@@ -135,36 +229,89 @@ class GradientSpikeMonitor(LandscapeCallback):
                     ) from err
         self.groups = groups
         self.watch_loss = check_bool("watch_loss", watch_loss)
+        self.loss_log_scale = check_bool("loss_log_scale", loss_log_scale)
         self.track_update = check_bool("track_update", track_update)
-        self.grad_detector = EMAZScore(alpha=alpha, z_threshold=z_threshold, warmup_steps=warmup_steps)
-        self.loss_detector = EMAZScore(
-            alpha=alpha,
-            z_threshold=z_threshold,
-            warmup_steps=warmup_steps,
-            log_scale=check_bool("loss_log_scale", loss_log_scale),
-        )
         self.growth_z = (
             None if growth_z is None else check_float("growth_z", growth_z, minimum=0.0, strict_minimum=True)
         )
         self.growth_patience = check_int("growth_patience", growth_patience, minimum=1)
-        self.growth_rule = (
-            ConsecutiveAboveRule(self.growth_z, self.growth_patience) if self.growth_z is not None else None
+        self.divergence_ratio = (
+            None
+            if divergence_ratio is None
+            else check_float("divergence_ratio", divergence_ratio, minimum=1.0, strict_minimum=True)
         )
+        self.grad_divergence_ratio = (
+            None
+            if grad_divergence_ratio is None
+            else check_float("grad_divergence_ratio", grad_divergence_ratio, minimum=1.0, strict_minimum=True)
+        )
+        self.divergence_steps = check_float("divergence_steps", divergence_steps, minimum=1.0)
+        self.divergence_horizon = check_int("divergence_horizon", divergence_horizon, minimum=1)
+        self.min_batch_fraction = check_float("min_batch_fraction", min_batch_fraction, minimum=0.0, maximum=1.0)
+        self.max_overflow_steps = check_int("max_overflow_steps", max_overflow_steps, minimum=1)
+        self._streams = [self._new_stream()]
+        self.loss_detector = self._detector(log_scale=self.loss_log_scale)
+        self.loss_divergence = (
+            self._divergence(self.divergence_ratio)
+            if self.divergence_ratio is not None and self.loss_log_scale
+            else None
+        )
+        self._loss_bad = False
         self.clip_count = 0
-        self._group_index: Tensor | None = None
-        self._group_names: list[str] = []
-        self._group_members: list[list[int]] = []  # parameter positions of each group (host path)
-        self._records: list[tuple[int, list[float] | Tensor, list[float] | Tensor]] = []
-        self._current: tuple[int, Tensor, Tensor] | None = None
-        self._loss_sum: Tensor | None = None
-        self._snapshot: list[Tensor] | None = None
-        self._parameters: tuple[list[str], list[torch.nn.Parameter]] | None = None
-        self._resolved_names: list[str] | None = None  # the parameter names `_group_index` was built for
-        self._norm_dtype: dict[str, torch.dtype] = {}
+        self.overflow_count = 0
+        self._usual_samples = 0  # the largest number of samples an optimizer step has seen
+        self._waiting: list[_Step] = []  # steps awaiting scoring (accelerators: until the next readback)
+        self._open: _Step | None = None  # the step whose gradients are being read
+        self._optimizer: Optimizer | None = None
+        self._samples = (-1, 0)  # (step, samples of its micro-batches so far)
+        self._snapshot: tuple[list[torch.nn.Parameter], list[Tensor]] | None = None
+        self._names: dict[int, str] | None = None  # parameter id -> name, per fit
         self._sharded = False
         self._world_size = 1
-        self._deferred_losses: list[tuple[int, Tensor | None]] = []
+        self._host = True  # the gradients live on the CPU: read at once
+        self._defer = False  # tests: read back as on an accelerator
+        self._fired = False  # an alert at this step so far (for on_alert="stop")
+        self._current: tuple[int, Any] | None = None  # (step, None if budget mode skipped its gradients)
+        self._scaler: Any = None  # the fit's GradScaler (16-mixed), if any
+        self._optimizers: list[Optimizer] = []
+        self._loss_sum: Tensor | None = None  # micro-batch losses of the step (gradient accumulation)
         self._reset_stride()
+
+    # ------------------------------------------------------------------------------------------------- parts
+    def _detector(self, log_scale: bool = True) -> EMAZScore:
+        return EMAZScore(
+            alpha=self.alpha,
+            z_threshold=self.z_threshold,
+            warmup_steps=self.warmup_steps,
+            spike_update=self.spike_update,
+            reanchor_steps=self.reanchor_steps,
+            log_scale=log_scale,
+        )
+
+    def _divergence(self, ratio: float) -> DivergenceRule:
+        return DivergenceRule(ratio=ratio, time_constant=self.divergence_steps, horizon=self.divergence_horizon)
+
+    def _new_stream(self) -> _Stream:
+        return _Stream(
+            detector=self._detector(),
+            growth=ConsecutiveAboveRule(self.growth_z, self.growth_patience) if self.growth_z is not None else None,
+            divergence=self._divergence(self.grad_divergence_ratio) if self.grad_divergence_ratio is not None else None,
+        )
+
+    @property
+    def grad_detector(self) -> EMAZScore:
+        """The gradient-norm detector (of the first optimizer)."""
+        return self._streams[0].detector
+
+    @property
+    def growth_rule(self) -> ConsecutiveAboveRule | None:
+        """The ``grad_growth`` rule (of the first optimizer); ``None`` when ``growth_z=None``."""
+        return self._streams[0].growth
+
+    @property
+    def _deferred_losses(self) -> list[tuple[int, Tensor | float | None]]:
+        """Losses of the steps whose gradients budget mode skipped, not scored yet."""
+        return [(s.step, s.loss) for s in self._waiting if not s.reads]
 
     def _reset_stride(self) -> None:
         """Stride 1 and empty cost tallies (at construction and at every fit start, when the ledger restarts)."""
@@ -183,100 +330,137 @@ class GradientSpikeMonitor(LandscapeCallback):
             "loss_detector": self.loss_detector.state_dict(),
             "clip_count": self.clip_count,
             "growth_rule": self.growth_rule.state_dict() if self.growth_rule is not None else None,
+            "streams": [stream.state_dict() for stream in self._streams],
+            "loss_divergence": self.loss_divergence.state_dict() if self.loss_divergence is not None else None,
+            "loss_bad": self._loss_bad,
+            "overflow_count": self.overflow_count,
+            "usual_samples": self._usual_samples,
             # losses of steps budget mode skipped, not scored yet (a checkpoint can fall between reading steps)
-            "deferred_losses": [(step, None if loss is None else float(loss)) for step, loss in self._deferred_losses],
+            "deferred_losses": [
+                (s.step, None if s.loss is None else float(s.loss), s.weight) for s in self._waiting if not s.reads
+            ],
         }
 
     def _load_monitor_state_dict(self, state: dict[str, Any]) -> None:
-        if "grad_detector" in state:
+        streams = state.get("streams")
+        if streams:
+            self._streams = [self._new_stream() for _ in streams]
+            for stream, stream_state in zip(self._streams, streams, strict=True):
+                stream.load_state_dict(stream_state)
+        elif "grad_detector" in state:  # a checkpoint of an earlier version
             self.grad_detector.load_state_dict(state["grad_detector"])
+            if self.growth_rule is not None and state.get("growth_rule") is not None:
+                self.growth_rule.load_state_dict(state["growth_rule"])
+        if "loss_detector" in state:
             self.loss_detector.load_state_dict(state["loss_detector"])
+        if self.loss_divergence is not None and state.get("loss_divergence") is not None:
+            self.loss_divergence.load_state_dict(state["loss_divergence"])
+        self._loss_bad = bool(state.get("loss_bad", False))
         self.clip_count = int(state.get("clip_count", 0))
-        if self.growth_rule is not None and state.get("growth_rule") is not None:
-            self.growth_rule.load_state_dict(state["growth_rule"])
-        self._deferred_losses = [(int(step), loss) for step, loss in state.get("deferred_losses", [])]
+        self.overflow_count = int(state.get("overflow_count", 0))
+        self._usual_samples = int(state.get("usual_samples", 0))
+        self._waiting = [
+            _Step(int(item[0]), weight=float(item[2]) if len(item) > 2 else 1.0, loss=item[1])
+            for item in state.get("deferred_losses", [])
+        ]
 
     # ------------------------------------------------------------------------------------------------- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if isinstance(self.groups, Mapping):
+            names = [n.replace(_COMPILED, "") for n, _ in pl_module.named_parameters()]
+            for name, pattern in self.groups.items():
+                if not any(re.search(pattern, n) for n in names):
+                    raise ValueError(
+                        f"`groups[{name!r}]` = {pattern!r} matches no parameter of {type(pl_module).__name__} "
+                        f"(its names look like {names[:3]})."
+                    )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        for stream in self._streams:
+            stream.params = stream.resolved = None  # the model may sit elsewhere than in the previous fit
+        self._names = None
+        self._sharded = is_sharded(trainer.strategy)
+        self._world_size = trainer.world_size
+        # fixed for the fit (property walks through the strategy cost microseconds a step)
+        self._scaler = _scaler(trainer)
+        self._optimizers = list(trainer.optimizers)
+        # a step left half-done by an earlier fit that failed is not this fit's; deferred losses from before this
+        # fit's first step came from the checkpoint it resumes (kept), later ones from an earlier fit (dropped)
+        self._open, self._snapshot, self._current = None, None, None
+        self._samples = (-1, 0)
+        # (global_step: restored from the checkpoint already; Lightning's logging step is re-derived only later)
+        self._waiting = [s for s in self._waiting if not s.reads and s.step < trainer.global_step]
+        self._reset_stride()  # budget mode decides the stride afresh in every fit, from this fit's costs
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        """No probe set: this monitor reads the training step itself (its hooks' time is charged to the budget)."""
+        """Counts the samples of the step (its hooks' time is charged to the budget); no probe set."""
+        started = time.perf_counter()
+        step = self._step(trainer)
+        samples = _batch_size(batch)
+        self._samples = (step, samples + (self._samples[1] if self._samples[0] == step else 0))
         if self.budget is not None:
-            self.budget.start(trainer.global_step)
-        self.idle_until = sys.maxsize  # nothing more to do here until the next fit (on_train_start resets it)
+            self.budget.start(step)
+            self.budget.charge(time.perf_counter() - started)
+
+    @staticmethod
+    def _step(trainer: pl.Trainer) -> int:
+        """Lightning's logging step: optimizer steps under automatic optimization, batches under manual (where
+        ``global_step`` advances at every ``optimizer.step()``)."""
+        try:
+            return trainer.fit_loop.epoch_loop._batches_that_stepped
+        except AttributeError:
+            return trainer.global_step
 
     def _every_n(self, trainer: pl.Trainer) -> int:
         return self._every or max(1, trainer.log_every_n_steps)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        self._parameters = None
-        self._resolved_names = None  # the model may sit on another device than in the previous fit
-        self._sharded = is_sharded(trainer.strategy)
-        self._world_size = trainer.world_size
-        # a step left half-done by an earlier fit that failed is not this fit's; deferred losses from before this
-        # fit's first step came from the checkpoint it resumes (kept), later ones from an earlier fit (dropped)
-        self._current, self._loss_sum, self._snapshot = None, None, None
-        self._deferred_losses = [(s, loss) for s, loss in self._deferred_losses if s < trainer.global_step]
-        self._reset_stride()  # budget mode decides the stride afresh in every fit, from this fit's costs
-
-    def _trainable(self, pl_module: pl.LightningModule) -> tuple[list[str], list[torch.nn.Parameter]]:
-        """Names and parameters that require gradients, cached per fit (walking ``named_parameters()`` costs
-        ~0.1 ms a step on a small model). Parameters frozen later simply have no gradient and drop out."""
-        if self._parameters is None:
-            named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
-            self._parameters = ([n for n, _ in named], [p for _, p in named])
-        return self._parameters
-
-    def _resolve_groups(self, names: list[str], gradient: Tensor) -> None:
-        """Layer groups of the parameters that have gradients (again whenever that set changes), the gradients'
-        device (the model reached it after construction, or a resume) and the norm's accumulation dtype."""
-        device = gradient.device
-        self._resolved_names = names
-        # one fused pass, accumulated in float32 even for bf16/fp16 gradients (float64 stays float64)
-        wide = gradient.dtype in (torch.float32, torch.float64)
-        self._norm_dtype = {} if wide else {"dtype": torch.float32}
-        if self.grad_detector.device != device:
-            self.grad_detector.to(device)
-            self.loss_detector.to(device)
-        if self.groups is False:
-            blocks: dict[str, list[str]] = {}
-        elif self.groups is None:
-            blocks = top_level_blocks(names)
-        else:
-            blocks = {g: [n for n in names if re.search(pattern, n)] for g, pattern in self.groups.items()}
-        self._group_names = list(blocks)
-        # one column per group; a parameter can belong to several groups given by regex
-        index = torch.zeros(len(names), max(1, len(blocks)), dtype=torch.float32)
-        position = {n: i for i, n in enumerate(names)}
-        for j, members in enumerate(blocks.values()):
-            for n in members:
-                index[position[n], j] = 1.0
-        self._group_index = index.to(device)
-        self._group_members = [[position[n] for n in members] for members in blocks.values()]
+    def _is_logged_step(self, trainer: pl.Trainer, step: int) -> bool:
+        # Lightning's convention (`self.log` lands at steps 9, 19, ... for log_every_n_steps=10)
+        return (step + 1) % self._every_n(trainer) == 0
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        if self.budget is None:
-            self._read_gradients(trainer, pl_module)
-            return
-        started = time.perf_counter()
+        started = time.perf_counter() if self.budget is not None else 0.0
+        self._optimizer = optimizer
         self._read_gradients(trainer, pl_module)
-        elapsed = time.perf_counter() - started
-        self._step_seconds += elapsed
-        self.budget.charge(elapsed)
+        if self.budget is not None:
+            elapsed = time.perf_counter() - started
+            self._step_seconds += elapsed
+            self.budget.charge(elapsed)
 
     def _read_gradients(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Runs every step, so it is kept lean: on a small model each attribute walk or scalar tensor op here is a
-        # measurable part of the step (see benchmarks/overhead.py).
-        step = trainer.global_step
-        if self._current is not None and self._current[0] == step:
-            return  # several optimizers (manual optimization): the first one's gradients define the step
-        if self.stride > 1 and step % self.stride and step % self._every_n(trainer):
-            self._current = (step, None, None)  # budget mode skips this step's gradients; the loss is still scored
-            return
-        names, params = self._trainable(pl_module)
+        # measurable part of the step (see benchmarks/grad_spikes.py).
+        step = self._step(trainer)
+        record = self._open
+        if record is None or record.step != step:
+            record = self._open = _Step(step, logged=self._is_logged_step(trainer, step))
+            samples = self._samples[1] if self._samples[0] == step else 0
+            if samples:
+                self._usual_samples = max(self._usual_samples, samples)
+                record.weight = samples / self._usual_samples
+            # budget mode skips the gradients of most steps (never during the warm-up, never a logged step)
+            if (
+                self.stride > 1
+                and step % self.stride
+                and not record.logged
+                and int(self.grad_detector._count) >= self.warmup_steps
+            ):
+                self._current = (step, None)
+                return
+            self._current = (step, record)
+        elif self._current is not None and self._current[1] is None:
+            return  # (a second optimizer at a skipped step)
+        index = self._stream_index(trainer)
+        if any(read.stream == index for read in record.reads):
+            return  # the same optimizer stepped twice within one step: the first reading defines the step
+        stream = self._streams[index]
+        names, params = self._parameters(stream, pl_module)
         grads = [p.grad for p in params]
         if any(g is None for g in grads):  # (not `None in grads`: that compares tensors with ==, ~8 us each)
             present = [i for i, g in enumerate(grads) if g is not None]
@@ -287,45 +471,89 @@ class GradientSpikeMonitor(LandscapeCallback):
                 [grads[i] for i in present],
                 [params[i] for i in present],
             )
-        if names is not self._resolved_names and names != self._resolved_names:
-            self._resolve_groups(names, grads[0])
-        per_tensor = torch._foreach_norm(grads, 2, **self._norm_dtype)  # one fused pass
-        detector = self.grad_detector
-        if detector.on_host:
-            # CPU: plain floats; each scalar tensor op costs ~5 us, more than this arithmetic (and reading the norms
-            # one by one is cheaper than stacking them into one tensor first, measured in a real loop)
-            if self._sharded:
-                # each rank holds a shard of every gradient: the squares of the shards add up to the squares
+        if names is not stream.resolved and names != stream.resolved:
+            self._resolve_groups(stream, names, grads[0])
+        per_tensor = torch._foreach_norm(grads, 2, **stream.norm_dtype)  # one fused pass
+        if (self._host and not self._defer) or self.clip:
+            # read now and scored now (before the update). CPU: plain floats (each scalar tensor op costs ~5 us, more
+            # than this arithmetic; reading the norms one by one is cheaper than stacking them first, measured in a
+            # real loop, up to ~12). clip=True decides before the optimizer step, so it reads them now everywhere
+            if self._sharded:  # each rank holds a shard of every gradient: the squares of the shards add up
                 squares = distributed.all_reduce_sum(torch.stack(per_tensor).double() ** 2).tolist()
-            elif len(per_tensor) <= 12:
+            elif len(per_tensor) <= 12 and self._host:
                 squares = [float(v) ** 2 for v in per_tensor]
-            else:  # many tensors: one stack and one readback beat reading each (crossover ~12, measured)
-                squares = [v * v for v in torch.stack(per_tensor).tolist()]
-            total = math.sqrt(sum(squares))
-            clip_to = float(detector.clip_value()) if self.clip else math.nan
-            z, spike, bad = detector.update_float(total)
-            if self.clip and spike:
+            else:
+                squares = [v * v for v in torch.stack(per_tensor).double().tolist()]
+            read = _Read(index, squares)
+            record.reads.append(read)
+            clip_to = self._score_read(trainer, record, read)
+            if clip_to is not None:
+                total = math.sqrt(sum(squares))
                 torch._foreach_mul_(grads, clip_to / max(total, 1e-30))
-            self._current = (step, (total, z, spike, bad, squares), None)
-        else:
+        else:  # accelerators: the squares stay on the device until the next readback (no sync)
             squares_t = torch.stack(per_tensor).double() ** 2
             if self._sharded:
                 squares_t = distributed.all_reduce_sum(squares_t)
-            total_t = squares_t.sum().sqrt()
-            clip_to_t = detector.clip_value()
-            z_t, spike_t, bad_t = detector.update(total_t)
-            record = torch.full((_WIDTH,), math.nan, dtype=torch.float64, device=total_t.device)
-            record[_GRAD_NORM], record[_GRAD_Z] = total_t, z_t
-            record[_GRAD_SPIKE], record[_GRAD_BAD] = spike_t.double(), bad_t.double()
-            if self.clip:
-                # decided on the device, no sync: exactly 1.0 without a spike, and x * 1.0 == x bitwise
-                coefficient = torch.where(spike_t, clip_to_t / total_t.clamp_min(1e-30), torch.ones_like(total_t))
-                torch._foreach_mul_(grads, coefficient.to(grads[0].dtype))
-                record[_CLIPPED] = spike_t.double()
-            self._current = (step, record, (squares_t.float() @ self._group_index).sqrt())
+            record.reads.append(_Read(index, squares_t))
         # gradients are identical on every rank after DDP's all-reduce, so every rank decides the same
-        if self.track_update and self._is_logged_step(trainer, step):
-            self._snapshot = [p.detach().clone() for p in params]
+        if self.track_update and record.logged and self._snapshot is None:
+            trainable = [p for p in self._module_parameters(pl_module) if p.grad is not None]
+            self._snapshot = (trainable, [p.detach().clone() for p in trainable])
+
+    def _stream_index(self, trainer: pl.Trainer) -> int:
+        optimizers = self._optimizers
+        if self._optimizer is not None and not any(o is self._optimizer for o in optimizers):
+            optimizers = self._optimizers = list(trainer.optimizers)  # set up after on_train_start
+        if len(optimizers) <= 1:
+            return 0
+        optimizer = self._optimizer
+        index = next((i for i, o in enumerate(optimizers) if o is optimizer), 0)
+        while len(self._streams) <= index:
+            self._streams.append(self._new_stream())
+        return index
+
+    def _module_parameters(self, pl_module: pl.LightningModule) -> list[torch.nn.Parameter]:
+        return [p for p in pl_module.parameters() if p.requires_grad]
+
+    def _parameters(self, stream: _Stream, pl_module: pl.LightningModule) -> tuple[list[str], list[torch.nn.Parameter]]:
+        """Names and trainable parameters of the optimizer being stepped, cached per fit (walking
+        ``named_parameters()`` costs ~0.1 ms a step on a small model); rebuilt when the optimizer gains parameters
+        (``add_param_group`` when a backbone is unfrozen). Parameters frozen later have no gradient and drop out."""
+        optimizer = self._optimizer
+        count = sum(len(g["params"]) for g in optimizer.param_groups) if optimizer is not None else -1
+        if stream.params is None or stream.params[0] != count:
+            if self._names is None:
+                self._names = {id(p): n.replace(_COMPILED, "") for n, p in pl_module.named_parameters()}
+            if optimizer is None:
+                chosen = self._module_parameters(pl_module)
+            else:
+                seen: set[int] = set()
+                chosen = []
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        if id(p) not in seen and p.requires_grad and id(p) in self._names:
+                            seen.add(id(p))
+                            chosen.append(p)
+            stream.params = (count, [self._names[id(p)] for p in chosen], chosen)
+        return stream.params[1], stream.params[2]
+
+    def _resolve_groups(self, stream: _Stream, names: list[str], gradient: Tensor) -> None:
+        """Layer groups of the parameters that have gradients (again whenever that set changes), whether they live
+        on the CPU, and the norm's accumulation dtype."""
+        stream.resolved = names
+        self._host = gradient.device.type == "cpu"
+        # one fused pass, accumulated in float32 even for bf16/fp16 gradients (float64 stays float64)
+        wide = gradient.dtype in (torch.float32, torch.float64)
+        stream.norm_dtype = {} if wide else {"dtype": torch.float32}
+        if self.groups is False:
+            blocks: dict[str, list[str]] = {}
+        elif self.groups is None:
+            blocks = top_level_blocks(names)
+        else:
+            blocks = {g: [n for n in names if re.search(pattern, n)] for g, pattern in self.groups.items()}
+        stream.group_names = list(blocks)
+        position = {n: i for i, n in enumerate(names)}
+        stream.group_members = [[position[n] for n in members] for members in blocks.values()]
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -347,130 +575,298 @@ class GradientSpikeMonitor(LandscapeCallback):
             self._step_seconds = self._drain_seconds = 0.0
 
     def _finish_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> int | None:
-        """Score the loss and decide on the step. Returns ``None`` while accumulating, else what kind of step it was
-        (``_SKIPPED``, ``_READ`` or ``_LOGGED``), for budget mode's cost tallies."""
-        loss = self._extract_loss(outputs)
+        """Attach the loss to the step and score what is due. Returns ``None`` while accumulating, else what kind of
+        step it was (``_SKIPPED``, ``_READ`` or ``_LOGGED``), for budget mode's cost tallies."""
+        loss = self._extract_loss(outputs) if self.watch_loss else None
+        record = self._open
+        if record is None:
+            if pl_module.automatic_optimization:
+                if loss is not None:  # accumulating: Lightning divides the loss by accumulate_grad_batches
+                    self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+                return None
+            # manual optimization without an optimizer step in this batch: the loss alone
+            step = self._step(trainer)
+            record = _Step(step, logged=self._is_logged_step(trainer, step))
+            self._current = (step, None)
+        self._open = None
         if loss is not None:
-            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-        current = self._current
-        if current is None or trainer.global_step == current[0]:
-            return None  # accumulating: the optimizer has not stepped yet
+            record.loss = loss if self._loss_sum is None else self._loss_sum + loss
+        self._loss_sum = None
+        read = self._current is not None and self._current[1] is not None
         self._current = None
-        step, payload, group_norms = current
-        # Lightning divides the loss by accumulate_grad_batches, so the sum over micro-batches is the step mean
-        step_loss, self._loss_sum = (self._loss_sum if self.watch_loss else None), None
-        logged = self._is_logged_step(trainer, step)
-        if payload is None and not logged and self.grad_detector.on_host:
-            # a step whose gradients budget mode skipped: its loss is scored with the next step that reads them
-            # (a batch of floats is much cheaper than the same work spread over steps); alerts name their own step
-            self._deferred_losses.append((step, step_loss))
-            return _SKIPPED
-        if step_loss is not None and self._world_size > 1:
-            step_loss = distributed.all_reduce_mean(step_loss.detach().double().reshape(()).clone())
-        update = None
         if self._snapshot is not None:
-            update = self._update_size(pl_module)
+            record.update = self._update_size()
             self._snapshot = None
-        if self.grad_detector.on_host:
-            fired = self._drain_deferred_losses(trainer)
-            current_fired = self._finish_host_step(trainer, step, payload, step_loss, update, logged)
-            # at every step that reads the gradients, on every rank (under DDP with on_alert="stop" this is a
-            # collective, and ranks need not agree on a spike when some parameters are rank-local)
-            self.decide_stop(trainer, bool(fired) or bool(current_fired))
+        self._waiting.append(record)
+        if record.logged or (read and self._host and not self._defer):
+            self._flush(trainer)
+        if self.budget is not None and record.logged:
+            self._decide_stride(trainer, record.step)
+        return _LOGGED if record.logged else (_READ if read else _SKIPPED)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush(trainer)
+
+    # ------------------------------------------------------------------------------------------------ scoring
+    def _flush(self, trainer: pl.Trainer) -> None:
+        """Score every pending step in order: one readback of the device values, one all-reduce of the losses.
+        Collective under DDP (every rank flushes at the same steps)."""
+        pending, self._waiting = self._waiting, []
+        if not pending:
+            self.decide_stop(trainer, self._fired)
+            self._fired = False
+            return
+        device = [r for s in pending for r in s.reads if r.scored is None]
+        if device:  # accelerators: one transfer for every norm since the last readback
+            values = torch.cat([r.squares.reshape(-1) for r in device]).cpu().tolist()
+            offset = 0
+            for r in device:
+                n = r.squares.numel()
+                r.squares, offset = values[offset : offset + n], offset + n
+        losses = [s for s in pending if s.loss is not None]
+        if losses:
+            # host scalars: float() is the cheapest read; accelerators: one stack and one transfer
+            if all(isinstance(s.loss, float) or s.loss.device.type == "cpu" for s in losses) and self._world_size == 1:
+                values = [float(s.loss) for s in losses]
+            else:
+                where = next((s.loss.device for s in losses if isinstance(s.loss, Tensor)), torch.device("cpu"))
+                stacked = torch.stack(
+                    [torch.as_tensor(s.loss, dtype=torch.float64, device=where).reshape(()) for s in losses]
+                )
+                if self._world_size > 1:
+                    stacked = distributed.all_reduce_mean(stacked)
+                values = stacked.cpu().tolist()
+            for s, value in zip(losses, values, strict=True):
+                s.loss = value
+        for s in pending:
+            skipped = not s.reads and not s.logged
+            t0 = time.perf_counter() if skipped else 0.0
+            for r in s.reads:
+                if r.scored is None:
+                    self._score_read(trainer, s, r)
+            self._score_step(trainer, s)
+            if skipped:
+                self._drain_seconds += time.perf_counter() - t0
+        self.decide_stop(trainer, self._fired)
+        self._fired = False
+
+    def _score_read(self, trainer: pl.Trainer, record: _Step, read: _Read) -> float | None:
+        """Score one optimizer's gradient norm (alerts about it are emitted here: on the CPU, and with ``clip=True``
+        everywhere, before the update). Returns the norm to clip to, or ``None``."""
+        stream = self._streams[read.stream]
+        squares = read.squares
+        total = math.sqrt(sum(squares))
+        short = record.weight < self.min_batch_fraction
+        detector = stream.detector
+        clip_to = None
+        scaler = self._scaler
+        overflow = scaler is not None and not math.isfinite(total)
+        if short or overflow:
+            z, spike, bad = 0.0, False, not math.isfinite(total)
         else:
-            if payload is None:
-                payload, group_norms = self._blank_record()
-            if step_loss is not None:
-                z_t, spike_t, bad_t = self.loss_detector.update(step_loss.detach().double().reshape(()))
-                payload[_LOSS], payload[_LOSS_Z] = step_loss, z_t
-                payload[_LOSS_SPIKE], payload[_LOSS_BAD] = spike_t.double(), bad_t.double()
-            if update is not None:
-                payload[_UPDATE], payload[_PARAM] = update
-            self._records.append((step, payload, group_norms))
-            if logged:
-                self._flush(trainer)
-        if self.budget is not None and logged:
-            self._decide_stride(trainer, step)
-        return _LOGGED if logged else (_READ if current[1] is not None else _SKIPPED)
-
-    def _drain_deferred_losses(self, trainer: pl.Trainer) -> bool | None:
-        """Score the losses of the steps budget mode skipped, in step order (host path); ``None`` when nothing
-        needed a decision. Collective under DDP (one all-reduce for the whole batch)."""
-        if not self._deferred_losses:
-            return None
-        started = time.perf_counter()
-        try:
-            return self._score_deferred_losses(trainer)
-        finally:
-            self._drain_seconds += time.perf_counter() - started
-
-    def _score_deferred_losses(self, trainer: pl.Trainer) -> bool | None:
-        deferred, self._deferred_losses = self._deferred_losses, []
-        if all(loss is None for _, loss in deferred):
-            return None  # watch_loss=False, or no step returned a loss
-        # one-element tensors on the CPU: float() is the cheapest read (a step without a loss: a placeholder, the
-        # same on every rank, so the all-reduce lines up)
-        values = [math.nan if loss is None else float(loss) for _, loss in deferred]
-        if self._world_size > 1:
-            values = distributed.all_reduce_mean(torch.tensor(values, dtype=torch.float64)).tolist()
-        fired = None
-        for (step, loss), value in zip(deferred, values, strict=True):
-            outcome = self._finish_host_step(trainer, step, None, None if loss is None else value, None, False)
-            if outcome is not None:
-                fired = bool(fired) or outcome
-        return fired
-
-    def _finish_host_step(
-        self,
-        trainer: pl.Trainer,
-        step: int,
-        payload: tuple[float, float, bool, bool, list[float]] | None,
-        step_loss: Tensor | float | None,
-        update: tuple[Tensor, Tensor] | None,
-        logged: bool,
-    ) -> bool | None:
-        """The CPU path of one step, in floats. Returns whether an alert fired, or ``None`` for the common step
-        (no spike, no rise, not logged), for which no row is built and nothing is logged."""
-        loss = loss_z = math.nan
-        loss_spike = loss_bad = False
-        if step_loss is not None:
-            loss = float(step_loss)
-            loss_z, loss_spike, loss_bad = self.loss_detector.update_float(loss)
-        if payload is None:  # budget mode skipped this step's gradients
-            total = z = math.nan
-            spike = bad = growing = False
-            squares: list[float] = []
+            level = float(detector.clip_value()) if self.clip else math.nan
+            z, spike, bad = detector.update_float(total)
+            if self.clip and spike:
+                clip_to = level
+        growing = stream.growth is not None and not short and not overflow and stream.growth.update(z)
+        diverging = stream.divergence is not None and not overflow and stream.divergence.update(total, record.weight)
+        self.clip_count += int(clip_to is not None)
+        read.scored = {"total": total, "z": z, "spike": spike}
+        p = self._key_prefix(read.stream)
+        source = type(self).__name__
+        step = record.step
+        if overflow:
+            self.overflow_count += 1
+            stream.overflow_run += 1
+            # routine: the scaler skips the step and lowers its scale; a long run of skips or a scale below 1 (the
+            # gradients overflow unscaled) is not
+            collapsed = stream.overflow_run >= self.max_overflow_steps or _scale(scaler) < 1.0
+            if collapsed and not stream.bad:
+                stream.bad = True
+                self._alert(
+                    trainer,
+                    Alert(
+                        step,
+                        "non_finite",
+                        source,
+                        f"{p}/norm",
+                        total,
+                        float(self.max_overflow_steps),
+                        f"the gradient scaler skipped {stream.overflow_run} consecutive steps (scale now "
+                        f"{_scale(scaler):.3g}): the gradients are non-finite even as the scale collapses; training "
+                        "has diverged (alerted once until a step is not skipped).",
+                    ),
+                )
         else:
-            total, z, spike, bad, squares = payload
-            growing = self.growth_rule is not None and self.growth_rule.update(z)
-        if not (logged or spike or bad or loss_spike or loss_bad or growing):
-            return None
-        row = [math.nan] * _WIDTH
-        row[_GRAD_NORM], row[_GRAD_Z], row[_GRAD_SPIKE], row[_GRAD_BAD] = total, z, float(spike), float(bad)
-        row[_CLIPPED] = float(spike and self.clip)
-        row[_LOSS], row[_LOSS_Z], row[_LOSS_SPIKE], row[_LOSS_BAD] = loss, loss_z, float(loss_spike), float(loss_bad)
-        if update is not None:
-            row[_UPDATE], row[_PARAM] = float(update[0]), float(update[1])
-        group_row = [math.sqrt(sum(squares[i] for i in members)) for members in self._group_members] if squares else []
-        return self._handle_step(trainer, step, row, group_row, growing)
+            if stream.overflow_run:
+                stream.overflow_run, stream.bad = 0, False
+            if bad and not stream.bad:
+                self._alert(
+                    trainer,
+                    Alert(
+                        step,
+                        "non_finite",
+                        source,
+                        f"{p}/norm",
+                        total,
+                        math.inf,
+                        f"the gradient norm is {total} at step {step}: training has diverged or a batch is corrupt "
+                        "(alerted once until the norm is finite again).",
+                    ),
+                )
+            stream.bad = bad
+        if spike:
+            self._alert(
+                trainer,
+                Alert(
+                    step,
+                    "grad_spike",
+                    source,
+                    f"{p}/zscore",
+                    z,
+                    self.z_threshold,
+                    f"gradient norm {total:.4g} is {z:.1f} standard deviations (log scale) above its running mean"
+                    f"{' and was clipped' if clip_to is not None else ''}.",
+                ),
+            )
+        if growing:
+            self._alert(
+                trainer,
+                Alert(
+                    step,
+                    "grad_growth",
+                    source,
+                    f"{p}/zscore",
+                    z,
+                    self.growth_z,
+                    f"the gradient norm ({total:.4g}) has stayed more than {self.growth_z:g} standard "
+                    f"deviations (log scale) above its running mean for {self.growth_patience} steps: a sustained "
+                    "rise, not a one-step spike (for example a learning rate past the edge of stability).",
+                ),
+            )
+        if diverging:
+            self._divergence_alert(trainer, step, f"{p}/rise", "gradient norm", stream.divergence)
+        read.scored["event"] = spike or bad
+        return clip_to
 
-    def _update_size(self, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor] | None:
+    def _score_step(self, trainer: pl.Trainer, record: _Step) -> None:
+        """Score the step's loss, then log and alert (its gradients are scored already)."""
+        step, p, source = record.step, self.prefix, type(self).__name__
+        loss = math.nan if record.loss is None else float(record.loss)
+        loss_z, loss_spike, loss_bad = 0.0, False, False
+        if record.loss is not None:
+            if record.weight < self.min_batch_fraction:
+                loss_bad = not math.isfinite(loss)
+            else:
+                loss_z, loss_spike, loss_bad = self.loss_detector.update_float(loss)
+            if self.loss_divergence is not None and self.loss_divergence.update(loss, record.weight):
+                self._divergence_alert(trainer, step, f"{p}/loss/rise", "loss", self.loss_divergence)
+        events = any(r.scored is not None and r.scored["event"] for r in record.reads) or loss_spike or loss_bad
+        metrics: dict[str, float] = {}
+        if record.logged or events:
+            for read in record.reads:
+                scored = read.scored
+                key = self._key_prefix(read.stream)
+                stream = self._streams[read.stream]
+                metrics[f"{key}/norm"] = scored["total"]
+                metrics[f"{key}/zscore"] = scored["z"]
+                metrics[f"{key}/spike"] = float(scored["spike"])
+                squares = read.squares
+                for g, members in zip(stream.group_names, stream.group_members, strict=True):
+                    metrics[f"{key}/norm/{g}"] = math.sqrt(sum(squares[i] for i in members))
+                if record.logged and stream.divergence is not None and stream.divergence.updates:
+                    metrics[f"{key}/level"] = math.exp(stream.divergence.level)
+                    if math.isfinite(stream.divergence.rise):
+                        metrics[f"{key}/rise"] = stream.divergence.rise
+            if self.watch_loss:
+                metrics[f"{p}/loss/value"] = loss
+                metrics[f"{p}/loss/zscore"] = loss_z
+                metrics[f"{p}/loss/spike"] = float(loss_spike)
+                divergence = self.loss_divergence
+                if record.logged and divergence is not None and divergence.updates:
+                    metrics[f"{p}/loss/level"] = math.exp(divergence.level)
+                    if math.isfinite(divergence.rise):
+                        metrics[f"{p}/loss/rise"] = divergence.rise
+            if record.update is not None:
+                update, size = (float(v) for v in record.update)
+                metrics[f"{p}/update/norm"] = update
+                metrics[f"{p}/update/ratio"] = update / max(size, 1e-30)
+            if self.clip:
+                metrics[f"{p}/grad/clipped"] = float(self.clip_count)
+            if self.overflow_count:
+                metrics[f"{p}/grad/overflow_steps"] = float(self.overflow_count)
+            if self.budget is not None:
+                metrics[f"{p}/grad/stride"] = float(self.stride)
+        for read in record.reads:
+            if read.scored["spike"]:
+                suffix = "" if read.stream == 0 else f"/optimizer_{read.stream}"
+                metrics[f"{p}/events/grad_spike{suffix}"] = read.scored["z"]
+        if loss_spike:
+            metrics[f"{p}/events/loss_spike"] = loss_z
+        if metrics:
+            self.last_metrics = metrics
+            self.log_metrics(trainer, metrics, step)
+        if loss_bad and not self._loss_bad:
+            self._alert(
+                trainer,
+                Alert(
+                    step,
+                    "non_finite",
+                    source,
+                    f"{p}/loss/value",
+                    loss,
+                    math.inf,
+                    f"the loss is {loss} at step {step}: training has diverged or a batch is corrupt (alerted once "
+                    "until the loss is finite again).",
+                ),
+            )
+        if record.loss is not None:
+            self._loss_bad = loss_bad
+        if loss_spike:
+            self._alert(
+                trainer,
+                Alert(
+                    step,
+                    "loss_spike",
+                    source,
+                    f"{p}/loss/zscore",
+                    loss_z,
+                    self.z_threshold,
+                    f"loss {loss:.4g} is {loss_z:.1f} standard deviations (log scale) above its running mean.",
+                ),
+            )
+
+    def _divergence_alert(self, trainer: pl.Trainer, step: int, metric: str, what: str, rule: DivergenceRule) -> None:
+        self._alert(
+            trainer,
+            Alert(
+                step,
+                "divergence",
+                type(self).__name__,
+                metric,
+                rule.rise,
+                rule.ratio,
+                f"the {what}'s slow level ({math.exp(rule.level):.4g}, ~{rule.time_constant:g}-step average) is "
+                f"{rule.rise:.2f}x its lowest level of the last {rule.horizon} steps ({math.exp(rule.best):.4g}): "
+                "a sustained rise, the run is diverging (for example a learning rate too high).",
+            ),
+        )
+
+    def _alert(self, trainer: pl.Trainer, alert: Alert) -> None:
+        self._fired = True
+        self.emit_alert(trainer, alert)
+
+    def _key_prefix(self, stream: int) -> str:
+        return f"{self.prefix}/grad" if stream == 0 else f"{self.prefix}/grad/optimizer_{stream}"
+
+    def _update_size(self) -> tuple[Tensor, Tensor]:
         """Norm of the update the optimizer just applied (against the snapshot) and of the parameters."""
-        params = [p.detach() for p in self._trainable(pl_module)[1] if p.grad is not None]
-        if len(params) != len(self._snapshot):
-            return None
-        delta = torch._foreach_sub(params, self._snapshot)
+        params, before = self._snapshot
+        params = [p.detach() for p in params]
+        delta = torch._foreach_sub(params, before)
         update = torch.stack(torch._foreach_norm(delta, 2, dtype=torch.float32)).double().norm()
         size = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32)).double().norm()
         return update, size
-
-    def _blank_record(self) -> tuple[Tensor, Tensor]:
-        """Device path: the record of a step whose gradients budget mode skipped (NaN values, no spike, no clip)."""
-        device = self.loss_detector.device
-        record = torch.full((_WIDTH,), math.nan, dtype=torch.float64, device=device)
-        record[[_GRAD_SPIKE, _GRAD_BAD, _CLIPPED]] = 0.0
-        width = self._group_index.shape[1] if self._group_index is not None else 1
-        return record, torch.full((width,), math.nan, dtype=torch.float32, device=device)
 
     def _decide_stride(self, trainer: pl.Trainer, step: int) -> None:
         """Budget mode: the smallest stride at which reading the gradients keeps within ``budget_share`` of the
@@ -508,135 +904,38 @@ class GradientSpikeMonitor(LandscapeCallback):
             )
         self.stride = int(stride)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.grad_detector.on_host:
-            self.decide_stop(trainer, bool(self._drain_deferred_losses(trainer)))
-        self._flush(trainer)
-
-    # -------------------------------------------------------------------------------------------- internals
-    def _is_logged_step(self, trainer: pl.Trainer, step: int) -> bool:
-        return step % self._every_n(trainer) == 0
-
     @staticmethod
     def _extract_loss(outputs: Any) -> Tensor | None:
         if type(outputs) is dict or isinstance(outputs, Mapping):  # (the exact-type test skips the ABC machinery)
             outputs = outputs.get("loss")
         return outputs.detach() if isinstance(outputs, Tensor) and outputs.numel() == 1 else None
 
-    def _flush(self, trainer: pl.Trainer) -> None:
-        """Device path: read the pending records back (one host transfer) and log and decide on them."""
-        if not self._records:
-            return
-        steps = [s for s, _, _ in self._records]
-        rows = torch.stack([r for _, r, _ in self._records]).cpu().tolist()
-        groups = torch.stack([g for _, _, g in self._records]).cpu().tolist()
-        self._records = []
-        fired = False
-        for step, row, group_row in zip(steps, rows, groups, strict=True):
-            # NaN z: a step whose gradients budget mode skipped (a non-finite norm has z = 0)
-            read = not math.isnan(row[_GRAD_Z])
-            growing = self.growth_rule is not None and read and self.growth_rule.update(row[_GRAD_Z])
-            fired |= self._handle_step(trainer, step, row, group_row if read else [], growing)
-        self.decide_stop(trainer, fired)
 
-    def _handle_step(
-        self, trainer: pl.Trainer, step: int, row: list[float], group_row: list[float], growing: bool
-    ) -> bool:
-        """Log and alert on one step's row (``growing``: the ``grad_growth`` rule fired at this step)."""
-        p = self.prefix
-        grad_spike, grad_bad = row[_GRAD_SPIKE] > 0, row[_GRAD_BAD] > 0
-        loss_spike, loss_bad = row[_LOSS_SPIKE] > 0, row[_LOSS_BAD] > 0
-        self.clip_count += int(row[_CLIPPED] > 0)
-        event = grad_spike or grad_bad or loss_spike or loss_bad
-        read = not math.isnan(row[_GRAD_Z])  # False on a step budget mode skipped (z is 0, not NaN, for a NaN norm)
-        metrics: dict[str, float] = {}
-        if event or self._is_logged_step(trainer, step):
-            if read:
-                metrics = {
-                    f"{p}/grad/norm": row[_GRAD_NORM],
-                    f"{p}/grad/zscore": row[_GRAD_Z],
-                    f"{p}/grad/spike": float(grad_spike),
-                }
-                metrics.update({f"{p}/grad/norm/{g}": v for g, v in zip(self._group_names, group_row, strict=False)})
-            if self.watch_loss:
-                metrics.update(
-                    {
-                        f"{p}/loss/value": row[_LOSS],
-                        f"{p}/loss/zscore": row[_LOSS_Z],
-                        f"{p}/loss/spike": float(loss_spike),
-                    }
-                )
-            if not math.isnan(row[_UPDATE]):
-                metrics[f"{p}/update/norm"] = row[_UPDATE]
-                metrics[f"{p}/update/ratio"] = row[_UPDATE] / max(row[_PARAM], 1e-30)
-            if self.clip:
-                metrics[f"{p}/grad/clipped"] = float(self.clip_count)
-            if self.budget is not None:
-                metrics[f"{p}/grad/stride"] = float(self.stride)
-        if grad_spike:
-            metrics[f"{p}/events/grad_spike"] = row[_GRAD_Z]
-        if loss_spike:
-            metrics[f"{p}/events/loss_spike"] = row[_LOSS_Z]
-        if metrics:
-            self.last_metrics = metrics
-            self.log_metrics(trainer, metrics, step)
-        source = type(self).__name__
-        if grad_bad or loss_bad:
-            what = "gradient norm" if grad_bad else "loss"
-            value = row[_GRAD_NORM] if grad_bad else row[_LOSS]
-            self.emit_alert(
-                trainer,
-                Alert(
-                    step,
-                    "non_finite",
-                    source,
-                    f"{p}/grad/norm" if grad_bad else f"{p}/loss/value",
-                    value,
-                    math.inf,
-                    f"the {what} is {value} at step {step}: training has diverged or a batch is corrupt.",
-                ),
-            )
-        if grad_spike:
-            self.emit_alert(
-                trainer,
-                Alert(
-                    step,
-                    "grad_spike",
-                    source,
-                    f"{p}/grad/zscore",
-                    row[_GRAD_Z],
-                    self.z_threshold,
-                    f"gradient norm {row[_GRAD_NORM]:.4g} is {row[_GRAD_Z]:.1f} standard deviations (log scale) above "
-                    f"its running mean{' and was clipped' if self.clip else ''}.",
-                ),
-            )
-        if growing:
-            self.emit_alert(
-                trainer,
-                Alert(
-                    step,
-                    "grad_growth",
-                    source,
-                    f"{p}/grad/zscore",
-                    row[_GRAD_Z],
-                    self.growth_z,
-                    f"the gradient norm ({row[_GRAD_NORM]:.4g}) has stayed more than {self.growth_z:g} standard "
-                    f"deviations (log scale) above its running mean for {self.growth_patience} steps: a sustained "
-                    "rise, not a one-step spike (for example a learning rate past the edge of stability).",
-                ),
-            )
-        if loss_spike:
-            self.emit_alert(
-                trainer,
-                Alert(
-                    step,
-                    "loss_spike",
-                    source,
-                    f"{p}/loss/zscore",
-                    row[_LOSS_Z],
-                    self.z_threshold,
-                    f"loss {row[_LOSS]:.4g} is {row[_LOSS_Z]:.1f} standard deviations (log scale) above its "
-                    "running mean.",
-                ),
-            )
-        return event or growing
+def _batch_size(batch: Any) -> int:
+    """Samples in a batch: the leading size of its first tensor (depth first); 0 when it holds none."""
+    while True:
+        if isinstance(batch, Tensor):
+            return int(batch.shape[0]) if batch.dim() else 1
+        if type(batch) in (tuple, list) or isinstance(batch, tuple | list):
+            if not batch:
+                return 0
+            batch = batch[0]
+        elif isinstance(batch, Mapping):
+            if not batch:
+                return 0
+            batch = next(iter(batch.values()))
+        else:
+            return 0
+
+
+def _scaler(trainer: pl.Trainer) -> Any:
+    """The active GradScaler of ``precision="16-mixed"``, or ``None``."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def _scale(scaler: Any) -> float:
+    try:
+        return float(scaler.get_scale())
+    except (RuntimeError, AttributeError):
+        return math.nan

@@ -17,6 +17,7 @@ ALERT_KINDS = (
     "grad_spike",
     "loss_spike",
     "grad_growth",
+    "divergence",
     "attention_logit_growth",
     "logit_divergence",
     "softmax_collapse",

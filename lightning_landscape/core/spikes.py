@@ -10,7 +10,12 @@ Formulation (ZClip's, Kumar et al. 2025, arXiv 2504.02507, with the defaults it 
   (variance with the already updated mean, as ZClip; ``a = 0.97``), where on a spike ``spike_update`` decides:
   ``"skip"`` (default: a spike never enters the baseline, so the steps after it are judged against healthy
   statistics), ``"clip"`` (ZClip's adaptive value ``mean + z_thr^2 s std_eff / (y - mean)``) or ``"raw"``;
-- non-finite values are flagged separately and never enter the statistics.
+- non-finite values are flagged separately and never enter the statistics;
+- level shifts: after ``reanchor_steps`` consecutive spikes the baseline re-anchors: its mean becomes the mean of
+  those spiking values (the variance is kept, the noise level has not changed) and the streak starts again. Without
+  it, ``spike_update="skip"`` locks onto the old level after a lasting jump (unfreezing a backbone, a learning-rate
+  change): a permanent 3x jump at 10 % noise flagged 2000 of the next 2000 steps, and a clip to that level became a
+  silent, permanent learning-rate cut; with it, the first ``reanchor_steps`` steps are flagged, then none.
 
 Where we differ from ZClip, and why (measured with ``tests/core/test_spikes.py``'s synthetic sequences):
 
@@ -53,6 +58,8 @@ class EMAZScore:
             the default 50 halves the error of the initial variance, which otherwise produced the only early false
             alarms we saw (z 5.2 sixteen steps after a 25-step warm-up, one seed in 22).
         spike_update: how a spike enters the statistics: ``"skip"``, ``"clip"`` or ``"raw"``.
+        reanchor_steps: after this many consecutive spikes the mean re-anchors to their mean (a level shift, not a
+            spike); ``None`` never re-anchors (ZClip's behaviour).
         min_std: absolute floor of the standard deviation.
         min_relative_std: floor of the standard deviation relative to ``|mean|``.
         eps: added to the standard deviation (ZClip: 1e-6).
@@ -70,6 +77,7 @@ class EMAZScore:
         z_threshold: float = 5.0,
         warmup_steps: int = 50,
         spike_update: str = "skip",
+        reanchor_steps: int | None = 10,
         min_std: float = 0.0,
         min_relative_std: float = 0.02,
         eps: float = 1e-6,
@@ -83,6 +91,7 @@ class EMAZScore:
         self.z_threshold = check_float("z_threshold", z_threshold, minimum=0.0, strict_minimum=True)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=1)
         self.spike_update = check_choice("spike_update", spike_update, SPIKE_UPDATES)
+        self.reanchor_steps = None if reanchor_steps is None else check_int("reanchor_steps", reanchor_steps, minimum=1)
         self.min_std = check_float("min_std", min_std, minimum=0.0)
         self.min_relative_std = check_float("min_relative_std", min_relative_std, minimum=0.0)
         self.eps = check_float("eps", eps, minimum=0.0)
@@ -97,12 +106,14 @@ class EMAZScore:
         # path would cost ~0.2 ms a step for nothing); results are identical to the tensor path.
         self.on_host = self.device.type == "cpu" and self.shape == ()
         if self.on_host:
-            self._mean = self._var = self._sum = self._sumsq = 0.0
-            self._count = 0
+            self._mean = self._var = self._sum = self._sumsq = self._streak_sum = 0.0
+            self._count = self._streak = 0
             return
         zeros = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
         self._mean, self._var, self._sum, self._sumsq = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
+        self._streak_sum = zeros.clone()
         self._count = torch.zeros(self.shape, dtype=torch.int64, device=self.device)
+        self._streak = torch.zeros(self.shape, dtype=torch.int64, device=self.device)
 
     @property
     def mean(self) -> Tensor:
@@ -178,9 +189,21 @@ class EMAZScore:
         ema_mean = self.alpha * self._mean + (1 - self.alpha) * target
         ema_var = self.alpha * self._var + (1 - self.alpha) * (target - ema_mean) ** 2
 
-        self._mean = torch.where(just_warm, init_mean, torch.where(do_ema, ema_mean, self._mean))
-        self._var = torch.where(just_warm, init_var, torch.where(do_ema, ema_var, self._var))
+        new_mean = torch.where(just_warm, init_mean, torch.where(do_ema, ema_mean, self._mean))
+        new_var = torch.where(just_warm, init_var, torch.where(do_ema, ema_var, self._var))
+        # level shift: a streak of spikes (non-finite and skipped values neither extend nor break it)
+        zero = torch.zeros_like(self._streak)
+        streak = torch.where(spike, self._streak + 1, torch.where(warm & finite, zero, self._streak))
+        streak_sum = torch.where(spike, self._streak_sum + x_safe, torch.where(streak == 0, 0.0, self._streak_sum))
+        if self.reanchor_steps is not None:
+            shifted = streak >= self.reanchor_steps
+            new_mean = torch.where(shifted, streak_sum / streak.clamp_min(1).to(torch.float64), new_mean)
+            new_var = torch.where(shifted, self._var, new_var)
+            streak = torch.where(shifted, zero, streak)
+            streak_sum = torch.where(shifted, 0.0, streak_sum)
+        self._mean, self._var = new_mean, new_var
         self._count = torch.where(warm, self._count + finite.to(torch.int64), new_count)
+        self._streak, self._streak_sum = streak, streak_sum
         return z, spike, ~is_finite
 
     def update_float(self, value: float) -> tuple[float, bool, bool]:
@@ -204,6 +227,16 @@ class EMAZScore:
         z = (x - self._mean) / std
         spike = z > self.z_threshold
         self._count += 1
+        if not spike:
+            self._streak, self._streak_sum = 0, 0.0
+        else:
+            self._streak += 1
+            self._streak_sum += x
+            if self.reanchor_steps is not None and self._streak >= self.reanchor_steps:
+                # a level shift: the baseline moves to the new level (the variance, the noise, is kept)
+                self._mean = self._streak_sum / self._streak
+                self._streak, self._streak_sum = 0, 0.0
+                return z, True, False
         if spike and self.spike_update == "skip":
             return z, True, False
         target = x
@@ -228,6 +261,8 @@ class EMAZScore:
             "count": as_tensor(self._count, torch.int64),
             "sum": as_tensor(self._sum, torch.float64),
             "sumsq": as_tensor(self._sumsq, torch.float64),
+            "streak": as_tensor(self._streak, torch.int64),
+            "streak_sum": as_tensor(self._streak_sum, torch.float64),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -238,6 +273,7 @@ class EMAZScore:
         self._mean, self._var = get("mean", torch.float64), get("var", torch.float64)
         self._count = get("count", torch.int64)
         self._sum, self._sumsq = get("sum", torch.float64), get("sumsq", torch.float64)
+        self._streak, self._streak_sum = get("streak", torch.int64), get("streak_sum", torch.float64)
 
     def to(self, device: torch.device | str) -> EMAZScore:
         """Move the state to ``device`` (in place) and return self."""

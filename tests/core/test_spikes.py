@@ -168,6 +168,7 @@ class _Holder(torch.nn.Module):
         ({"warmup_steps": 0}, ValueError, "`warmup_steps` must be an int >= 1, got 0"),
         ({"spike_update": "drop"}, ValueError, "`spike_update` must be one of"),
         ({"min_relative_std": -0.1}, ValueError, "`min_relative_std` must be >= 0.0, got -0.1"),
+        ({"reanchor_steps": 0}, ValueError, "`reanchor_steps` must be an int >= 1, got 0"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -180,10 +181,12 @@ def test_bad_arguments(kwargs, error, match):
 def test_host_float_path_equals_tensor_path(spike_update, log_scale):
     values = noisy_sequence(300, seed=10, trend=0.7).tolist()
     values[100] *= 30
+    for i in range(200, 206):  # a streak of spikes that re-anchors
+        values[i] *= 40
     values[150] = float("nan")
     values[20] = float("inf")
     values[120] = values[10] = 0.0  # skipped on the log scale, an ordinary value on the linear one
-    kwargs = {"spike_update": spike_update, "log_scale": log_scale, "warmup_steps": 30}
+    kwargs = {"spike_update": spike_update, "log_scale": log_scale, "warmup_steps": 30, "reanchor_steps": 3}
     host, device_like = EMAZScore(**kwargs), EMAZScore(shape=(1,), **kwargs)  # shape (1,) takes the tensor path
     assert host.on_host
     assert not device_like.on_host
@@ -196,3 +199,33 @@ def test_host_float_path_equals_tensor_path(spike_update, log_scale):
     moved = EMAZScore(**kwargs)
     moved.load_state_dict(device_like.state_dict())
     assert float(moved.var) == pytest.approx(float(device_like.var), rel=1e-12)
+
+
+@pytest.mark.parametrize("spike_update", ["skip", "clip"])
+def test_a_lasting_level_shift_re_anchors_the_baseline(spike_update):
+    # a permanent 3x jump at 10 % noise: without re-anchoring "skip" flagged every one of the 2000 steps after it
+    values = noisy_sequence(2200, seed=11, noise=0.1)
+    values[200:] *= 3.0
+    _, spikes, _ = run(EMAZScore(spike_update=spike_update), values)
+    assert spikes[200]
+    assert sum(spikes[200:]) <= 10  # the streak that re-anchors it, then the new level is the baseline
+    locked = EMAZScore(spike_update="skip", reanchor_steps=None)
+    _, spikes_locked, _ = run(locked, values)
+    assert sum(spikes_locked[200:]) == 2000
+    # after the shift the clip level follows the new level (no permanent learning-rate cut)
+    shifted = EMAZScore(spike_update=spike_update)
+    run(shifted, values)
+    assert float(shifted.clip_value()) > 3.0
+
+
+def test_re_anchoring_is_the_mean_of_the_streak_by_hand():
+    detector = EMAZScore(warmup_steps=2, reanchor_steps=3, min_relative_std=0.0, eps=0.0)
+    for v in (1.0, math.e**0.2):  # mean 0.1, var 0.01 (std 0.1) on the log scale
+        detector.update_float(v)
+    logs = [1.5, 2.0, 2.5]  # z = 14, 19, 24: three spikes
+    for y in logs:
+        assert detector.update_float(math.exp(y))[1]
+    assert float(detector.mean) == pytest.approx(sum(logs) / 3, rel=1e-12)
+    assert float(detector.var) == pytest.approx(0.01, rel=1e-9)  # the noise level is kept
+    z, spike, _ = detector.update_float(math.exp(2.0))
+    assert not spike and z == pytest.approx(0.0, abs=1e-9)
