@@ -20,8 +20,23 @@ from lightning_landscape.core.budget import OverheadBudget
 
 # Default cadence of each part, in optimizer steps (the gradient monitor runs every step).
 DEFAULT_EVERY = {"hessian": 200, "rank": 200, "connectivity": 500, "logits": 10}
+#: Probe batches of each part when ``num_probe_batches`` is not given: one for the Hessian and the barrier (a
+#: Hessian-vector product or an interpolation point is a pass over the probe set, so one batch is 2-4x cheaper
+#: on the CNN and the transformer, see benchmarks/RESULTS.md), four for the rank (a rank needs more samples than
+#: features: 4 x 64 examples for a 256-wide layer), one for the logits (every few steps).
+DEFAULT_PROBE_BATCHES = {"hessian": 1, "rank": 4, "connectivity": 1, "logits": 1}
 #: Share of the bundle's budget the gradient monitor's every-step reads may take (see GradientSpikeMonitor.stride).
-GRAD_SPIKES_SHARE = 0.6
+GRAD_SPIKES_SHARE = 0.3
+#: Weights of the periodic parts in the rest of the budget (``1 - GRAD_SPIKES_SHARE`` when the gradient monitor is
+#: on), normalised over the parts that are on: the Hessian is the headline signal and the costliest, so it gets
+#: the largest share; each share caps that part's own spending, so no part can starve another.
+SHARE_WEIGHTS = {"hessian": 0.55, "rank": 0.15, "connectivity": 0.15, "logits": 0.15}
+#: Budget mode's first estimate of a part's cost in training steps, for the bundle's configuration (one probe batch
+#: for the Hessian and the barrier), measured cold on the reference workloads: top-1 Lanczos 18-128 steps, rank
+#: 2-27, an interpolation 7-59. Near the typical cost rather than the worst, so that the first points of all parts
+#: fit the ledger's advance together (the monitors' own, pessimistic, estimates would not); the ledger learns the
+#: real cost from the first measurement on, and the advance absorbs the estimate's error.
+FIRST_COST_STEPS = {"hessian": 40.0, "rank": 20.0, "connectivity": 25.0}
 _PARTS = {
     "hessian": HessianMonitor,
     "grad_spikes": GradientSpikeMonitor,
@@ -75,7 +90,7 @@ class LandscapeMonitor(Callback):
         logits: bool | dict[str, Any] = True,
         *,
         loss_fn: Callable[[pl.LightningModule, Any], Any] | None = None,
-        num_probe_batches: int = 4,
+        num_probe_batches: int | None = None,
         mode: str = "eval",
         on_alert: AlertAction | Sequence[AlertAction] = "warn",
         prefix: str = "landscape",
@@ -106,8 +121,8 @@ class LandscapeMonitor(Callback):
             if name != "grad_spikes":
                 arguments.update(probe)
                 arguments["every_n_steps"] = DEFAULT_EVERY[name]
-            if name == "logits":
-                arguments.pop("num_probe_batches")  # its own default, one batch: it runs every few steps
+            if name == "logits" or (name != "grad_spikes" and num_probe_batches is None):
+                arguments["num_probe_batches"] = DEFAULT_PROBE_BATCHES[name]  # see there; logits always reads one
             arguments.update(setting if isinstance(setting, dict) else {})
             self.parts[name] = _PARTS[name](**arguments)
         if not isinstance(dashboard, bool):
@@ -117,21 +132,26 @@ class LandscapeMonitor(Callback):
         self.max_overhead = max_overhead
         self.budget = OverheadBudget(max_overhead) if max_overhead is not None else None
         warned: set[str] = set()
-        sharing = []
+        sharing = {}
         for name, part in self.parts.items():
             part._shared_warned = warned
             own = isinstance(parts_settings[name], dict) and "max_overhead" in parts_settings[name]
             if self.budget is not None and not own:
                 part.budget = self.budget
                 if name != "grad_spikes":  # it strides rather than postpones: its own share, below
-                    sharing.append(part)
-        for part in sharing:  # equal shares, so that neither cheap nor costly parts starve the others
-            part.budget_share = 1.0 / len(sharing)
-        if "grad_spikes" in self.parts and self.parts["grad_spikes"].budget is self.budget and sharing:
-            # its per-step reads may take 60% of the budget before it reads every few steps instead: they are the
-            # fastest early warning, but on a model whose steps are barely longer than reading the gradients the
-            # periodic parts must still get some of the budget (alone on the ledger, it may take all of it)
-            self.parts["grad_spikes"].budget_share = GRAD_SPIKES_SHARE
+                    sharing[name] = part
+                    if name in FIRST_COST_STEPS and not isinstance(parts_settings[name], dict):
+                        part.first_cost_steps = FIRST_COST_STEPS[name]
+        spikes = self.parts.get("grad_spikes")
+        spikes_shares = spikes is not None and spikes.budget is self.budget and bool(sharing)
+        # the gradient monitor's per-step reads may take 30% of the budget before it reads every few steps instead
+        # (alone on the ledger, all of it); the periodic parts share the rest by weight
+        rest = 1.0 - GRAD_SPIKES_SHARE if spikes_shares else 1.0
+        total_weight = sum(SHARE_WEIGHTS[name] for name in sharing)
+        for name, part in sharing.items():
+            part.budget_share = rest * SHARE_WEIGHTS[name] / total_weight
+        if spikes_shares:
+            spikes.budget_share = GRAD_SPIKES_SHARE
         self.dashboard = dashboard
         self.prefix = prefix
 

@@ -1,6 +1,7 @@
 """Budget mode on a fake clock: each training step takes 10 ms, each measurement 100 ms (no real timing)."""
 
 import pytest
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_landscape.callbacks import _base
@@ -24,8 +25,12 @@ class CostlyMonitor(LandscapeCallback):
     group = "costly"
     first_cost_steps = MEASUREMENT_SECONDS / STEP_SECONDS  # an exact first estimate
 
-    def __init__(self, clock: FakeClock, **kwargs) -> None:
+    def __init__(self, clock: FakeClock, advance_steps: int = 0, **kwargs) -> None:
         super().__init__(num_probe_batches=1, **kwargs)
+        if self.budget is not None:
+            # 0: the rule that spends only what the run has earned, which the tests below check exactly; the
+            # advance (the default, see core.budget) has its own tests
+            self.budget.advance_steps = advance_steps
         self.clock = clock
         self.measured: list[tuple[int, float, float]] = []  # step, cost and training time before it
 
@@ -98,7 +103,7 @@ def test_parts_sharing_one_ledger_each_measure_only_when_they_fit_at_that_moment
             self.clock.now += 0.01
             return {}
 
-    ledger = OverheadBudget(0.05)
+    ledger = OverheadBudget(0.05, advance_steps=0)
     costly = CostlyMonitor(clock, every_n_steps=1, max_overhead=0.05, prefix="a")
     cheap = Cheap(clock, every_n_steps=1, max_overhead=0.05, prefix="b")
     costly.budget = cheap.budget = ledger
@@ -121,14 +126,21 @@ class NeverIdle(CostlyMonitor):
         return step
 
 
-@pytest.mark.parametrize(("every_n_steps", "max_overhead", "start_step"), [(1, 0.05, 0), (7, 0.05, 3), (25, 0.2, 0)])
-def test_idle_skip_never_changes_when_measurements_run(tmp_path, clock, every_n_steps, max_overhead, start_step):
+@pytest.mark.parametrize(
+    ("every_n_steps", "max_overhead", "start_step", "advance"),
+    [(1, 0.05, 0, 0), (7, 0.05, 3, 0), (25, 0.2, 0, 0), (1, 0.05, 0, 300)],
+)
+def test_idle_skip_never_changes_when_measurements_run(
+    tmp_path, clock, every_n_steps, max_overhead, start_step, advance
+):
     # Parts skip their per-step checks until their next due step or postponed date (the bundle does not even call
     # them); the steps at which they measure must be exactly those of checking at every step.
     measured = {}
     for kind in (CostlyMonitor, NeverIdle):
         clock.now = 1000.0
-        monitor = kind(clock, every_n_steps=every_n_steps, max_overhead=max_overhead, start_step=start_step)
+        monitor = kind(
+            clock, every_n_steps=every_n_steps, max_overhead=max_overhead, start_step=start_step, advance_steps=advance
+        )
         make_trainer(tmp_path, [monitor, Ticker(clock)], max_steps=450).fit(ClassifierModule())
         measured[kind] = [s for s, _, _ in monitor.measured]
     assert len(measured[CostlyMonitor]) >= 2
@@ -136,3 +148,39 @@ def test_idle_skip_never_changes_when_measurements_run(tmp_path, clock, every_n_
     skipping = CostlyMonitor(clock, every_n_steps=every_n_steps, max_overhead=max_overhead, start_step=start_step)
     make_trainer(tmp_path, [skipping, Ticker(clock)], max_steps=50).fit(ClassifierModule())
     assert skipping.idle_until > 49  # it really idles between its dates
+
+
+def test_with_the_advance_the_first_measurement_comes_early_and_the_planned_end_keeps_the_budget(tmp_path, clock):
+    # 300 steps of 10 ms at 5% buy 150 ms ahead: the first 100 ms measurement runs once ten steps are timed (step
+    # 10, not 200), and the advance shrinks over the plan's last 300 steps so that at step 1000 the ledger is within
+    # 5% plus one measurement again
+    monitor = CostlyMonitor(clock, every_n_steps=1, max_overhead=0.05, advance_steps=300)
+    make_trainer(tmp_path, [monitor, Ticker(clock)], max_steps=1000).fit(ClassifierModule())
+    steps = [s for s, _, _ in monitor.measured]
+    assert steps[0] == 10
+    assert monitor.budget.planned_end == 1000
+    for step, cost, training in monitor.measured:
+        advance = min(300, 1000 - step) * training / step
+        assert cost + MEASUREMENT_SECONDS <= 0.05 * (training + advance) + 1e-9
+    assert len(steps) == pytest.approx(1000 * STEP_SECONDS * 0.05 / MEASUREMENT_SECONDS, abs=1)
+    assert monitor.budget.overhead() <= 0.05 + MEASUREMENT_SECONDS / monitor.budget.training_time()
+
+
+def test_the_plan_is_the_trainers_end_and_unknown_without_one(tmp_path, clock):
+    monitor = CostlyMonitor(clock, every_n_steps=5, max_overhead=0.05, advance_steps=10)
+    make_trainer(tmp_path, [monitor], max_steps=-1, max_epochs=2).fit(ClassifierModule())
+    assert monitor.budget.planned_end == 16  # 2 epochs of 8 batches
+
+    class Endless(ClassifierModule):
+        def train_dataloader(self):
+            data = torch.utils.data.TensorDataset(self.x, self.y)
+
+            class Stream(torch.utils.data.IterableDataset):
+                def __iter__(self):
+                    yield from iter(data)
+
+            return torch.utils.data.DataLoader(Stream(), batch_size=8)
+
+    monitor = CostlyMonitor(clock, every_n_steps=5, max_overhead=0.05, advance_steps=10)
+    make_trainer(tmp_path, [monitor], max_steps=-1, max_epochs=1).fit(Endless())
+    assert monitor.budget.planned_end is None
