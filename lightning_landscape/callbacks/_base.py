@@ -393,8 +393,8 @@ class LandscapeCallback(Callback):
             if per_step is None:
                 return MIN_TIMED_STEPS, True
             expected = self.first_cost_steps * per_step
-            # a first point needs only the total to fit (the ledger's advance pays for it early): a share of the
-            # advance is too small for a first estimate, and the shares exist to space the later ones
+            # a first point needs only the total to fit (the ledger's advance pays for it early, and it is kept
+            # out of the share, which spaces the later ones against the training time)
             share = 1.0
         wait = self.budget.steps_to_wait(expected, step, owner=id(self), share=share)
         return wait, wait > 0
@@ -477,7 +477,8 @@ class LandscapeCallback(Callback):
         cost = timer.stop() if timer is not None else time.perf_counter() - started
         metrics[self.key("seconds")] = cost
         if self.budget is not None:
-            self.budget.charge(cost, owner=id(self))
+            # a first measurement (or the first after an untypical one) is paid by the ledger's advance, not the share
+            self.budget.charge(cost, owner=id(self), first=self._expected_cost is None)
             self._expected_cost = cost if self._cost_is_typical else None
             self._cost_is_typical = True
             self._next_allowed = None

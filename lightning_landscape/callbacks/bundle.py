@@ -19,7 +19,7 @@ from lightning_landscape.core.alerts import Alert
 from lightning_landscape.core.budget import OverheadBudget
 
 # Default cadence of each part, in optimizer steps (the gradient monitor runs every step).
-DEFAULT_EVERY = {"hessian": 200, "rank": 200, "connectivity": 500, "logits": 10}
+DEFAULT_EVERY = {"hessian": 200, "rank": 200, "connectivity": 200, "logits": 10}
 #: Probe batches of each part when ``num_probe_batches`` is not given: one for the Hessian and the barrier (a
 #: Hessian-vector product or an interpolation point is a pass over the probe set, so one batch is 2-4x cheaper
 #: on the CNN and the transformer, see benchmarks/RESULTS.md), four for the rank (a rank needs more samples than
@@ -54,27 +54,34 @@ class LandscapeMonitor(Callback):
     ``mode``, ``on_alert``, ``prefix``, ``strict``, ``seed``) apply to every part that takes them; a part's dict
     overrides them. The parts log exactly the keys documented on each monitor.
 
-    Default cadences: HessianMonitor and EffectiveRankMonitor every 200 steps, ModeConnectivityMonitor every 500,
-    LogitMonitor every 10 (one forward pass over one probe batch: the cheap early warning of attention-logit
-    growth), GradientSpikeMonitor every step (it reads the step's own gradients; every few steps where the budget
-    cannot afford that, see ``max_overhead``), all within a 5% overhead budget
-    (``max_overhead``; measured in ``benchmarks/overhead.py``). Fast signals (gradient and loss z-scores, attention
-    logits) and slow ones (curvature against the stability threshold, rank collapse, barriers) thus run side by side:
-    the cheap ones every few steps, the expensive ones as often as the budget allows.
+    Default cadences: HessianMonitor, EffectiveRankMonitor and ModeConnectivityMonitor every 200 steps, LogitMonitor
+    every 10 (one forward pass over one probe batch: the cheap early warning of attention-logit growth),
+    GradientSpikeMonitor every step (it reads the step's own gradients; every few steps where the budget cannot
+    afford that, see ``max_overhead``), all within a 5% overhead budget (``max_overhead``; measured in
+    ``benchmarks/overhead.py``). Fast signals (gradient and loss z-scores, attention logits) and slow ones (curvature
+    against the stability threshold, rank collapse, barriers) thus run side by side: the cheap ones every few steps,
+    the expensive ones as often as the budget allows. The Hessian and the barrier use the first probe batch and the
+    rank the first four (``DEFAULT_PROBE_BATCHES``) unless ``num_probe_batches`` is given.
 
     Args:
         hessian, grad_spikes, rank, connectivity, logits: the parts (``True`` / ``False`` / dict of arguments). The
             logits part reads one probe batch unless its dict sets ``num_probe_batches``.
-        loss_fn, num_probe_batches, mode, on_alert, prefix, strict, seed: shared arguments.
+        loss_fn, num_probe_batches, mode, on_alert, prefix, strict, seed: shared arguments (``num_probe_batches``
+            ``None``: each part's ``DEFAULT_PROBE_BATCHES``).
         dashboard: write TensorBoard's custom-scalars "Landscape" dashboard once at the start of training.
-        max_overhead: the parts share one time budget (default 5% of training time): a due measurement waits
-            until the parts' total cost fits (every hook's time is charged, the gradient monitor's per-step reads
-            included), and each periodic part's own measurements stay within an equal share of the budget, so a
-            cheap frequent part cannot starve a costly one. The gradient monitor may take 60% of the budget (all of
-            it when no periodic part shares the ledger); where
-            reading the gradients every step costs more (tiny models on CPU), it reads them every few steps and
-            still scores the loss every step (see :class:`GradientSpikeMonitor`). The cadences above are then the
-            shortest spacing. ``None``: measure exactly at the cadences, read the gradients every step.
+        max_overhead: the parts share one time budget (default 5% of training time, planned over the run's length:
+            the ledger may spend the budget of 2,000 training steps ahead, so that every part's first point comes
+            within the first few dozen steps, and is back within the budget at the run's planned end; see
+            :mod:`lightning_landscape.core.budget`). A due measurement waits until the parts' total cost fits
+            (every hook's time is charged, the gradient monitor's per-step reads included), and each periodic part's
+            own measurements after its first stay within its share of the budget, so that no part can starve
+            another: the gradient monitor may take 30% of the budget (all of it when no periodic part shares the
+            ledger), and the periodic parts split the rest by ``SHARE_WEIGHTS`` (Hessian 55%, rank, barrier and
+            logits 15% each, renormalised over the parts that are on). Where reading the gradients every step costs
+            more than its share (tiny models on CPU), the gradient monitor reads them every few steps and still
+            scores the loss every step (see :class:`GradientSpikeMonitor`). The cadences above are then the
+            shortest spacing. On CUDA a measurement is charged its device time (CUDA events, one synchronisation at
+            its end). ``None``: measure exactly at the cadences, read the gradients every step.
 
     Raises:
         TypeError / ValueError: a part is not a bool or a dict, or one of its arguments is invalid (the message of

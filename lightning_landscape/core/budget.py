@@ -25,7 +25,10 @@ steps of our time at 5%), so every part's first measurement comes as soon as the
 are timed; the advance shrinks to nothing over the last ``advance_steps`` steps of the plan, so that at the planned
 end the ledger is within ``max_overhead`` again (plus at most one measurement's estimate error, as before). The
 bound at step ``s`` is ``max_overhead * (1 + advance / s)``: a run stopped early has paid for its early points. With
-no known end the advance stays whole (the ledger then tends to ``max_overhead`` as the run grows).
+no known end the advance stays whole (the ledger then tends to ``max_overhead`` as the run grows). The advance is
+for first points only: an owner's share is of the training time earned so far, and its first measurements (charged
+with ``first=True``) are kept out of it, so that a cadence cannot spend the run's whole budget early and fall
+silent, while the first measurements of every part need only the total to fit.
 
 Device time (CUDA): kernels are asynchronous, so the host time of a measurement can miss work still queued on the
 device. ``MeasurementTimer`` records a CUDA event at each end of a measurement and synchronises once, on the end
@@ -74,6 +77,8 @@ class OverheadBudget:
         # each owner's own measurement seconds: with a share below 1 an owner may spend only its share of the
         # budget, so a cheap frequent part cannot starve a costly one (nor the other way round)
         self.cost_by_owner: dict[int, float] = {}
+        #: each owner's first measurements (paid by the advance; outside its share)
+        self.first_cost_by_owner: dict[int, float] = {}
 
     def start(self, step: int, now: float | None = None) -> None:
         """Start the clock at optimizer step ``step`` (only the first call counts)."""
@@ -86,6 +91,7 @@ class OverheadBudget:
         self.cost = 0.0
         self._started_at = None
         self.cost_by_owner.clear()
+        self.first_cost_by_owner.clear()
         self.planned_end = None
 
     def plan(self, end_step: float | None) -> None:
@@ -102,14 +108,16 @@ class OverheadBudget:
             return self.advance_steps
         return max(0, min(self.advance_steps, self.planned_end - step))
 
-    def charge(self, seconds: float, owner: int | None = None) -> None:
+    def charge(self, seconds: float, owner: int | None = None, first: bool = False) -> None:
         """Add ``seconds`` of our own time (to the total only outside a :meth:`section`, which charges its whole
-        span; to ``owner``'s own tally always)."""
+        span; to ``owner``'s own tally always: ``cost_by_owner``, or ``first_cost_by_owner`` for a ``first``
+        measurement, which the advance pays for and the owner's share does not)."""
         seconds = max(0.0, float(seconds))
         if self._section_depth == 0:
             self.cost += seconds
         if owner is not None:
-            self.cost_by_owner[owner] = self.cost_by_owner.get(owner, 0.0) + seconds
+            tally = self.first_cost_by_owner if first else self.cost_by_owner
+            tally[owner] = tally.get(owner, 0.0) + seconds
 
     def section(self) -> _Section:
         """Charge the whole wall time of the ``with`` block once, instead of what the code inside charges.
@@ -147,8 +155,10 @@ class OverheadBudget:
         """Optimizer steps to wait from ``step`` before spending ``expected_cost`` seconds keeps the budget, and, for
         an ``owner`` with a ``share`` below 1, keeps its own spending within ``share`` of the budget.
 
-        The budget at a step is ``max_overhead`` times the training time plus the advance (:meth:`advance`, in
-        training steps at the mean step time). 0 when it fits now. The mean step time since the start converts
+        The total's budget at a step is ``max_overhead`` times the training time plus the advance (:meth:`advance`,
+        in training steps at the mean step time); an owner's share is of the training time alone, so that the
+        advance pays for first points (charged with ``first=True``) and not for a cadence that would spend the
+        run's budget early and then fall silent. 0 when it fits now. The mean step time since the start converts
         seconds into steps; before any step has been timed there is no basis for a conversion, and 0 is returned
         (the caller measures and learns its cost). A wait that reaches past the planned end is what it would be with
         no advance left (the run will most likely end first).
@@ -159,20 +169,21 @@ class OverheadBudget:
             return 0
         per_step = training / steps
         expected_cost = max(0.0, expected_cost)
-        # the training time (advance included) at which the spending fits
-        needed = (self.cost + expected_cost) / self.max_overhead
+        wait = 0
         if owner is not None and share < 1.0:
             own = self.cost_by_owner.get(owner, 0.0)
-            needed = max(needed, (own + expected_cost) / (share * self.max_overhead))
-        missing = needed - training
+            missing_own = (own + expected_cost) / (share * self.max_overhead) - training
+            wait = max(0, math.ceil(missing_own / per_step))
+        # the training time (advance included) at which the total fits
+        missing = (self.cost + expected_cost) / self.max_overhead - training
         if missing <= self.advance(step) * per_step:
-            return 0
+            return wait
         # before the advance starts shrinking, each step adds one step of training time and keeps the advance whole;
         # once it shrinks, each step adds as much as the advance loses, so nothing more fits before the planned end
-        wait = math.ceil(missing / per_step - self.advance_steps)
-        if self.planned_end is None or step + wait <= self.planned_end - self.advance_steps:
-            return max(1, wait)
-        return max(1, math.ceil(missing / per_step))
+        total = math.ceil(missing / per_step - self.advance_steps)
+        if self.planned_end is not None and step + total > self.planned_end - self.advance_steps:
+            total = math.ceil(missing / per_step)
+        return max(wait, total, 1)
 
 
 class MeasurementTimer:

@@ -184,3 +184,64 @@ def test_the_plan_is_the_trainers_end_and_unknown_without_one(tmp_path, clock):
     monitor = CostlyMonitor(clock, every_n_steps=5, max_overhead=0.05, advance_steps=10)
     make_trainer(tmp_path, [monitor], max_steps=-1, max_epochs=1).fit(Endless())
     assert monitor.budget.planned_end is None
+
+
+#: Costs in training steps of the bundle's parts as configured by LandscapeMonitor (one probe batch for the Hessian
+#: and the barrier), rounded from benchmarks/overhead.py on the CNN and the transformer with the warm Lanczos at its
+#: floor: a cold Hessian costs more than a warm one; the barrier's first measurement is only a snapshot.
+BUNDLE_COSTS = {"hessian": (30.0, 8.0), "rank": (15.0, 15.0), "connectivity": (0.1, 20.0), "logits": (0.5, 0.5)}
+#: The gradient monitor's per-step work, in training steps (1%: the CNN's 0.5% reading every step, with margin).
+PER_STEP_COST = 0.01
+
+
+def fake_bundle_costs(monitor, clock):
+    """Replace each periodic part's measurement by one that costs BUNDLE_COSTS on the fake clock, and add the
+    gradient monitor's per-step work; returns the steps at which each part measured."""
+    measured = {name: [] for name in BUNDLE_COSTS}
+    for name, (first, later) in BUNDLE_COSTS.items():
+        part = monitor.parts[name]
+
+        def measure(trainer, pl_module, batches, step, name=name, part=part, first=first, later=later):
+            if not measured[name] and name == "connectivity":
+                part._cost_is_typical = False  # as the real one: a snapshot says nothing of an interpolation's cost
+            clock.now += (later if measured[name] else first) * STEP_SECONDS
+            measured[name].append(step)
+            return {}
+
+        part.measure = measure
+    spikes = monitor.parts["grad_spikes"]
+    original = spikes.on_train_batch_end
+
+    def per_step_work(*args):
+        original(*args)
+        clock.now += PER_STEP_COST * STEP_SECONDS
+
+    spikes.on_train_batch_end = per_step_work
+    return measured
+
+
+@pytest.mark.slow
+def test_landscape_monitor_defaults_give_early_points_then_sharpness_every_500_steps(tmp_path, clock, monkeypatch):
+    # LandscapeMonitor() exactly as a user writes it, with each part costing what it costs on the reference
+    # workloads (BUNDLE_COSTS): the issue's empty dashboard becomes a curve within the 5% budget
+    from lightning_landscape import LandscapeMonitor, LandscapeWarning
+    from lightning_landscape.callbacks import grad_spikes as grad_spikes_module
+
+    monkeypatch.setattr(grad_spikes_module, "time", clock)
+    steps = 2000
+    monitor = LandscapeMonitor(on_alert="ignore")
+    measured = fake_bundle_costs(monitor, clock)
+    with pytest.warns(LandscapeWarning, match="no logger"):
+        make_trainer(tmp_path, [monitor, Ticker(clock)], max_steps=steps).fit(ClassifierModule())
+    # a first sharpness and rank point, and a first barrier (the snapshot's successor), within a few hundred steps
+    assert measured["hessian"][0] <= 50 and measured["rank"][0] <= 50
+    assert len(measured["connectivity"]) >= 2 and measured["connectivity"][1] <= 300
+    # then sharpness at least every 500 steps, to the end of the run
+    hessian = measured["hessian"]
+    assert max(b - a for a, b in zip(hessian, [*hessian[1:], steps], strict=True)) <= 500
+    # ... within the budget at the planned end (plus at most one measurement's cost, as the rule promises)
+    ledger = monitor.budget
+    assert ledger.overhead() <= 0.05 + max(c for pair in BUNDLE_COSTS.values() for c in pair) * STEP_SECONDS / (
+        ledger.training_time()
+    )
+    assert len(measured["rank"]) >= 2 and len(measured["logits"]) >= 20  # the others keep their points too

@@ -224,3 +224,20 @@ def test_measurement_timer_sees_queued_device_work():
     end.record()
     end.synchronize()
     assert seconds >= 0.5 * start.elapsed_time(end) / 1e3
+
+
+def test_shares_are_of_the_earned_time_and_first_measurements_stay_out_of_them():
+    # the advance (1000 steps) lets the total spend early, but an owner's share is of the training time so far
+    ledger = OverheadBudget(0.1, advance_steps=1000)
+    ledger.start(0, now=0.0)
+    # 10 steps of 0.1 s: 1 s of training. Half the budget of it is 0.05 s: 0.1 s more needs 2 s, 10 steps
+    assert ledger.steps_to_wait(0.1, 10, now=1.0, owner=1, share=0.5) == 10
+    assert ledger.steps_to_wait(0.1, 10, now=1.0, owner=1) == 0  # the whole budget: the advance pays
+    ledger.charge(0.5, owner=1, first=True)  # a first measurement: the total and its own first tally
+    assert ledger.cost == 0.5 and ledger.cost_by_owner == {} and ledger.first_cost_by_owner == {1: 0.5}
+    # so its share is still whole: 0.05 s fits at 1 s of training
+    assert ledger.steps_to_wait(0.05, 10, now=1.5, owner=1, share=0.5) == 0
+    ledger.charge(0.05, owner=1)
+    assert ledger.cost_by_owner == {1: 0.05}
+    ledger.restart()
+    assert ledger.first_cost_by_owner == {}
