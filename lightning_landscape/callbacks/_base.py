@@ -477,9 +477,12 @@ class LandscapeCallback(Callback):
         cost = timer.stop() if timer is not None else time.perf_counter() - started
         metrics[self.key("seconds")] = cost
         if self.budget is not None:
-            # a first measurement (or the first after an untypical one) is paid by the ledger's advance, not the share
+            # a first measurement (or the first after an untypical one) is paid by the ledger's advance, not the
+            # share; the very first of a fit is cold (no warm start, fresh caches), so its cost does not estimate the
+            # next one, which is a first again
+            seen = id(self) in self.budget.first_cost_by_owner
             self.budget.charge(cost, owner=id(self), first=self._expected_cost is None)
-            self._expected_cost = cost if self._cost_is_typical else None
+            self._expected_cost = cost if self._cost_is_typical and seen else None
             self._cost_is_typical = True
             self._next_allowed = None
             overhead = self.budget.overhead()

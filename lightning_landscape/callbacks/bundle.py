@@ -26,11 +26,11 @@ DEFAULT_EVERY = {"hessian": 200, "rank": 200, "connectivity": 200, "logits": 10}
 #: features: 4 x 64 examples for a 256-wide layer), one for the logits (every few steps).
 DEFAULT_PROBE_BATCHES = {"hessian": 1, "rank": 4, "connectivity": 1, "logits": 1}
 #: Share of the bundle's budget the gradient monitor's every-step reads may take (see GradientSpikeMonitor.stride).
-GRAD_SPIKES_SHARE = 0.3
+GRAD_SPIKES_SHARE = 0.2
 #: Weights of the periodic parts in the rest of the budget (``1 - GRAD_SPIKES_SHARE`` when the gradient monitor is
 #: on), normalised over the parts that are on: the Hessian is the headline signal and the costliest, so it gets
 #: the largest share; each share caps that part's own spending, so no part can starve another.
-SHARE_WEIGHTS = {"hessian": 0.55, "rank": 0.15, "connectivity": 0.15, "logits": 0.15}
+SHARE_WEIGHTS = {"hessian": 0.7, "rank": 0.15, "connectivity": 0.15, "logits": 0.15}
 #: Budget mode's first estimate of a part's cost in training steps, for the bundle's configuration (one probe batch
 #: for the Hessian and the barrier), measured cold on the reference workloads: top-1 Lanczos 18-128 steps, rank
 #: 2-27, an interpolation 7-59. Near the typical cost rather than the worst, so that the first points of all parts
@@ -75,9 +75,9 @@ class LandscapeMonitor(Callback):
             :mod:`lightning_landscape.core.budget`). A due measurement waits until the parts' total cost fits
             (every hook's time is charged, the gradient monitor's per-step reads included), and each periodic part's
             own measurements after its first stay within its share of the budget, so that no part can starve
-            another: the gradient monitor may take 30% of the budget (all of it when no periodic part shares the
-            ledger), and the periodic parts split the rest by ``SHARE_WEIGHTS`` (Hessian 55%, rank, barrier and
-            logits 15% each, renormalised over the parts that are on). Where reading the gradients every step costs
+            another: the gradient monitor may take 20% of the budget (all of it when no periodic part shares the
+            ledger), and the periodic parts split the rest by ``SHARE_WEIGHTS`` (Hessian 0.7, rank, barrier and
+            logits 0.15 each, renormalised over the parts that are on). Where reading the gradients every step costs
             more than its share (tiny models on CPU), the gradient monitor reads them every few steps and still
             scores the loss every step (see :class:`GradientSpikeMonitor`). The cadences above are then the
             shortest spacing. On CUDA a measurement is charged its device time (CUDA events, one synchronisation at
@@ -151,7 +151,7 @@ class LandscapeMonitor(Callback):
                         part.first_cost_steps = FIRST_COST_STEPS[name]
         spikes = self.parts.get("grad_spikes")
         spikes_shares = spikes is not None and spikes.budget is self.budget and bool(sharing)
-        # the gradient monitor's per-step reads may take 30% of the budget before it reads every few steps instead
+        # the gradient monitor's per-step reads may take 20% of the budget before it reads every few steps instead
         # (alone on the ledger, all of it); the periodic parts share the rest by weight
         rest = 1.0 - GRAD_SPIKES_SHARE if spikes_shares else 1.0
         total_weight = sum(SHARE_WEIGHTS[name] for name in sharing)

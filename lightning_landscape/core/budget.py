@@ -28,7 +28,8 @@ bound at step ``s`` is ``max_overhead * (1 + advance / s)``: a run stopped early
 no known end the advance stays whole (the ledger then tends to ``max_overhead`` as the run grows). The advance is
 for first points only: an owner's share is of the training time earned so far, and its first measurements (charged
 with ``first=True``) are kept out of it, so that a cadence cannot spend the run's whole budget early and fall
-silent, while the first measurements of every part need only the total to fit.
+silent, while the first measurements of every part need only the total to fit. The first points are repaid from
+every share alike, pro rata over the plan, so that at the planned end firsts and shares together fit the budget.
 
 Device time (CUDA): kernels are asynchronous, so the host time of a measurement can miss work still queued on the
 device. ``MeasurementTimer`` records a CUDA event at each end of a measurement and synchronises once, on the end
@@ -171,8 +172,15 @@ class OverheadBudget:
         expected_cost = max(0.0, expected_cost)
         wait = 0
         if owner is not None and share < 1.0:
+            # the first points are repaid from every share alike, pro rata over the plan (or over the advance when
+            # the end is unknown), so that at the planned end firsts and shares together fit the budget
+            horizon = self.planned_end - self._started_step if self.planned_end is not None else self.advance_steps
+            firsts = sum(self.first_cost_by_owner.values())
+            repaid = firsts * min(1.0, steps / horizon) if horizon > 0 else firsts
             own = self.cost_by_owner.get(owner, 0.0)
-            missing_own = (own + expected_cost) / (share * self.max_overhead) - training
+            # own + expected <= share * (max_overhead * (training + w * per_step) - repaid), the repayment taken
+            # at its current value (it grows by at most firsts / horizon a step: decided again at the date)
+            missing_own = (own + expected_cost) / (share * self.max_overhead) + repaid / self.max_overhead - training
             wait = max(0, math.ceil(missing_own / per_step))
         # the training time (advance included) at which the total fits
         missing = (self.cost + expected_cost) / self.max_overhead - training

@@ -187,9 +187,10 @@ def test_the_plan_is_the_trainers_end_and_unknown_without_one(tmp_path, clock):
 
 
 #: Costs in training steps of the bundle's parts as configured by LandscapeMonitor (one probe batch for the Hessian
-#: and the barrier), rounded from benchmarks/overhead.py on the CNN and the transformer with the warm Lanczos at its
-#: floor: a cold Hessian costs more than a warm one; the barrier's first measurement is only a snapshot.
-BUNDLE_COSTS = {"hessian": (30.0, 8.0), "rank": (15.0, 15.0), "connectivity": (0.1, 20.0), "logits": (0.5, 0.5)}
+#: and the barrier), with the warm Lanczos near its floor (issue 16: top-1 floor 9/25/26 steps on four probe batches
+#: on the MLP/CNN/transformer, a quarter of that on one batch where the batch dominates): a cold Hessian costs more
+#: than a warm one; the barrier's first measurement is only a snapshot.
+BUNDLE_COSTS = {"hessian": (15.0, 6.0), "rank": (5.0, 5.0), "connectivity": (0.1, 10.0), "logits": (0.3, 0.3)}
 #: The gradient monitor's per-step work, in training steps (1%: the CNN's 0.5% reading every step, with margin).
 PER_STEP_COST = 0.01
 
@@ -244,4 +245,4 @@ def test_landscape_monitor_defaults_give_early_points_then_sharpness_every_500_s
     assert ledger.overhead() <= 0.05 + max(c for pair in BUNDLE_COSTS.values() for c in pair) * STEP_SECONDS / (
         ledger.training_time()
     )
-    assert len(measured["rank"]) >= 2 and len(measured["logits"]) >= 20  # the others keep their points too
+    assert len(measured["rank"]) >= 2 and len(measured["logits"]) >= 10  # the others keep their points too

@@ -235,9 +235,25 @@ def test_shares_are_of_the_earned_time_and_first_measurements_stay_out_of_them()
     assert ledger.steps_to_wait(0.1, 10, now=1.0, owner=1) == 0  # the whole budget: the advance pays
     ledger.charge(0.5, owner=1, first=True)  # a first measurement: the total and its own first tally
     assert ledger.cost == 0.5 and ledger.cost_by_owner == {} and ledger.first_cost_by_owner == {1: 0.5}
-    # so its share is still whole: 0.05 s fits at 1 s of training
-    assert ledger.steps_to_wait(0.05, 10, now=1.5, owner=1, share=0.5) == 0
+    # so its share is whole but for the first point's repayment (no plan: over the 1000 steps of the advance, so
+    # 0.5 s * 10 / 1000 = 0.005 s by now): 0.05 s needs 0.05 / 0.05 + 0.005 / 0.1 = 1.05 s of training, 1 step on
+    assert ledger.steps_to_wait(0.05, 10, now=1.5, owner=1, share=0.5) == 1
     ledger.charge(0.05, owner=1)
     assert ledger.cost_by_owner == {1: 0.05}
     ledger.restart()
     assert ledger.first_cost_by_owner == {}
+
+
+def test_first_points_are_repaid_from_the_shares_pro_rata_over_the_plan():
+    ledger = OverheadBudget(0.1, advance_steps=1000)
+    ledger.plan(100)
+    ledger.start(0, now=0.0)
+    ledger.charge(0.5, owner=2, first=True)  # another part's first point, paid by the advance
+    # step 10, 1 s of training: a tenth of the plan, so a tenth of the 0.5 s is repaid: owner 1's half share
+    # affords 0.05 s once 0.1 * (training) - 0.05 >= 0.05 / 0.5, i.e. at 1.5 s of training: 5 steps on
+    assert ledger.steps_to_wait(0.05, 10, now=1.5, owner=1, share=0.5) == 5
+    # at the planned end all of it is repaid: 0.1 * 10 s - 0.5 s leaves 0.25 s for a half share, 0.2 s spent
+    ledger.charge(0.2, owner=1)
+    assert ledger.steps_to_wait(0.04, 100, now=10.7, owner=1, share=0.5) == 0
+    # 0.06 s more needs 0.2 s more training: 2 steps
+    assert ledger.steps_to_wait(0.06, 100, now=10.7, owner=1, share=0.5) == 2
