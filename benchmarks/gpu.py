@@ -296,7 +296,10 @@ def bundle_table(device: torch.device, tiny: bool, steps: int, root: str) -> dic
     result = {
         "logged": logged,
         "ledger": ledger.overhead(),
-        "by_part": {n: ledger.cost_by_owner.get(id(monitor.parts[n]), 0.0) / training for n in monitor.parts},
+        "by_part": {
+            n: (ledger.cost_by_owner.get(id(part), 0.0) + ledger.first_cost_by_owner.get(id(part), 0.0)) / training
+            for n, part in monitor.parts.items()
+        },
     }
     print(f"## LandscapeMonitor() at its defaults over {steps} steps\n")
     print("| signal | logged at steps |\n| --- | --- |")

@@ -171,9 +171,9 @@ def schedule_table(kinds: list[str], steps: int, repeats: int, root: str) -> Non
     print(f"\n## LandscapeMonitor() at its defaults over {steps} steps\n")
     print(
         "| workload | step (ms) | sharpness at steps | largest gap | rank at steps | barrier at steps | logits points "
-        "| ledger | of which Hessian / rank / barrier / logits | gradient stride |"
+        "| ledger | of which Hessian / rank / barrier / logits | of which first points | gradient stride |"
     )
-    print("| --- | ---: | --- | ---: | --- | --- | ---: | ---: | --- | ---: |")
+    print("| --- | ---: | --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: |")
     for kind in kinds:
         monitor = LandscapeMonitor(on_alert="ignore")
         logged = LoggedSteps(monitor)
@@ -181,9 +181,10 @@ def schedule_table(kinds: list[str], steps: int, repeats: int, root: str) -> Non
         ledger = monitor.budget
         training = ledger.training_time()
         shares = " / ".join(
-            f"{ledger.cost_by_owner.get(id(monitor.parts[n]), 0.0) / training:.2%}"
+            f"{(ledger.cost_by_owner.get(id(monitor.parts[n]), 0.0) + ledger.first_cost_by_owner.get(id(monitor.parts[n]), 0.0)) / training:.2%}"
             for n in ("hessian", "rank", "connectivity", "logits")
         )
+        firsts = sum(ledger.first_cost_by_owner.values()) / training
         sharp = logged.steps["hessian"]
         gaps = [b - a for a, b in zip([0, *sharp], [*sharp, steps], strict=True)]
 
@@ -193,7 +194,7 @@ def schedule_table(kinds: list[str], steps: int, repeats: int, root: str) -> Non
         print(
             f"| {kind} | {training / steps * 1e3:.1f} | {short(sharp)} | {max(gaps)} | {short(logged.steps['rank'])} "
             f"| {short(logged.steps['connectivity'])} | {len(logged.steps['logits'])} | {ledger.overhead():.2%} "
-            f"| {shares} | {monitor.parts['grad_spikes'].stride} |",
+            f"| {shares} | {firsts:.2%} | {monitor.parts['grad_spikes'].stride} |",
             flush=True,
         )
         del seconds
