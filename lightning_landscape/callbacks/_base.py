@@ -397,6 +397,9 @@ class LandscapeCallback(Callback):
             # out of the share, which spaces the later ones against the training time)
             share = 1.0
         wait = self.budget.steps_to_wait(expected, step, owner=id(self), share=share)
+        # decided again at least every `every_n_steps`: a date computed on a spent ledger (past the planned end,
+        # say) must not outlive the parts' and the step time's changes
+        wait = min(wait, self.every_n_steps) if wait > 0 else 0
         return wait, wait > 0
 
     # ----------------------------------------------------------------------------------------------- probe set
