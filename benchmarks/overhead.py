@@ -3,9 +3,13 @@
     python benchmarks/overhead.py                 # ~25 minutes on 2 CPU cores
     python benchmarks/overhead.py --quick         # ~3 minutes, fewer steps and repeats
     python benchmarks/overhead.py --no-costs --repeats 5 --workloads transformer
+    python benchmarks/overhead.py --schedule --steps 3000   # LandscapeMonitor() defaults: what is logged when
 
-Three reference workloads (``benchmarks/grad_spikes.py``'s ``Workload``): an MLP and a small CNN on scikit-learn's
-digits, a 2-layer character transformer on the standard library's source. Two tables:
+Four reference workloads: an MLP and a small CNN on scikit-learn's digits, a 2-layer character transformer on the
+standard library's source (``benchmarks/grad_spikes.py``'s ``Workload``), and a nanoGPT-style causal transformer
+(``tests/helpers/real_models.py``'s ``NanoGPT``: 4 layers, width 128, context 64, AdamW) on the same kind of text.
+
+Two tables (three with ``--schedule``):
 
 1. *Cost per measurement*: the seconds of one measurement of each periodic monitor at its defaults (the first, cold
    one and the median of the later, warm-started ones), also in units of one training step. At a fixed cadence of
@@ -15,6 +19,10 @@ digits, a 2-layer character transformer on the standard library's source. Two ta
    the paired ratio ``with / without - 1``. Budget rows also give the overhead the monitors' own ledger measured. The
    "empty callback" row (three hooks that do nothing) is Lightning's own cost of calling a callback, and on a shared
    machine also a gauge of the noise: it should read 0.
+3. *Schedule* (``--schedule``): ``LandscapeMonitor()`` at its defaults for ``--steps`` steps on each workload: the
+   steps at which sharpness, rank and barriers were logged, the largest gap between sharpness points, the ledger
+   (overall and by part) and the gradient stride; then, with ``--repeats`` above 0, the interleaved A/B wall-time
+   overhead of the same runs (median of the paired ratios).
 """
 
 from __future__ import annotations
@@ -25,12 +33,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grad_spikes import Workload
 
 from lightning_landscape import (
@@ -42,7 +52,7 @@ from lightning_landscape import (
     ModeConnectivityMonitor,
 )
 
-WORKLOADS = ("mlp", "cnn", "transformer")
+WORKLOADS = ("mlp", "cnn", "transformer", "nanogpt")
 CPU_SECONDS: list[float] = []  # process CPU time of each fit, in call order
 
 
@@ -71,9 +81,17 @@ def fit(kind: str, steps: int, callbacks: list[pl.Callback], root: str) -> float
         callbacks=[clock, *callbacks],
         log_every_n_steps=50,
     )
-    trainer.fit(Workload(kind))
+    trainer.fit(make_workload(kind))
     CPU_SECONDS.append(clock.cpu_seconds)
     return clock.seconds
+
+
+def make_workload(kind: str) -> pl.LightningModule:
+    if kind == "nanogpt":
+        from tests.helpers.real_models import NanoGPT
+
+        return NanoGPT(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, num_windows=1024)
+    return Workload(kind)
 
 
 def measurement_costs(kind: str, root: str, steps_between: int) -> dict[str, tuple[float, float]]:
@@ -123,6 +141,89 @@ def configurations() -> dict[str, callable]:
     }
 
 
+class LoggedSteps:
+    """The steps at which each part of a LandscapeMonitor logged its headline key (wraps the parts' log_metrics)."""
+
+    KEYS: ClassVar[dict[str, str]] = {
+        "hessian": "sharpness",
+        "rank": "/rank/",
+        "connectivity": "lmc/barrier",
+        "logits": "/logits/",
+    }
+
+    def __init__(self, monitor: LandscapeMonitor) -> None:
+        self.steps: dict[str, list[int]] = {name: [] for name in self.KEYS}
+        for name, part in monitor.parts.items():
+            if name in self.KEYS:
+                part.log_metrics = self._recorder(name, part.log_metrics)
+
+    def _recorder(self, name: str, log: callable) -> callable:
+        def record(trainer, metrics, step):
+            if any(self.KEYS[name] in key for key in metrics):
+                self.steps[name].append(step)
+            return log(trainer, metrics, step)
+
+        return record
+
+
+def schedule_table(kinds: list[str], steps: int, repeats: int, root: str) -> None:
+    """Table 3: what LandscapeMonitor() at its defaults logs, and when, within its ledger; then A/B wall time."""
+    print(f"\n## LandscapeMonitor() at its defaults over {steps} steps\n")
+    print(
+        "| workload | step (ms) | sharpness at steps | largest gap | rank at steps | barrier at steps | logits points "
+        "| ledger | of which Hessian / rank / barrier / logits | of which first points | gradient stride |"
+    )
+    print("| --- | ---: | --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: |")
+    for kind in kinds:
+        monitor = LandscapeMonitor(on_alert="ignore")
+        logged = LoggedSteps(monitor)
+        seconds = fit(kind, steps, [monitor], root)
+        ledger = monitor.budget
+        training = ledger.training_time()
+        shares = " / ".join(
+            f"{(ledger.cost_by_owner.get(id(monitor.parts[n]), 0.0) + ledger.first_cost_by_owner.get(id(monitor.parts[n]), 0.0)) / training:.2%}"
+            for n in ("hessian", "rank", "connectivity", "logits")
+        )
+        firsts = sum(ledger.first_cost_by_owner.values()) / training
+        sharp = logged.steps["hessian"]
+        gaps = [b - a for a, b in zip([0, *sharp], [*sharp, steps], strict=True)]
+
+        def short(values: list[int]) -> str:
+            return ", ".join(map(str, values)) if len(values) <= 12 else ", ".join(map(str, values[:12])) + ", ..."
+
+        print(
+            f"| {kind} | {training / steps * 1e3:.1f} | {short(sharp)} | {max(gaps)} | {short(logged.steps['rank'])} "
+            f"| {short(logged.steps['connectivity'])} | {len(logged.steps['logits'])} | {ledger.overhead():.2%} "
+            f"| {shares} | {firsts:.2%} | {monitor.parts['grad_spikes'].stride} |",
+            flush=True,
+        )
+        del seconds
+    if repeats <= 0:
+        return
+    print(f"\n## A/B wall time of LandscapeMonitor() over {steps} steps (interleaved, median of {repeats})\n")
+    print("| workload | without (s) | with (s) | overhead (wall) | overhead (CPU time) | ledger |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for kind in kinds:
+        times: dict[bool, list[float]] = {False: [], True: []}
+        cpu: dict[bool, list[float]] = {False: [], True: []}
+        ledgers = []
+        for repeat in range(repeats):
+            for monitored in (False, True) if repeat % 2 == 0 else (True, False):
+                callbacks = [LandscapeMonitor(on_alert="ignore")] if monitored else []
+                times[monitored].append(fit(kind, steps, callbacks, root))
+                cpu[monitored].append(CPU_SECONDS[-1])
+                if monitored:
+                    ledgers.append(callbacks[0].budget.overhead())
+        ratios = [w / wo - 1 for w, wo in zip(times[True], times[False], strict=True)]
+        cpu_ratios = [w / wo - 1 for w, wo in zip(cpu[True], cpu[False], strict=True)]
+        print(
+            f"| {kind} | {statistics.median(times[False]):.1f} | {statistics.median(times[True]):.1f} | "
+            f"{statistics.median(ratios):+.1%} | {statistics.median(cpu_ratios):+.1%} | "
+            f"{statistics.median(ledgers):.2%} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default: per workload)")
@@ -130,11 +231,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--no-costs", action="store_true", help="skip the first table (cost per measurement)")
+    parser.add_argument(
+        "--schedule", action="store_true", help="only table 3 (--steps, default 3000; --repeats 0: no A/B)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     root = tempfile.mkdtemp(prefix="overhead-")
     repeats = 1 if args.quick else args.repeats
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {repeats} repeats, logs in {root}\n")
+    if args.schedule:
+        schedule_table(args.workloads, args.steps or 3000, repeats, root)
+        return
 
     step_ms: dict[str, float] = {}
     if not args.no_costs:
@@ -144,7 +251,7 @@ def main() -> None:
     for kind in [] if args.no_costs else args.workloads:
         probe_steps = 20 if args.quick else 50
         step_ms[kind] = fit(kind, probe_steps, [], root) / probe_steps * 1e3
-        params = sum(p.numel() for p in Workload(kind).parameters())
+        params = sum(p.numel() for p in make_workload(kind).parameters())
         for name, (cold, warm) in measurement_costs(kind, root, 5 if args.quick else 10).items():
             print(
                 f"| {kind} | {params:,} | {step_ms[kind]:.1f} | {name} | {cold:.3f} | {warm:.3f} | "

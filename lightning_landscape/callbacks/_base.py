@@ -38,7 +38,7 @@ from lightning_landscape.core._validation import (
     check_int,
 )
 from lightning_landscape.core.alerts import Alert
-from lightning_landscape.core.budget import MIN_TIMED_STEPS, OverheadBudget
+from lightning_landscape.core.budget import MIN_TIMED_STEPS, MeasurementTimer, OverheadBudget
 from lightning_landscape.core.hvp import MODES, check_loss
 
 LossFn = Callable[[pl.LightningModule, Any], Tensor]
@@ -486,6 +486,7 @@ class LandscapeCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.budget is not None:
             self.budget.restart()
+            self.budget.plan(self._planned_end(trainer))
         self._next_allowed = None
         self._provisional = False
         self.idle_until = 0
@@ -590,6 +591,15 @@ class LandscapeCallback(Callback):
             self._next_allowed = step + wait
         return self._provisional or step < self._next_allowed
 
+    @staticmethod
+    def _planned_end(trainer: pl.Trainer) -> float | None:
+        """Budget mode's plan: the optimizer step at which this fit ends (``max_steps`` or the end of ``max_epochs``,
+        whichever comes first), ``None`` or ``inf`` when the Trainer does not know it."""
+        try:
+            return float(trainer.estimated_stepping_batches)
+        except Exception:  # an unsized dataloader or a strategy that cannot tell: plan without an end
+            return float(trainer.max_steps) if trainer.max_steps >= 0 else None
+
     def _budget_wait(self, step: int) -> tuple[int, bool]:
         """(steps to wait, provisional): provisional means "decide again at that step" instead of "measure then".
 
@@ -597,15 +607,23 @@ class LandscapeCallback(Callback):
         the per-step work may have spent what this one was waiting for; it measures only when it fits at that
         moment. With ``budget_share`` below 1 (``LandscapeMonitor`` splits its budget evenly between its periodic
         parts) it also keeps its own spending within its share, so a cheap frequent part cannot starve a costly one.
-        (Until ``MIN_TIMED_STEPS`` steps are timed there is no step time to convert a cost with.)
+        (Until ``MIN_TIMED_STEPS`` steps are timed there is no step time to convert a cost with.) A first
+        measurement (or one after an untypical one, e.g. the barrier's snapshot) needs only the total to fit: with
+        the ledger's advance (see :mod:`lightning_landscape.core.budget`) it runs as soon as its estimate fits.
         """
-        expected = self._expected_cost
+        expected, share = self._expected_cost, self.budget_share
         if expected is None:  # never measured: estimate the cost from the mean step time
             per_step = self.budget.seconds_per_step(step)
             if per_step is None:
                 return MIN_TIMED_STEPS, True
             expected = self.first_cost_steps * per_step
-        wait = self.budget.steps_to_wait(expected, step, owner=id(self), share=self.budget_share)
+            # a first point needs only the total to fit (the ledger's advance pays for it early, and it is kept
+            # out of the share, which spaces the later ones against the training time)
+            share = 1.0
+        wait = self.budget.steps_to_wait(expected, step, owner=id(self), share=share)
+        # decided again at least every `every_n_steps`: a date computed on a spent ledger (past the planned end,
+        # say) must not outlive the parts' and the step time's changes
+        wait = min(wait, self.every_n_steps) if wait > 0 else 0
         return wait, wait > 0
 
     # ----------------------------------------------------------------------------------------------- probe set
@@ -659,6 +677,9 @@ class LandscapeCallback(Callback):
 
     # ------------------------------------------------------------------------------------------- measurement
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        timer = MeasurementTimer(pl_module.device) if self.budget is not None else None
+        if timer is not None:
+            timer.start()
         started = time.perf_counter()
         self.num_measurements += 1
         distributed_run = trainer.world_size > 1
@@ -694,11 +715,16 @@ class LandscapeCallback(Callback):
             metrics = {self.key("status"): 0.0}
         else:
             metrics[self.key("status")] = 1.0
-        cost = time.perf_counter() - started
+        # budget mode on CUDA: the device span too (one synchronisation), so that the ledger is true on a GPU
+        cost = timer.stop() if timer is not None else time.perf_counter() - started
         metrics[self.key("seconds")] = cost
         if self.budget is not None:
-            self.budget.charge(cost, owner=id(self))
-            self._expected_cost = cost if self._cost_is_typical else None
+            # a first measurement (or the first after an untypical one) is paid by the ledger's advance, not the
+            # share; the very first of a fit is cold (no warm start, fresh caches), so its cost does not estimate the
+            # next one, which is a first again
+            seen = id(self) in self.budget.first_cost_by_owner
+            self.budget.charge(cost, owner=id(self), first=self._expected_cost is None)
+            self._expected_cost = cost if self._cost_is_typical and seen else None
             self._cost_is_typical = True
             self._next_allowed = None
             overhead = self.budget.overhead()

@@ -20,9 +20,24 @@ from lightning_landscape.core.alerts import Alert
 from lightning_landscape.core.budget import OverheadBudget
 
 # Default cadence of each part, in optimizer steps (the gradient monitor runs every step).
-DEFAULT_EVERY = {"hessian": 200, "rank": 200, "connectivity": 500, "logits": 10}
+DEFAULT_EVERY = {"hessian": 200, "rank": 200, "connectivity": 200, "logits": 10}
+#: Probe batches of each part when ``num_probe_batches`` is not given: one for the Hessian and the barrier (a
+#: Hessian-vector product or an interpolation point is a pass over the probe set, so one batch is 2-4x cheaper
+#: on the CNN and the transformer, see benchmarks/RESULTS.md), four for the rank (a rank needs more samples than
+#: features: 4 x 64 examples for a 256-wide layer), one for the logits (every few steps).
+DEFAULT_PROBE_BATCHES = {"hessian": 1, "rank": 4, "connectivity": 1, "logits": 1}
 #: Share of the bundle's budget the gradient monitor's every-step reads may take (see GradientSpikeMonitor.stride).
-GRAD_SPIKES_SHARE = 0.6
+GRAD_SPIKES_SHARE = 0.2
+#: Weights of the periodic parts in the rest of the budget (``1 - GRAD_SPIKES_SHARE`` when the gradient monitor is
+#: on), normalised over the parts that are on: the Hessian is the headline signal and the costliest, so it gets
+#: the largest share; each share caps that part's own spending, so no part can starve another.
+SHARE_WEIGHTS = {"hessian": 0.7, "rank": 0.15, "connectivity": 0.15, "logits": 0.15}
+#: Budget mode's first estimate of a part's cost in training steps, for the bundle's configuration (one probe batch
+#: for the Hessian and the barrier), measured cold on the reference workloads: top-1 Lanczos 18-128 steps, rank
+#: 2-27, an interpolation 7-59. Near the typical cost rather than the worst, so that the first points of all parts
+#: fit the ledger's advance together (the monitors' own, pessimistic, estimates would not); the ledger learns the
+#: real cost from the first measurement on, and the advance absorbs the estimate's error.
+FIRST_COST_STEPS = {"hessian": 40.0, "rank": 20.0, "connectivity": 25.0}
 _PARTS = {
     "hessian": HessianMonitor,
     "grad_spikes": GradientSpikeMonitor,
@@ -40,30 +55,37 @@ class LandscapeMonitor(Callback):
     ``mode``, ``on_alert``, ``prefix``, ``strict``, ``seed``) apply to every part that takes them; a part's dict
     overrides them. The parts log exactly the keys documented on each monitor.
 
-    Default cadences: HessianMonitor and EffectiveRankMonitor every 200 steps, ModeConnectivityMonitor every 500,
-    LogitMonitor every 10 (one forward pass over one probe batch: the cheap early warning of attention-logit
-    growth), GradientSpikeMonitor every step (it reads the step's own gradients; every few steps where the budget
-    cannot afford that, see ``max_overhead``), all within a 5% overhead budget
-    (``max_overhead``; measured in ``benchmarks/overhead.py``). Fast signals (gradient and loss z-scores, attention
-    logits) and slow ones (curvature against the stability threshold, rank collapse, barriers) thus run side by side:
-    the cheap ones every few steps, the expensive ones as often as the budget allows.
+    Default cadences: HessianMonitor, EffectiveRankMonitor and ModeConnectivityMonitor every 200 steps, LogitMonitor
+    every 10 (one forward pass over one probe batch: the cheap early warning of attention-logit growth),
+    GradientSpikeMonitor every step (it reads the step's own gradients; every few steps where the budget cannot
+    afford that, see ``max_overhead``), all within a 5% overhead budget (``max_overhead``; measured in
+    ``benchmarks/overhead.py``). Fast signals (gradient and loss z-scores, attention logits) and slow ones (curvature
+    against the stability threshold, rank collapse, barriers) thus run side by side: the cheap ones every few steps,
+    the expensive ones as often as the budget allows. The Hessian and the barrier use the first probe batch and the
+    rank the first four (``DEFAULT_PROBE_BATCHES``) unless ``num_probe_batches`` is given.
 
     Args:
         hessian, grad_spikes, rank, connectivity, logits: the parts (``True`` / ``False`` / dict of arguments). The
             logits part reads one probe batch unless its dict sets ``num_probe_batches``.
-        loss_fn, num_probe_batches, mode, on_alert, prefix, strict, seed: shared arguments.
+        loss_fn, num_probe_batches, mode, on_alert, prefix, strict, seed: shared arguments (``num_probe_batches``
+            ``None``: each part's ``DEFAULT_PROBE_BATCHES``).
         rollback_every_n_steps, max_rollbacks, rollback_lr_factor: the rollback keeper's (see
             :class:`~lightning_landscape.callbacks._base.LandscapeCallback`): the parts share one keeper, whose
             snapshot holds every part's state and is refreshed after all parts ran; a part's dict cannot set them.
         dashboard: write TensorBoard's custom-scalars "Landscape" dashboard once at the start of training.
-        max_overhead: the parts share one time budget (default 5% of training time): a due measurement waits
-            until the parts' total cost fits (every hook's time is charged, the gradient monitor's per-step reads
-            included), and each periodic part's own measurements stay within an equal share of the budget, so a
-            cheap frequent part cannot starve a costly one. The gradient monitor may take 60% of the budget (all of
-            it when no periodic part shares the ledger); where
-            reading the gradients every step costs more (tiny models on CPU), it reads them every few steps and
-            still scores the loss every step (see :class:`GradientSpikeMonitor`). The cadences above are then the
-            shortest spacing. ``None``: measure exactly at the cadences, read the gradients every step.
+        max_overhead: the parts share one time budget (default 5% of training time, planned over the run's length:
+            the ledger may spend the budget of 2,000 training steps ahead, so that every part's first point comes
+            within the first few dozen steps, and is back within the budget at the run's planned end; see
+            :mod:`lightning_landscape.core.budget`). A due measurement waits until the parts' total cost fits
+            (every hook's time is charged, the gradient monitor's per-step reads included), and each periodic part's
+            own measurements after its first stay within its share of the budget, so that no part can starve
+            another: the gradient monitor may take 20% of the budget (all of it when no periodic part shares the
+            ledger), and the periodic parts split the rest by ``SHARE_WEIGHTS`` (Hessian 0.7, rank, barrier and
+            logits 0.15 each, renormalised over the parts that are on). Where reading the gradients every step costs
+            more than its share (tiny models on CPU), the gradient monitor reads them every few steps and still
+            scores the loss every step (see :class:`GradientSpikeMonitor`). The cadences above are then the
+            shortest spacing. On CUDA a measurement is charged its device time (CUDA events, one synchronisation at
+            its end). ``None``: measure exactly at the cadences, read the gradients every step.
 
     Raises:
         TypeError / ValueError: a part is not a bool or a dict, or one of its arguments is invalid (the message of
@@ -79,7 +101,7 @@ class LandscapeMonitor(Callback):
         logits: bool | dict[str, Any] = True,
         *,
         loss_fn: Callable[[pl.LightningModule, Any], Any] | None = None,
-        num_probe_batches: int = 4,
+        num_probe_batches: int | None = None,
         mode: str = "eval",
         on_alert: AlertAction | Sequence[AlertAction] = "warn",
         prefix: str = "landscape",
@@ -116,8 +138,8 @@ class LandscapeMonitor(Callback):
             if name != "grad_spikes":
                 arguments.update(probe)
                 arguments["every_n_steps"] = DEFAULT_EVERY[name]
-            if name == "logits":
-                arguments.pop("num_probe_batches")  # its own default, one batch: it runs every few steps
+            if name == "logits" or (name != "grad_spikes" and num_probe_batches is None):
+                arguments["num_probe_batches"] = DEFAULT_PROBE_BATCHES[name]  # see there; logits always reads one
             arguments.update(setting if isinstance(setting, dict) else {})
             for own in ("rollback_every_n_steps", "max_rollbacks", "rollback_lr_factor"):
                 if own in arguments:
@@ -135,21 +157,26 @@ class LandscapeMonitor(Callback):
         self.max_overhead = max_overhead
         self.budget = OverheadBudget(max_overhead) if max_overhead is not None else None
         warned: set[str] = set()
-        sharing = []
+        sharing = {}
         for name, part in self.parts.items():
             part._shared_warned = warned
             own = isinstance(parts_settings[name], dict) and "max_overhead" in parts_settings[name]
             if self.budget is not None and not own:
                 part.budget = self.budget
                 if name != "grad_spikes":  # it strides rather than postpones: its own share, below
-                    sharing.append(part)
-        for part in sharing:  # equal shares, so that neither cheap nor costly parts starve the others
-            part.budget_share = 1.0 / len(sharing)
-        if "grad_spikes" in self.parts and self.parts["grad_spikes"].budget is self.budget and sharing:
-            # its per-step reads may take 60% of the budget before it reads every few steps instead: they are the
-            # fastest early warning, but on a model whose steps are barely longer than reading the gradients the
-            # periodic parts must still get some of the budget (alone on the ledger, it may take all of it)
-            self.parts["grad_spikes"].budget_share = GRAD_SPIKES_SHARE
+                    sharing[name] = part
+                    if name in FIRST_COST_STEPS and not isinstance(parts_settings[name], dict):
+                        part.first_cost_steps = FIRST_COST_STEPS[name]
+        spikes = self.parts.get("grad_spikes")
+        spikes_shares = spikes is not None and spikes.budget is self.budget and bool(sharing)
+        # the gradient monitor's per-step reads may take 20% of the budget before it reads every few steps instead
+        # (alone on the ledger, all of it); the periodic parts share the rest by weight
+        rest = 1.0 - GRAD_SPIKES_SHARE if spikes_shares else 1.0
+        total_weight = sum(SHARE_WEIGHTS[name] for name in sharing)
+        for name, part in sharing.items():
+            part.budget_share = rest * SHARE_WEIGHTS[name] / total_weight
+        if spikes_shares:
+            spikes.budget_share = GRAD_SPIKES_SHARE
         self.dashboard = dashboard
         self.prefix = prefix
 

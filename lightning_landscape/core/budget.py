@@ -17,8 +17,25 @@ cheap frequent measurement cannot starve a costly one. Per-step work is charged 
 gradient monitor, the one part with per-step work of its own, reads the gradients every few steps instead when
 reading them every step would exceed its share (see ``GradientSpikeMonitor``).
 
-Wall time on CUDA is host time: kernels are asynchronous, but the measurements synchronise (Lanczos reads scalars on
-the host) and the mean step time over many steps is the real throughput, so the ratio stays meaningful.
+Planning against the run's length (``plan``): a rule that only spends what the run has already earned can never
+afford a first Hessian early (a measurement of 10-80 training steps fits 5% of the training time only after
+200-1,600 steps). When the run's last step is known (``Trainer(max_steps=...)`` or its estimated stepping batches),
+the ledger may run ahead of the budget by the budget of ``advance_steps`` training steps (2,000 by default: 100
+steps of our time at 5%), so every part's first measurement comes as soon as the probe set is complete and ten steps
+are timed; the advance shrinks to nothing over the last ``advance_steps`` steps of the plan, so that at the planned
+end the ledger is within ``max_overhead`` again (plus at most one measurement's estimate error, as before). The
+bound at step ``s`` is ``max_overhead * (1 + advance / s)``: a run stopped early has paid for its early points. With
+no known end the advance stays whole (the ledger then tends to ``max_overhead`` as the run grows). The advance is
+for first points only: an owner's share is of the training time earned so far, and its first measurements (charged
+with ``first=True``) are kept out of it, so that a cadence cannot spend the run's whole budget early and fall
+silent, while the first measurements of every part need only the total to fit. The first points are repaid from
+every share alike, pro rata over the plan, so that at the planned end firsts and shares together fit the budget.
+
+Device time (CUDA): kernels are asynchronous, so the host time of a measurement can miss work still queued on the
+device. ``MeasurementTimer`` records a CUDA event at each end of a measurement and synchronises once, on the end
+event, when it stops; the measurement is charged the larger of its host span and its device span. Per-step hooks
+never synchronise (they are charged their host time; their device work is a few norms). The mean step time over
+many steps is the real throughput, so the ratio stays meaningful.
 """
 
 from __future__ import annotations
@@ -26,10 +43,15 @@ from __future__ import annotations
 import math
 import time
 
-from lightning_landscape.core._validation import check_float
+import torch
+
+from lightning_landscape.core._validation import check_float, check_int
 
 #: Steps timed before a mean step time is trusted (the first steps include warm-up work: allocations, caches).
 MIN_TIMED_STEPS = 10
+#: Training steps whose budget the ledger may spend ahead of time (see the module docstring): at 5%, 100 steps of our
+#: time, enough for a first Hessian, rank and barrier point early in a run on the reference workloads.
+ADVANCE_STEPS = 2000
 
 
 class OverheadBudget:
@@ -37,13 +59,18 @@ class OverheadBudget:
 
     Args:
         max_overhead: the allowed ratio of our time to training time (0.05 = 5%).
+        advance_steps: training steps whose budget may be spent ahead of time, shrinking to none at the planned end
+            of the run (see :meth:`plan`); 0 spends only what the run has earned so far.
 
     Raises:
-        ValueError: ``max_overhead`` is not in (0, 1].
+        ValueError: ``max_overhead`` is not in (0, 1], or ``advance_steps`` is negative.
     """
 
-    def __init__(self, max_overhead: float) -> None:
+    def __init__(self, max_overhead: float, advance_steps: int = ADVANCE_STEPS) -> None:
         self.max_overhead = check_float("max_overhead", max_overhead, minimum=0.0, maximum=1.0, strict_minimum=True)
+        self.advance_steps = check_int("advance_steps", advance_steps, minimum=0)
+        #: The run's last optimizer step, when known (set by :meth:`plan`); ``None``: the advance never shrinks.
+        self.planned_end: int | None = None
         self.cost = 0.0
         self._started_at: float | None = None
         self._started_step = 0
@@ -51,6 +78,8 @@ class OverheadBudget:
         # each owner's own measurement seconds: with a share below 1 an owner may spend only its share of the
         # budget, so a cheap frequent part cannot starve a costly one (nor the other way round)
         self.cost_by_owner: dict[int, float] = {}
+        #: each owner's first measurements (paid by the advance; outside its share)
+        self.first_cost_by_owner: dict[int, float] = {}
 
     def start(self, step: int, now: float | None = None) -> None:
         """Start the clock at optimizer step ``step`` (only the first call counts)."""
@@ -63,15 +92,33 @@ class OverheadBudget:
         self.cost = 0.0
         self._started_at = None
         self.cost_by_owner.clear()
+        self.first_cost_by_owner.clear()
+        self.planned_end = None
 
-    def charge(self, seconds: float, owner: int | None = None) -> None:
+    def plan(self, end_step: float | None) -> None:
+        """The optimizer step at which the run will end (``None``, ``inf`` or a negative value: unknown)."""
+        if end_step is None or not math.isfinite(end_step) or end_step < 0:
+            self.planned_end = None
+        else:
+            self.planned_end = int(end_step)
+
+    def advance(self, step: int) -> int:
+        """Training steps whose budget may be spent ahead at ``step``: ``advance_steps``, shrinking to 0 over the last
+        ``advance_steps`` steps of the plan."""
+        if self.planned_end is None:
+            return self.advance_steps
+        return max(0, min(self.advance_steps, self.planned_end - step))
+
+    def charge(self, seconds: float, owner: int | None = None, first: bool = False) -> None:
         """Add ``seconds`` of our own time (to the total only outside a :meth:`section`, which charges its whole
-        span; to ``owner``'s own tally always)."""
+        span; to ``owner``'s own tally always: ``cost_by_owner``, or ``first_cost_by_owner`` for a ``first``
+        measurement, which the advance pays for and the owner's share does not)."""
         seconds = max(0.0, float(seconds))
         if self._section_depth == 0:
             self.cost += seconds
         if owner is not None:
-            self.cost_by_owner[owner] = self.cost_by_owner.get(owner, 0.0) + seconds
+            tally = self.first_cost_by_owner if first else self.cost_by_owner
+            tally[owner] = tally.get(owner, 0.0) + seconds
 
     def section(self) -> _Section:
         """Charge the whole wall time of the ``with`` block once, instead of what the code inside charges.
@@ -109,21 +156,82 @@ class OverheadBudget:
         """Optimizer steps to wait from ``step`` before spending ``expected_cost`` seconds keeps the budget, and, for
         an ``owner`` with a ``share`` below 1, keeps its own spending within ``share`` of the budget.
 
-        0 when it fits now. The mean step time since the start converts seconds into steps; before any step has
-        been timed there is no basis for a conversion, and 0 is returned (the caller measures and learns its cost).
+        The total's budget at a step is ``max_overhead`` times the training time plus the advance (:meth:`advance`,
+        in training steps at the mean step time); an owner's share is of the training time alone, so that the
+        advance pays for first points (charged with ``first=True``) and not for a cadence that would spend the
+        run's budget early and then fall silent. 0 when it fits now. The mean step time since the start converts
+        seconds into steps; before any step has been timed there is no basis for a conversion, and 0 is returned
+        (the caller measures and learns its cost). A wait that reaches past the planned end is what it would be with
+        no advance left (the run will most likely end first).
         """
         training = self.training_time(now)
         steps = step - self._started_step
         if steps <= 0 or training <= 0:
             return 0
+        per_step = training / steps
         expected_cost = max(0.0, expected_cost)
-        missing = (self.cost + expected_cost) / self.max_overhead - training
+        wait = 0
         if owner is not None and share < 1.0:
+            # the first points are repaid from every share alike, pro rata over the plan (or over the advance when
+            # the end is unknown), so that at the planned end firsts and shares together fit the budget
+            horizon = self.planned_end - self._started_step if self.planned_end is not None else self.advance_steps
+            firsts = sum(self.first_cost_by_owner.values())
+            repaid = firsts * min(1.0, steps / horizon) if horizon > 0 else firsts
             own = self.cost_by_owner.get(owner, 0.0)
-            missing = max(missing, (own + expected_cost) / (share * self.max_overhead) - training)
-        if missing <= 0:
-            return 0
-        return math.ceil(missing / (training / steps))
+            # own + expected <= share * (max_overhead * (training + w * per_step) - repaid), the repayment taken
+            # at its current value (it grows by at most firsts / horizon a step: decided again at the date)
+            missing_own = (own + expected_cost) / (share * self.max_overhead) + repaid / self.max_overhead - training
+            wait = max(0, math.ceil(missing_own / per_step))
+        # the training time (advance included) at which the total fits
+        missing = (self.cost + expected_cost) / self.max_overhead - training
+        if missing <= self.advance(step) * per_step:
+            return wait
+        # before the advance starts shrinking, each step adds one step of training time and keeps the advance whole;
+        # once it shrinks, each step adds as much as the advance loses, so nothing more fits before the planned end
+        total = math.ceil(missing / per_step - self.advance_steps)
+        if self.planned_end is not None and step + total > self.planned_end - self.advance_steps:
+            total = math.ceil(missing / per_step)
+        return max(wait, total, 1)
+
+
+class MeasurementTimer:
+    """Seconds of one measurement: its host span, or on CUDA the larger of that and its device span.
+
+    ``start()`` records a CUDA event on the current stream (no synchronisation); ``stop()`` records another and
+    synchronises once, on it, so that work the measurement queued is paid for by the measurement and not by the
+    next training step. On other devices both are the host clock.
+
+    Args:
+        device: the device the measurement runs on.
+    """
+
+    __slots__ = ("_device", "_end", "_host_started", "_start")
+
+    def __init__(self, device: torch.device | str | None) -> None:
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self._device = device if device.type == "cuda" and torch.cuda.is_available() else None
+        self._start = self._end = None
+        self._host_started = 0.0
+
+    def start(self) -> None:
+        if self._device is not None:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record(torch.cuda.current_stream(self._device))
+        self._host_started = time.perf_counter()
+
+    def stop(self) -> float:
+        """Seconds since :meth:`start` (device span included on CUDA: one synchronisation, on the end event)."""
+        host = time.perf_counter() - self._host_started
+        if self._start is None:
+            return host
+        self._end.record(torch.cuda.current_stream(self._device))
+        self._end.synchronize()
+        device = self._start.elapsed_time(self._end) / 1e3  # milliseconds
+        self._start = self._end = None
+        # the host span before the wait (not after: work the training step left queued would count) or the device
+        # span from the start event, whichever is longer, is what the measurement kept training from doing
+        return max(host, device)
 
 
 class _Section:
@@ -149,4 +257,4 @@ class _Section:
             self._budget.charge(elapsed)
 
 
-__all__ = ["MIN_TIMED_STEPS", "OverheadBudget"]
+__all__ = ["ADVANCE_STEPS", "MIN_TIMED_STEPS", "MeasurementTimer", "OverheadBudget"]
