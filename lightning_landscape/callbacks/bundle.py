@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_landscape import tensorboard as tb
 from lightning_landscape.callbacks._alerting import AlertDispatcher
-from lightning_landscape.callbacks._base import AlertAction, LandscapeCallback
+from lightning_landscape.callbacks._base import LandscapeCallback, OnAlert, UserLossFn
 from lightning_landscape.callbacks.connectivity import ModeConnectivityMonitor
 from lightning_landscape.callbacks.grad_spikes import GradientSpikeMonitor
 from lightning_landscape.callbacks.hessian import HessianMonitor
@@ -100,10 +100,10 @@ class LandscapeMonitor(Callback):
         connectivity: bool | dict[str, Any] = True,
         logits: bool | dict[str, Any] = True,
         *,
-        loss_fn: Callable[[pl.LightningModule, Any], Any] | None = None,
+        loss_fn: UserLossFn | None = None,
         num_probe_batches: int | None = None,
         mode: str = "eval",
-        on_alert: AlertAction | Sequence[AlertAction] = "warn",
+        on_alert: OnAlert = "warn",
         prefix: str = "landscape",
         strict: bool = False,
         seed: int = 0,

@@ -84,6 +84,10 @@ class _Step:
     logged: bool = False
 
 
+#: Base-class arguments that do not apply to this monitor, with the base's defaults (accepted only at these).
+_NOT_APPLICABLE = {"loss_fn": None, "num_probe_batches": 4, "mode": "eval"}
+
+
 class GradientSpikeMonitor(LandscapeCallback):
     """Global and per-layer gradient norms, the training loss and the size of the applied update, with spike and
     divergence alerts.
@@ -202,10 +206,13 @@ class GradientSpikeMonitor(LandscapeCallback):
         every_n_steps: int | None = None,
         **kwargs: Any,
     ) -> None:
-        for name in ("loss_fn", "num_probe_batches", "mode"):
-            if name in kwargs:
+        # Accepted at the base class's defaults only: LightningCLI (jsonargparse) passes every inherited argument,
+        # defaults included, and a config must round-trip.
+        for name, default in _NOT_APPLICABLE.items():
+            if name in kwargs and kwargs[name] != default:
                 raise TypeError(
-                    f"GradientSpikeMonitor does not take `{name}`: it reads the training step's own gradients and loss."
+                    f"GradientSpikeMonitor does not take `{name}`: it reads the training step's own gradients and loss "
+                    f"(got {name}={kwargs[name]!r})."
                 )
         if every_n_steps is not None:
             check_int("every_n_steps", every_n_steps, minimum=1)

@@ -51,9 +51,11 @@ trainer:
         on_alert: [warn, checkpoint]
 """
 
-# The other argument types: a callable in the action list, no loss_fn (null), a part's list and mapping arguments.
+# The other argument types: a callable action (by import path), no loss_fn (null), a part's list and mapping
+# arguments. (A list mixing action names and callables works from Python only: jsonargparse cannot write such a list
+# back into the saved config; the README says so.)
 CONFIG_CALLABLE = (
-    CONFIG.replace("on_alert: [warn, checkpoint]", "on_alert: [warn, tests.compat.test_cli_roundtrip.record_alert]")
+    CONFIG.replace("on_alert: [warn, checkpoint]", "on_alert: tests.compat.test_cli_roundtrip.record_alert")
     .replace("loss_fn: tests.helpers.real_models.lm_loss_fn", "loss_fn: null")
     .replace("rank: false", "rank:\n          modules: [net.lm_head]\n          every_n_steps: 2")
     .replace("z_threshold: 5.0", "z_threshold: 5.0\n          groups: {blocks: 'net\\.h', embeddings: 'net\\.w'}")
@@ -117,7 +119,9 @@ def test_saved_config_reloads_to_the_same_monitor(tmp_path, text, actions):
 
     second = _cli(saved, tmp_path / "run2")
     assert _arguments(_monitor(second)) == _arguments(_monitor(first))
-    expected = actions if actions is not None else ["warn", record_alert]
+    expected = actions if actions is not None else [record_alert]
     assert list(_monitor(second).parts["hessian"].on_alert) == expected
     second.trainer.fit(second.model)
-    assert "compat/hessian/eig_2" in _monitor(second).last_metrics
+    # AdamW: the latest measurement is the preconditioned one (the raw spectrum, eig_1..top_k, every
+    # `raw_sharpness_every` measurements and before the first step), so check what every measurement logs
+    assert "compat/hessian/eos_sharpness" in _monitor(second).last_metrics
