@@ -14,10 +14,11 @@ from torch import Tensor, nn
 from lightning_landscape.callbacks._base import LandscapeCallback
 from lightning_landscape.core import distributed
 from lightning_landscape.core._validation import check_bool, check_float, check_int
-from lightning_landscape.core.alerts import Alert, DropFromMaxRule
+from lightning_landscape.core.alerts import Alert
 from lightning_landscape.core.hvp import operator_mode
 from lightning_landscape.core.interpolation import seeded_batches
 from lightning_landscape.core.rank import (
+    RankCollapseRule,
     alpha_req,
     covariance_from_moments,
     eigenvalues_psd,
@@ -79,10 +80,13 @@ class EffectiveRankMonitor(LandscapeCallback):
           singular values; conv kernels as ``out x (in * k * k)``), when ``weights=True``.
         - ``p/rank/status``: 1 ok, 0 failed.
 
-    Alert ``rank_collapse``: a module's RankMe falls below ``(1 - collapse_fraction)`` times its maximum over the
-    last ``collapse_window`` measurements. RankMe legitimately falls while a network learns (features compress
-    towards the number of classes: 60 -> 26 on digits, at most halving within 5 measurements), so the default
-    fraction is 0.75; dying ReLUs under a too-high learning rate took it from 51 to 0 in two measurements.
+    Alert ``rank_collapse``: a module's RankMe falls below ``collapse_floor`` *and* below ``(1 - collapse_fraction)``
+    times its maximum over the last ``collapse_window`` measurements. RankMe legitimately falls while a network
+    learns (features compress towards the number of classes: 60 -> 26 on digits, at most halving within 5
+    measurements), so the default fraction is 0.75; and a healthy language model's penultimate features fall ~7x in
+    its first ~10 steps (random-init features are high-rank: 26 -> 3.5 on nanoGPT and GPT-2, climbing back to 15 by
+    step 290) but never below ~3.5, so the default floor is 2 (about two directions left). Dying ReLUs under a
+    too-high learning rate take RankMe to 0, a network collapsed onto one direction to 1.
 
     Cost per measurement: one forward pass over the probe set without gradients, a ``d x d`` eigendecomposition per
     watched module, and one SVD per weight matrix.
@@ -93,7 +97,9 @@ class EffectiveRankMonitor(LandscapeCallback):
         weights: also log the stable and effective rank of every weight matrix.
         max_width: features wider than this are sketched.
         sketch_dim: the sketch's dimension.
-        collapse_fraction, collapse_window: the ``rank_collapse`` rule.
+        collapse_fraction, collapse_window: the ``rank_collapse`` rule's relative drop and its window.
+        collapse_floor: ``rank_collapse`` also needs RankMe below this (``> 0``); ``None``: no floor, the relative
+            drop alone (fires on the early-training drop of language models).
         **kwargs: the shared arguments of :class:`~lightning_landscape.callbacks._base.LandscapeCallback`
             (``every_n_steps``, ``num_probe_batches``, ``loss_fn``, ``mode``, ``on_alert``, ``prefix``, ...).
     """
@@ -114,6 +120,7 @@ class EffectiveRankMonitor(LandscapeCallback):
         sketch_dim: int = 1024,
         collapse_fraction: float = 0.75,
         collapse_window: int = 5,
+        collapse_floor: float | None = 2.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -144,7 +151,12 @@ class EffectiveRankMonitor(LandscapeCallback):
             "collapse_fraction", collapse_fraction, minimum=0.0, maximum=1.0, strict_minimum=True
         )
         self.collapse_window = check_int("collapse_window", collapse_window, minimum=2)
-        self._rules: dict[str, DropFromMaxRule] = {}
+        self.collapse_floor = (
+            None
+            if collapse_floor is None
+            else check_float("collapse_floor", collapse_floor, minimum=0.0, strict_minimum=True)
+        )
+        self._rules: dict[str, RankCollapseRule] = {}
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {"prefix": self.prefix, "modules": str(self.modules)}
@@ -156,9 +168,9 @@ class EffectiveRankMonitor(LandscapeCallback):
         for name, rule_state in state.get("rules", {}).items():
             self._rule(name).load_state_dict(rule_state)
 
-    def _rule(self, name: str) -> DropFromMaxRule:
+    def _rule(self, name: str) -> RankCollapseRule:
         if name not in self._rules:
-            self._rules[name] = DropFromMaxRule(self.collapse_fraction, self.collapse_window)
+            self._rules[name] = RankCollapseRule(self.collapse_fraction, self.collapse_window, self.collapse_floor)
         return self._rules[name]
 
     def resolve_selectors(self, pl_module: pl.LightningModule) -> None:
@@ -285,6 +297,9 @@ class EffectiveRankMonitor(LandscapeCallback):
             name = key[len(f"{self.prefix}/rank/") : -len("/rankme")]
             rule = self._rule(name)
             peak = max([*rule.history, value])
+            threshold = (1 - self.collapse_fraction) * peak
+            if self.collapse_floor is not None:
+                threshold = min(threshold, self.collapse_floor)
             if rule.update(value):
                 self.emit_alert(
                     trainer,
@@ -294,7 +309,7 @@ class EffectiveRankMonitor(LandscapeCallback):
                         source=type(self).__name__,
                         metric=key,
                         value=value,
-                        threshold=(1 - self.collapse_fraction) * peak,
+                        threshold=threshold,
                         message=(
                             f"RankMe of the features entering `{name}` fell to {value:.3g} from {peak:.3g} within "
                             f"{self.collapse_window} measurements: the representation is collapsing onto fewer "

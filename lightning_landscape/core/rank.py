@@ -30,6 +30,9 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_landscape.core._validation import check_float
+from lightning_landscape.core.alerts import DropFromMaxRule
+
 RANKME_EPS = 1e-7
 
 
@@ -109,3 +112,34 @@ def numerical_rank(singular: Tensor, tol: float = 1e-6) -> int:
     """Number of singular values above ``tol`` times the largest."""
     s = singular.double()
     return int((s > tol * float(s.max())).sum()) if s.numel() and float(s.max()) > 0 else 0
+
+
+class RankCollapseRule(DropFromMaxRule):
+    """:class:`~lightning_landscape.core.alerts.DropFromMaxRule` that also needs the value under an absolute ``floor``.
+
+    A collapse is a RankMe below ``floor`` *and* below ``(1 - fraction)`` times the maximum of the last ``window``
+    values: the representation has fallen onto about ``floor`` directions or fewer, and fast. The floor exists
+    because a healthy language model's penultimate features drop ~7x in its first ~10 steps (random-init features
+    are high-rank; RankMe 26 -> 3.5 on nanoGPT and GPT-2, then climbing back) without ever going under ~3.5, while
+    dying ReLUs end at 0 and a network collapsed onto one direction at 1. ``floor=None``: no floor (the plain
+    relative rule). The state (``history``, ``armed``) is that of the parent, so checkpoints are unchanged.
+    """
+
+    def __init__(self, fraction: float = 0.75, window: int = 5, floor: float | None = 2.0) -> None:
+        super().__init__(fraction, window)
+        self.floor = None if floor is None else check_float("floor", floor, minimum=0.0, strict_minimum=True)
+
+    @property
+    def threshold(self) -> float:
+        relative = super().threshold
+        return relative if self.floor is None else min(self.floor, relative)
+
+    def update(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        self.history = [*self.history, value][-self.window :]
+        relative = (1.0 - self.fraction) * max(self.history)
+        collapsed = value < relative and (self.floor is None or value < self.floor)
+        fired = collapsed and self.armed
+        self.armed = not collapsed
+        return fired

@@ -129,11 +129,11 @@ def test_rank_collapse_fires_on_dying_relus_and_not_on_healthy_training(tmp_path
 
 def test_state_round_trip():
     monitor = EffectiveRankMonitor()
-    for v in (10.0, 9.0, 2.0):
+    for v in (10.0, 9.0, 1.0):  # 1.0: under the default collapse_floor (2.0) as well as under 0.25 x 10
         monitor._rule("net.4").update(v)
     other = EffectiveRankMonitor()
     other.load_state_dict(copy.deepcopy(monitor.state_dict()))
-    assert other._rule("net.4").history == [10.0, 9.0, 2.0]
+    assert other._rule("net.4").history == [10.0, 9.0, 1.0]
     assert other._rule("net.4").armed is False
 
 
@@ -148,6 +148,8 @@ def test_state_round_trip():
         ({"collapse_fraction": 1.5}, ValueError, "`collapse_fraction` must be <= 1.0, got 1.5"),
         ({"collapse_window": 1}, ValueError, "`collapse_window` must be an int >= 2, got 1"),
         ({"collapse_fraction": 0.0}, ValueError, "`collapse_fraction` must be > 0.0, got 0.0"),
+        ({"collapse_floor": 0.0}, ValueError, "`collapse_floor` must be > 0.0, got 0.0"),
+        ({"collapse_floor": "2"}, TypeError, "`collapse_floor` must be a real number, got '2'"),
         ({"seed": 2**32}, ValueError, "`seed` must be an int <= 4294967295, got 4294967296"),
         ({"mode": "test"}, ValueError, "`mode` must be one of"),
     ],
@@ -188,3 +190,13 @@ def test_modules_selector_is_checked_at_setup_even_in_budget_mode(tmp_path):
     no_linear = EffectiveRankMonitor()
     with pytest.raises(ValueError, match="the model has no nn.Linear"):
         no_linear.watched_modules(nn.Sequential(nn.Tanh()))
+
+
+def test_collapse_floor_reaches_the_rule_and_none_turns_it_off():
+    """The constructor's floor is the one the per-module rule applies: a 26 -> 3.5 drop (a healthy language model's
+    first 10 steps) passes at the default floor and fires without one."""
+    default, no_floor = EffectiveRankMonitor(), EffectiveRankMonitor(collapse_floor=None)
+    assert default.collapse_floor == 2.0 and default._rule("h").floor == 2.0
+    assert no_floor.collapse_floor is None
+    assert [default._rule("h").update(v) for v in (25.7, 3.5)] == [False, False]
+    assert [no_floor._rule("h").update(v) for v in (25.7, 3.5)] == [False, True]

@@ -66,14 +66,12 @@ class RecordingLogger(Logger):
 def monitor(every: int = 10, **overrides: Any) -> LandscapeMonitor:
     """``LandscapeMonitor`` at exact small cadences (``max_overhead=None``), one probe batch.
 
-    The rank part starts at step ``every``, not 0: every language model here loses ~85% of its feature rank in its
-    first 10 healthy steps (random-init features have a high RankMe), and the ``rank_collapse`` rule, which compares
-    with the measurements of the last 5 cadences, fires on that alone. That false alarm has its own test
-    (``test_models.py::test_no_rank_collapse_alert_from_initialisation``), so that it does not mask what each setting
-    below does or does not do."""
+    Every part starts at step 0, the rank part included: the language models here lose ~85% of their feature rank in
+    their first 10 healthy steps (26 -> 3.5), which ``rank_collapse`` no longer mistakes for a collapse (its
+    ``collapse_floor``; ``test_models.py::test_no_rank_collapse_alert_from_initialisation``)."""
     settings: dict[str, Any] = {
         "hessian": {"every_n_steps": every},
-        "rank": {"every_n_steps": every, "start_step": every},
+        "rank": {"every_n_steps": every},
         "connectivity": {"every_n_steps": every},
         "logits": {"every_n_steps": max(1, every // 2)},
         "num_probe_batches": 1,

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lightning_landscape.core.rank import (
+    RankCollapseRule,
     alpha_req,
     covariance_from_moments,
     eigenvalues_psd,
@@ -90,3 +91,40 @@ def test_bad_shapes():
         singular_values(torch.zeros(2, 2, 2))
     with pytest.raises(ValueError, match="`matrix` must be square"):
         eigenvalues_psd(torch.zeros(2, 3))
+
+
+# RankMe every 10 steps of seeded CPU runs (the trajectories in the rank_collapse notes): healthy nanoGPT from
+# initialisation, dying ReLUs (SGD lr 0.5 on digits, every 20 steps), a collapse onto one direction (lr 0.2).
+HEALTHY_NANOGPT = [25.744, 3.454, 4.259, 5.542, 4.482, 4.397, 4.775, 5.946, 6.476, 7.367, 7.793]
+DYING_RELUS = [22.176, 14.902, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+ONE_DIRECTION = [22.176, 12.388, 15.221, 15.158, 13.931, 8.672, 3.560, 1.984, 1.000, 1.000]
+
+
+def fired_at(rule, values):
+    return [i for i, v in enumerate(values) if rule.update(v)]
+
+
+def test_rank_collapse_rule_floor_separates_healthy_lm_from_collapse():
+    assert fired_at(RankCollapseRule(0.75, 5, floor=2.0), HEALTHY_NANOGPT) == []
+    assert fired_at(RankCollapseRule(0.75, 5, floor=None), HEALTHY_NANOGPT) == [1]  # the false alarm it prevents
+    assert fired_at(RankCollapseRule(0.75, 5, floor=2.0), DYING_RELUS) == [2]  # once, not at every dead step
+    # 1.984 is under the floor and under 0.25 x 15.158 (the max of the last 5): fires there, not later again
+    assert fired_at(RankCollapseRule(0.75, 5, floor=2.0), ONE_DIRECTION) == [7]
+    assert fired_at(RankCollapseRule(0.75, 5, floor=1.5), ONE_DIRECTION) == [8]
+
+
+def test_rank_collapse_rule_needs_both_conditions_and_reports_the_lower_threshold():
+    rule = RankCollapseRule(0.5, 3, floor=2.0)
+    assert rule.update(3.0) is False
+    assert rule.threshold == 1.5  # min(floor 2.0, 0.5 x 3.0)
+    assert rule.update(1.9) is False  # under the floor, not under half the max
+    rule = RankCollapseRule(0.5, 3, floor=2.0)
+    assert [rule.update(v) for v in (10.0, 2.0, 1.99)] == [False, False, True]  # 2.0 is not below the floor
+    assert rule.threshold == 2.0
+    assert rule.update(math.nan) is False
+    assert rule.state_dict() == {"history": [10.0, 2.0, 1.99], "armed": False}
+
+
+def test_rank_collapse_rule_bad_floor():
+    with pytest.raises(ValueError, match="`floor` must be > 0.0, got -1.0"):
+        RankCollapseRule(floor=-1.0)
