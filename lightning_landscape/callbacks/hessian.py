@@ -65,6 +65,11 @@ class HessianMonitor(LandscapeCallback):
     sharpness_jump)`` times the previous measurement while
     ``eos_ratio >= growth_min_eos_ratio`` (where the ratio is known): far below the stability threshold a doubling is
     ordinary early-training behaviour (the quickstart's sharpness went 0.66 -> 2.39 at eos_ratio 0.03).
+    Under Adam/AdamW both alerts also need ``eos_ratio > adaptive_eos_peak`` (default 2.25): the streak of
+    ``edge_of_stability`` must reach it, and a ``sharpness_growth`` jump must land above it. Adam trains at a
+    preconditioned ratio around 1 as its normal regime (Cohen et al. 2022, arXiv 2207.14484): healthy AdamW language
+    models reached 1.67 and 1.35 at steps 20-30 (nanoGPT, lr 3e-3) while the runs that diverged later had reached
+    3.1-7.4 (and 258) by their first alert.
 
     Cost per measurement: Lanczos HVPs (typically 5-20 cold, a handful warm-started, at most ``max_iter``), plus
     ``trace_matvecs``, ``density_runs * density_steps``, one top-1 Lanczos per block; under Adam one top-1 Lanczos
@@ -92,6 +97,9 @@ class HessianMonitor(LandscapeCallback):
         sharpness_jump: relative jump for the ``sharpness_growth`` alert.
         growth_min_eos_ratio: the ``sharpness_growth`` alert needs at least this ``eos_ratio`` (ignored when the
             optimizer has no known threshold).
+        adaptive_eos_peak: under Adam/AdamW, the ``eos_ratio`` that an ``edge_of_stability`` streak must exceed at
+            least once, and that a ``sharpness_growth`` jump must land above (``max(growth_min_eos_ratio,
+            adaptive_eos_peak)``). Plain SGD keeps the rules above unchanged.
         raw_sharpness_every: under a preconditioned optimizer, measure the Hessian's own spectrum on every this
             many measurements (the preconditioned sharpness is measured every time).
         batch_size_fn: ``batch -> int`` for the size weights (default: leading dimension of the first tensor).
@@ -129,6 +137,7 @@ class HessianMonitor(LandscapeCallback):
         eos_patience: int = 2,
         sharpness_jump: float = 1.0,
         growth_min_eos_ratio: float = 0.5,
+        adaptive_eos_peak: float = 2.25,
         raw_sharpness_every: int = 10,
         batch_size_fn: Callable[[Any], int] | None = None,
         **kwargs: Any,
@@ -167,12 +176,14 @@ class HessianMonitor(LandscapeCallback):
         self.growth_rule = RelativeJumpRule(jump)
         self.raw_sharpness_every = check_int("raw_sharpness_every", raw_sharpness_every, minimum=1)
         self.growth_min_eos_ratio = check_float("growth_min_eos_ratio", growth_min_eos_ratio, minimum=0.0)
+        self.adaptive_eos_peak = check_float("adaptive_eos_peak", adaptive_eos_peak, minimum=0.0)
         if batch_size_fn is not None and not callable(batch_size_fn):
             raise TypeError(f"`batch_size_fn` must be None or a callable batch -> int, got {batch_size_fn!r}.")
         self.batch_size_fn = batch_size_fn
         # Warm-start vectors (on CPU between measurements): "top" for H, "precond" for Adam's form, "block/<name>".
         self._warm: dict[str, Tensor] = {}
         self._growth_key = ""
+        self._adaptive = False  # the last measurement's threshold is Adam's: the curvature alerts need the peak
         self._measured = 0  # measurements made: the raw-sharpness cadence under a preconditioned optimizer
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -258,6 +269,7 @@ class HessianMonitor(LandscapeCallback):
         self._measured += 1
         preconditioned = stability is not None and stability[0].preconditioned
         self._growth_key = self.key("eos_sharpness") if preconditioned else f"{self.prefix}/sharpness"
+        self._adaptive = stability is not None and stability[0].optimizer == "adam"
         with operator_mode(pl_module, self.mode):
             with self._operator(pl_module, batches, params, trainer) as op:
                 self.log_definition(trainer, self._definition(op, len(batches)))
@@ -368,7 +380,10 @@ class HessianMonitor(LandscapeCallback):
     def _check_alerts(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
         source = type(self).__name__
         ratio = metrics.get(self.key("eos_ratio"))
-        if ratio is not None and self.eos_rule.update(ratio):
+        # Adam trains at eos_ratio ~1 as its normal regime (Cohen et al. 2022) and healthy language models peak
+        # near 1.7 early on (notes: curvature.md), so under Adam both alerts also need the ratio above the peak.
+        peak = self.adaptive_eos_peak if self._adaptive else None
+        if ratio is not None and self.eos_rule.update(ratio, peak):
             self.emit_alert(
                 trainer,
                 Alert(
@@ -380,7 +395,9 @@ class HessianMonitor(LandscapeCallback):
                     threshold=self.eos_rule.threshold,
                     message=(
                         f"eos_ratio {ratio:.3g} has been above {self.eos_rule.threshold:g} for "
-                        f"{self.eos_rule.patience} measurements: the curvature exceeds what the optimizer's step "
+                        f"{self.eos_rule.patience} measurements"
+                        + (f" (and above {peak:g}, Adam's margin)" if peak is not None else "")
+                        + ": the curvature exceeds what the optimizer's step "
                         "size can follow stably (edge of stability); loss spikes or divergence may follow. "
                         "Consider a lower learning rate or warm-up."
                     ),
@@ -393,7 +410,8 @@ class HessianMonitor(LandscapeCallback):
         if sharpness is None:
             return
         threshold = self.growth_rule.threshold
-        near_threshold = ratio is None or ratio >= self.growth_min_eos_ratio
+        min_ratio = self.growth_min_eos_ratio if peak is None else max(self.growth_min_eos_ratio, peak)
+        near_threshold = ratio is None or ratio >= min_ratio
         if self.growth_rule.update(sharpness) and near_threshold:
             self.emit_alert(
                 trainer,

@@ -64,27 +64,39 @@ class Alert:
 class ConsecutiveAboveRule:
     """Fires once when the value has stayed strictly above ``threshold`` for ``patience`` consecutive updates.
 
-    It re-arms when the value drops to or below the threshold, so a second excursion fires again.
+    With ``peak`` given to :meth:`update`, the streak must also have reached a value strictly above ``peak``
+    (it fires at the first update where both hold). It re-arms when the value drops to or below the threshold,
+    so a second excursion fires again.
     """
 
     def __init__(self, threshold: float, patience: int = 1) -> None:
         self.threshold = check_float("threshold", threshold)
         self.patience = check_int("patience", patience, minimum=1)
         self.streak = 0
+        self.streak_max = -math.inf
+        self.fired = False
 
-    def update(self, value: float) -> bool:
-        """Feed one value; True exactly when the streak reaches ``patience``."""
+    def update(self, value: float, peak: float | None = None) -> bool:
+        """Feed one value; True exactly once per streak, when it reaches ``patience`` (and ``peak``, if given)."""
         if math.isfinite(value) and value > self.threshold:
             self.streak += 1
-            return self.streak == self.patience
-        self.streak = 0
+            self.streak_max = max(self.streak_max, value)
+            ready = self.streak >= self.patience and (peak is None or self.streak_max > peak)
+            if ready and not self.fired:
+                self.fired = True
+                return True
+            return False
+        self.streak, self.streak_max, self.fired = 0, -math.inf, False
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"streak": self.streak}
+        return {"streak": self.streak, "streak_max": self.streak_max, "fired": self.fired}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.streak = int(state.get("streak", 0))
+        self.streak_max = float(state.get("streak_max", -math.inf))
+        # checkpoints from before `fired` existed: the rule had fired exactly when the streak reached patience
+        self.fired = bool(state.get("fired", self.streak >= self.patience))
 
 
 class RelativeJumpRule:

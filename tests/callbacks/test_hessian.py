@@ -415,6 +415,7 @@ def test_probe_set_completes_before_first_measurement(tmp_path):
         ({"raw_sharpness_every": 0}, ValueError, "`raw_sharpness_every` must be an int >= 1, got 0"),
         ({"params": "(["}, ValueError, "`params` must be a valid regular expression, got '\\(\\['"),
         ({"growth_min_eos_ratio": -1.0}, ValueError, "`growth_min_eos_ratio` must be >= 0.0, got -1.0"),
+        ({"adaptive_eos_peak": -1.0}, ValueError, "`adaptive_eos_peak` must be >= 0.0, got -1.0"),
         ({"eos_threshold": -1.0}, ValueError, "`eos_threshold` must be >= 0.0, got -1.0"),
         ({"density_runs": 0}, ValueError, "`density_runs` must be an int >= 1, got 0"),
         ({"density_bins": 1}, ValueError, "`density_bins` must be an int >= 2, got 1"),
@@ -596,3 +597,42 @@ def test_compiled_models_are_measured_and_left_bitwise_unchanged(tmp_path, how):
     assert math.isfinite(monitor.last_metrics["landscape/sharpness"])
     for key, value in without.items():
         assert torch.equal(with_monitor[key], value), key
+
+
+# ------------------------------------------------------------------------------- Adam's edge-of-stability regime
+class _RatioRecorder(HessianMonitor):
+    """Keeps each measurement's eos_ratio by step (to show the run did near the threshold)."""
+
+    def _check_alerts(self, trainer, metrics, step):
+        self.ratios = {**getattr(self, "ratios", {}), step: metrics.get("landscape/hessian/eos_ratio")}
+        super()._check_alerts(trainer, metrics, step)
+
+
+def _nanogpt_alerts(tmp_path, steps, **model_kwargs):
+    from tests.helpers.real_models import NanoGPT
+    from tests.helpers.real_models import make_trainer as make_lm_trainer
+
+    received = []
+    monitor = _RatioRecorder(every_n_steps=10, num_probe_batches=1, on_alert=received.append, max_overhead=None)
+    make_lm_trainer(tmp_path, [monitor], max_steps=steps).fit(NanoGPT(**model_kwargs))
+    return [(a.step, a.kind) for a in received], monitor.ratios
+
+
+def test_healthy_adamw_language_model_raises_no_curvature_alert(tmp_path):
+    """issue 15: a healthy AdamW nanoGPT (lr 3e-3) reaches a preconditioned eos_ratio of 1.67 at step 20 and 1.35 at
+    step 30 (from 0.18 at step 10) and then stays at 0.1-0.4; both rules fired on it (sharpness_growth at 20,
+    edge_of_stability at 30). Adam trains at a ratio ~1 normally: neither may fire below ``adaptive_eos_peak``."""
+    alerts, ratios = _nanogpt_alerts(tmp_path, 40)
+    # the rise happened (else the test would pass on a run that never neared the threshold)
+    assert ratios[10] < 0.5 and ratios[20] > 1.2 and ratios[30] > 1.0
+    assert alerts == []
+
+
+def test_adamw_past_its_threshold_still_alerts_early(tmp_path):
+    """benchmarks/early_warning.py gpt-sdpa-high-lr: AdamW warmed up towards lr 0.6 diverges near step 210; its
+    eos_ratio is 0.25, 3.09, 2.21 at steps 10-30, so both alerts keep their lead (growth at 20, edge at 30)."""
+    alerts, ratios = _nanogpt_alerts(
+        tmp_path, 31, lr=0.6, n_embd=64, n_head=4, weight_decay=0.0, num_windows=1024, warmup_steps=400
+    )
+    assert ratios[20] > 2.25 and ratios[30] > 2.0
+    assert alerts == [(20, "sharpness_growth"), (30, "edge_of_stability")]

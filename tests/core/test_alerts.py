@@ -17,6 +17,40 @@ def test_consecutive_rule_fires_once_per_excursion_and_round_trips():
     assert rule.streak == 0
 
 
+# eos_ratio every 10 steps from step 10 (notes/curvature.md, "Follow-up"): a healthy AdamW nanoGPT (lr 3e-3) and
+# the start of two AdamW runs that diverge later (benchmarks/early_warning.py gpt-sdpa-high-lr, transformer-high-lr)
+HEALTHY_ADAM = [0.178, 1.672, 1.346, 0.2197, 0.1429, 0.1298, 0.1891, 0.1178, 0.3812]
+GPT_SDPA_HIGH_LR = [0.249, 3.09, 2.21, 2.9, 5.1, 76.9]
+TRANSFORMER_HIGH_LR = [1.11, 7.39, 1.26, 3.21, 8.24]
+
+
+def test_consecutive_rule_with_peak_skips_a_healthy_adam_bump_and_keeps_the_early_warnings():
+    def fired(values, peak):
+        rule = ConsecutiveAboveRule(1.0, patience=2)
+        return [i for i, v in enumerate(values) if rule.update(v, peak)]
+
+    assert fired(HEALTHY_ADAM, None) == [2]  # the false alarm at step 30
+    assert fired(HEALTHY_ADAM, 2.25) == []
+    # the peak does not delay these: both fire at the same measurement as without it
+    assert fired(GPT_SDPA_HIGH_LR, 2.25) == fired(GPT_SDPA_HIGH_LR, None) == [2]
+    assert fired(TRANSFORMER_HIGH_LR, 2.25) == fired(TRANSFORMER_HIGH_LR, None) == [1]
+    # patience reached first, peak later in the same streak: fires when the peak is reached, once
+    assert fired([1.2, 1.3, 1.5, 2.5, 3.0, 0.5, 1.2, 2.6], 2.25) == [3, 7]
+
+
+def test_consecutive_rule_peak_state_round_trips_and_reads_old_checkpoints():
+    rule = ConsecutiveAboveRule(1.0, patience=2)
+    for v in [1.5, 1.6]:
+        rule.update(v, 2.0)
+    clone = ConsecutiveAboveRule(1.0, patience=2)
+    clone.load_state_dict(rule.state_dict())
+    assert (clone.streak, clone.streak_max, clone.fired) == (2, 1.6, False)
+    assert clone.update(2.1, 2.0) and not clone.update(2.2, 2.0)
+    old = ConsecutiveAboveRule(1.0, patience=2)
+    old.load_state_dict({"streak": 3})  # a checkpoint from before the peak: that streak has fired already
+    assert old.fired and not old.update(1.5)
+
+
 def test_jump_rule():
     rule = RelativeJumpRule(1.0)
     assert rule.threshold == math.inf
