@@ -345,6 +345,9 @@ class LandscapeCallback(Callback):
     #: True for monitors that need every parameter whole on every rank (second-order products, weight
     #: interpolation); they refuse sharded strategies with a message instead of computing a wrong number.
     needs_full_parameters = False
+    #: True for monitors whose measurements evaluate the loss (``loss_fn`` or ``training_step``): under manual
+    #: optimization without ``loss_fn`` they refuse at ``setup``, before the first training step.
+    needs_loss = True
     #: Budget mode's estimate of a first measurement's cost, in training steps (later ones use the measured cost).
     #: Rough by design: ``benchmarks/overhead.py`` measures each monitor's cost per step on the reference workloads.
     first_cost_steps = 50.0
@@ -535,6 +538,8 @@ class LandscapeCallback(Callback):
         self.alerting.log_root = self._log_root
         self.alerting.refresh()
         self.resolve_selectors(pl_module)
+        if self.needs_loss and stage == "fit":
+            self.resolve_loss_fn(pl_module)  # manual optimization without `loss_fn`: the error comes now
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -670,8 +675,9 @@ class LandscapeCallback(Callback):
             return _user_loss(self.loss_fn)
         if not pl_module.automatic_optimization:
             raise ValueError(
-                "`loss_fn` must be given when the LightningModule uses manual optimization "
-                "(its training_step steps the optimizer and cannot serve as a loss function)."
+                f"{type(self).__name__}: `loss_fn` must be given when the LightningModule uses manual optimization "
+                "(its training_step steps the optimizer and cannot serve as a loss function); pass "
+                "`loss_fn=lambda module, batch: ...` (to LandscapeMonitor, or in this part's dict)."
             )
         return _training_step_loss
 

@@ -180,6 +180,9 @@ class GradientSpikeMonitor(LandscapeCallback):
     large-scale Transformer training instabilities").
     """
 
+    # reads the training step's own forward/gradients; no loss evaluation of its own
+    needs_loss = False
+
     group = "grad"
 
     def __init__(
@@ -678,7 +681,7 @@ class GradientSpikeMonitor(LandscapeCallback):
         growing = stream.growth is not None and not short and not overflow and stream.growth.update(z)
         diverging = stream.divergence is not None and not overflow and stream.divergence.update(total, record.weight)
         self.clip_count += int(clip_to is not None)
-        read.scored = {"total": total, "z": z, "spike": spike}
+        read.scored = {"total": total, "z": z, "spike": spike, "overflow": overflow}
         p = self._key_prefix(read.stream)
         source = type(self).__name__
         step = record.step
@@ -773,6 +776,10 @@ class GradientSpikeMonitor(LandscapeCallback):
         if record.logged or events:
             for read in record.reads:
                 scored = read.scored
+                if scored.get("overflow"):
+                    # a GradScaler overflow: the scaler skipped this update, and its unscaled norm is inf/NaN by
+                    # definition; `grad/overflow_steps` counts these steps instead of logging the non-finite norm
+                    continue
                 key = self._key_prefix(read.stream)
                 stream = self._streams[read.stream]
                 metrics[f"{key}/norm"] = scored["total"]
@@ -785,7 +792,7 @@ class GradientSpikeMonitor(LandscapeCallback):
                     metrics[f"{key}/level"] = math.exp(stream.divergence.level)
                     if math.isfinite(stream.divergence.rise):
                         metrics[f"{key}/rise"] = stream.divergence.rise
-            if self.watch_loss:
+            if self.watch_loss and record.loss is not None:  # (a manual training_step may return nothing)
                 metrics[f"{p}/loss/value"] = loss
                 metrics[f"{p}/loss/zscore"] = loss_z
                 metrics[f"{p}/loss/spike"] = float(loss_spike)

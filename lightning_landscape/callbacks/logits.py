@@ -225,6 +225,9 @@ class LogitMonitor(LandscapeCallback):
             model (at ``setup``).
     """
 
+    # reads the training step's own forward; no loss evaluation of its own (but for the compiled-model fallback)
+    needs_loss = False
+
     group = "logits"
     # power iteration needs whole weights
     needs_full_parameters = True
