@@ -214,7 +214,8 @@ class AlertDispatcher:
         # at the last one kept); the count above includes every one. A condition that fires every step (weights
         # gone NaN) otherwise stores an alert per step forever. Separate events (a gap of a step or more) are kept.
         stored = monitor._last_stored_step.get(alert.kind)
-        continues = previous is not None and 0 <= alert.step - previous <= 1
+        # (a second alert of the kind at the same step, about another metric, is its own event)
+        continues = previous is not None and alert.step - previous == 1
         keep = (
             not continues
             or stored is None
