@@ -27,6 +27,7 @@ NOT_IN_QUICKSTART = {
     "landscape/lmc/predicted_barrier_hermite": "predictors=False by default",
     "landscape/lmc/error_barrier": "needs error_fn",
     "landscape/grad/clipped": "clip=False by default",
+    "landscape/grad/overflow_steps": "only under a GradScaler that skipped a step (tests/compat/test_precision.py)",
     "landscape/grad/stride": "budget mode only; the quickstart passes max_overhead=None (test_grad_spikes.py reads it)",
     "landscape/budget/overhead": "the quickstart passes max_overhead=None (tests/callbacks/test_budget.py checks it)",
     "landscape/events/grad_spike": "logged only at a spike; a healthy run has none",
