@@ -6,11 +6,21 @@ import math
 
 import lightning.pytorch as pl
 import pytest
+import torch
 
 from lightning_landscape import GradientSpikeMonitor
 from tests.helpers.real_models import NanoGPT, make_trainer
 
 pytestmark = pytest.mark.slow  # two 160-step nanoGPT runs, ~50 s on CPU
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    # the trajectories (whether and where the plain run diverges) depend on the CPU thread count: measured with 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class Losses(pl.Callback):
