@@ -18,7 +18,7 @@ from lightning_landscape.callbacks.grad_spikes import GradientSpikeMonitor
 from lightning_landscape.callbacks.hessian import HessianMonitor
 from lightning_landscape.callbacks.logits import LogitMonitor
 from lightning_landscape.callbacks.rank import EffectiveRankMonitor
-from lightning_landscape.core._validation import LandscapeWarning
+from lightning_landscape.core._validation import LandscapeWarning, check_float
 from lightning_landscape.core.alerts import Alert
 from lightning_landscape.core.budget import OverheadBudget
 
@@ -174,37 +174,65 @@ class LandscapeMonitor(Callback):
             max((p.num_probe_batches for p in self.parts.values() if p.takes_probe_set()), default=1)
         )
         self._warned: set[str] = set()  # warnings said once per bundle (shared with the parts)
-        self._compose(settings)
+        #: Each periodic part's weight in the budget (``SHARE_WEIGHTS``; :meth:`add_part` adds its own).
+        self.share_weights = {name: SHARE_WEIGHTS[name] for name in self.parts if name in SHARE_WEIGHTS}
+        # the bundle's first-cost estimates are for its own default configuration of a part, not a configured one
+        self._first_cost = {n: c for n, c in FIRST_COST_STEPS.items() if n in self.parts and settings[n] is True}
+        self._compose()
 
-    def _compose(self, settings: dict[str, Any]) -> None:
+    def add_part(self, name: str, part: LandscapeCallback, *, share_weight: float = 0.15) -> None:
+        """Compose one more monitor (a new kind of measurement) with the built-in parts, before ``fit``: it shares
+        their probe set (the set grows to its ``num_probe_batches`` if needed), alert dispatcher, warnings and time
+        ledger (unless it was given its own ``max_overhead``), with ``share_weight`` among the periodic parts'
+        weights, and every Lightning hook it overrides reaches it.
+
+        Raises:
+            ValueError: ``name`` is taken, the probe capture has begun, or ``share_weight`` is not > 0.
+            TypeError: ``part`` is not a LandscapeCallback.
+        """
+        if not isinstance(part, LandscapeCallback):
+            raise TypeError(f"`part` must be a LandscapeCallback, got {type(part).__name__}.")
+        if name in self.parts:
+            raise ValueError(
+                f"`name` must not be one of the parts already composed {sorted(self.parts)}, got {name!r}."
+            )
+        share_weight = check_float("share_weight", share_weight, minimum=0.0, strict_minimum=True)
+        if self.probes.batches or self.probes.loaded is not None:
+            raise ValueError(
+                f"`add_part` must be called before training starts (the probe set is being captured), got {name!r}."
+            )
+        self.parts[name] = part
+        if part.takes_probe_set():
+            self.probes.size = max(self.probes.size, part.num_probe_batches)
+        if not part.strides_rather_than_postpones:
+            self.share_weights[name] = share_weight
+        self.__dict__.pop("_hook_cache", None)
+        self._state_key = None
+        self._compose()
+
+    def _compose(self) -> None:
         """Hand every part the shared pieces (:meth:`LandscapeCallback.attach`), with its budget share: a part that
         strides rather than postpones (the gradient monitor) may take ``GRAD_SPIKES_SHARE`` of the budget before it
         reads every few steps instead (alone on the ledger, all of it); the periodic parts share the rest by
-        ``SHARE_WEIGHTS``."""
-
-        def on_ledger(name: str) -> bool:
-            setting = settings[name]
-            return self.budget is not None and not (isinstance(setting, dict) and "max_overhead" in setting)
-
-        periodic = [n for n, p in self.parts.items() if on_ledger(n) and not p.strides_rather_than_postpones]
-        rest = 1.0 - GRAD_SPIKES_SHARE if periodic and len(periodic) < sum(map(on_ledger, self.parts)) else 1.0
-        total_weight = sum(SHARE_WEIGHTS[n] for n in periodic)
+        their ``share_weights``. A part built with its own ``max_overhead`` keeps its own ledger."""
+        ledger = {n: p for n, p in self.parts.items() if self.budget is not None and p.budget in (None, self.budget)}
+        periodic = [n for n, p in ledger.items() if not p.strides_rather_than_postpones]
+        rest = 1.0 - GRAD_SPIKES_SHARE if periodic and len(periodic) < len(ledger) else 1.0
+        total_weight = sum(self.share_weights[n] for n in periodic)
         for name, part in self.parts.items():
             self.alerting.register(name, part)
-            share = first_cost = None
+            share = None
             if name in periodic:
-                share = rest * SHARE_WEIGHTS[name] / total_weight
-                if not isinstance(settings[name], dict):
-                    first_cost = FIRST_COST_STEPS.get(name)
-            elif on_ledger(name) and periodic:
+                share = rest * self.share_weights[name] / total_weight
+            elif name in ledger and periodic:
                 share = GRAD_SPIKES_SHARE
             part.attach(
                 alerting=self.alerting,
                 warned=self._warned,
                 probes=self.probes if part.takes_probe_set() else None,
-                budget=self.budget if on_ledger(name) else None,
+                budget=self.budget if name in ledger else None,
                 budget_share=share,
-                first_cost_steps=first_cost,
+                first_cost_steps=self._first_cost.get(name) if name in ledger else None,
             )
 
     # --------------------------------------------------------------------------------------------------- hooks
