@@ -10,16 +10,12 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning_utilities.core.apply_func import apply_to_collection
-from torch import Tensor
 
 from lightning_landscape import tensorboard as tb
 from lightning_landscape.callbacks._alerting import (
@@ -30,32 +26,20 @@ from lightning_landscape.callbacks._alerting import (
     OnAlert,
     validate_on_alert,
 )
-from lightning_landscape.callbacks._failures import (  # noqa: F401  (re-exported: importable from here before)
+
+# re-exported: importable from here before the split
+from lightning_landscape.callbacks._failures import (  # noqa: F401
     _agree_failed,
     _failure_aware_collectives,
     _is_configuration_error,
     _PeerMeasurementFailed,
-    _status_all_reduce,
-    report_failure,
 )
-from lightning_landscape.callbacks._guard import (  # noqa: F401
-    _is_metric,
-    _logging_suppressed,
-    _MetricSnapshot,
-    model_state_guard,
-)
-from lightning_landscape.callbacks._loss import (  # noqa: F401
-    LossFn,
-    UserLossFn,
-    _check_attached,
-    _training_step_loss,
-    _user_loss,
-    resolve_loss,
-)
+from lightning_landscape.callbacks._guard import _logging_suppressed, _MetricSnapshot, model_state_guard  # noqa: F401
+from lightning_landscape.callbacks._loss import LossFn, UserLossFn, resolve_loss
+from lightning_landscape.callbacks._measure import report_monitor_failure, run_measurement
 from lightning_landscape.callbacks._probes import ProbeSet, host_copy, to_device
 from lightning_landscape.callbacks._schedule import Scheduler, planned_end
-from lightning_landscape.core import distributed
-from lightning_landscape.core._sdpa import differentiable_attention
+from lightning_landscape.callbacks._state import MonitorState
 from lightning_landscape.core._validation import (
     LandscapeWarning,
     check_bool,
@@ -64,7 +48,7 @@ from lightning_landscape.core._validation import (
     check_int,
 )
 from lightning_landscape.core.alerts import Alert
-from lightning_landscape.core.budget import MeasurementTimer, OverheadBudget
+from lightning_landscape.core.budget import OverheadBudget
 from lightning_landscape.core.hvp import MODES
 
 # the alert path lives in _alerting.py (re-exported here: these names were importable from this module)
@@ -92,7 +76,7 @@ def _delegate(component: str, name: str) -> property:
     return property(get, set_, doc=f"``self.{component}.{name}``")
 
 
-class LandscapeCallback(Callback):
+class LandscapeCallback(MonitorState, Callback):
     """Base of every monitor: adapts Lightning hooks to one ``measure`` call on a fixed probe set.
 
     A measurement is due at optimizer step ``s`` when ``s >= start_step`` and ``(s - start_step) % every_n_steps ==
@@ -282,66 +266,6 @@ class LandscapeCallback(Callback):
         if first_cost_steps is not None:
             self.first_cost_steps = float(first_cost_steps)
 
-    # ------------------------------------------------------------------------------------------ identity/state
-    @property
-    def state_key(self) -> str:
-        # Lightning reads state_key on every hook call (profiler action names), so it is computed once.
-        if self._state_key is None:
-            self._state_key = self._generate_state_key(**self._state_key_fields())
-        return self._state_key
-
-    def _state_key_fields(self) -> dict[str, Any]:
-        """The arguments that tell two instances of this monitor apart in one checkpoint."""
-        return {"prefix": self.prefix}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            # a shared probe set is the composition's to checkpoint (once)
-            **(self.probes.state_dict() if self._owns_probes else {}),
-            **self.schedule.state_dict(),
-            "alerts": [a.to_dict() for a in self.alerts],
-            "alert_counts": dict(self.alert_counts),
-            "monitor": self._monitor_state_dict(),
-            **({"alerting": self.alerting.state_dict()} if self._owns_rollback_keeper() else {}),
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # The rank is not known here; the probe slice of this rank is picked on the first batch.
-        if self._owns_probes and "probe_by_rank" in state_dict:
-            self.probes.load_state_dict(state_dict)
-        self.schedule.load_state_dict(state_dict)
-        self.alerts = [Alert.from_dict(a) for a in state_dict.get("alerts", [])]
-        self._last_stored_step = {a.kind: a.step for a in self.alerts}
-        self.alert_counts = {str(k): int(v) for k, v in state_dict.get("alert_counts", {}).items()}
-        self._load_monitor_state_dict(state_dict.get("monitor", {}))
-        if "alerting" in state_dict and self.alerting.monitors.get("") is self:
-            self.alerting.load_state_dict(state_dict["alerting"])
-
-    def _owns_rollback_keeper(self) -> bool:
-        # a standalone monitor checkpoints its keeper (only with "rollback": the snapshot doubles the checkpoint)
-        return self.alerting.monitors.get("") is self and self.alerting.rollback_enabled
-
-    def _rollback_state(self) -> dict[str, Any]:
-        """This monitor's state for the rollback snapshot: ``state_dict`` without the probe set (fixed), the alert
-        history (kept across a rollback) and the dispatcher (which holds the snapshot), copied to the host."""
-        state = self.state_dict()
-        for key in ("probe_by_rank", "alerts", "alert_counts", "alerting"):
-            state.pop(key, None)
-        return apply_to_collection(state, Tensor, lambda t: t.detach().to("cpu", copy=True))
-
-    def _rollback_restore(self, state: dict[str, Any]) -> None:
-        """Inverse of :meth:`_rollback_state`: the alert history stays as it is (the probe set is not in it)."""
-        kept = (self.alerts, self.alert_counts)
-        self.load_state_dict(state)
-        self.alerts, self.alert_counts = kept
-
-    def _monitor_state_dict(self) -> dict[str, Any]:
-        """Subclass state (tensors and primitives only)."""
-        return {}
-
-    def _load_monitor_state_dict(self, state: dict[str, Any]) -> None:
-        """Inverse of :meth:`_monitor_state_dict`."""
-
     # ------------------------------------------------------------------------------------------------- hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.schedule.restart(trainer)
@@ -430,67 +354,11 @@ class LandscapeCallback(Callback):
 
     # ------------------------------------------------------------------------------------------- measurement
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        timer = MeasurementTimer(pl_module.device) if self.budget is not None else None
-        if timer is not None:
-            timer.start()
-        started = time.perf_counter()
-        self.num_measurements += 1
-        distributed_run = trainer.world_size > 1
-        failure: BaseException | None = None
-        metrics: dict[str, float] = {}
-        with (
-            model_state_guard(pl_module),
-            _logging_suppressed(pl_module),
-            torch.enable_grad(),
-            differentiable_attention(),
-        ):
-            if distributed_run:
-                # DDP broadcasts rank 0's buffers at the start of each forward, but between steps every rank
-                # holds running statistics updated by its own batches. Measure every rank on rank 0's buffers
-                # (what the next forward would use); the guard gives each rank its own back afterwards.
-                for buffer in pl_module.buffers():
-                    distributed.broadcast(buffer)
-            try:
-                with _failure_aware_collectives(pl_module.device, enabled=distributed_run):
-                    batches = self.probe_batches(pl_module)
-                    metrics = self.measure(trainer, pl_module, batches, step)
-            except LandscapeAlertError:
-                raise  # on_alert="raise" is the user's choice, not a failure (every rank raises it: reduced values)
-            except Exception as err:  # user code, OOM, library errors; KeyboardInterrupt and SystemExit pass
-                failure = err
-            finally:
-                batches = []  # the device copy of the probe set lives only as long as the measurement
-        failed = failure is not None
-        if distributed_run and not isinstance(failure, _PeerMeasurementFailed):
-            # The ranks agree before any later collective: a rank that failed answers here the status check its
-            # peers make before their next collective inside `measure` (or their own agreement), so nobody waits.
-            failed = _agree_failed(failed, pl_module.device)
-        if failed:
-            self._report_failure(failure, step)
-            metrics = {self.key("status"): 0.0}
-        else:
-            metrics[self.key("status")] = 1.0
-        # budget mode on CUDA: the device span too (one synchronisation), so that the ledger is true on a GPU
-        cost = timer.stop() if timer is not None else time.perf_counter() - started
-        metrics[self.key("seconds")] = cost
-        overhead = self.schedule.charge(cost)
-        if overhead is not None:
-            metrics[f"{self.prefix}/budget/overhead"] = overhead
-        self.last_metrics = metrics
-        self.log_metrics(trainer, metrics, step)
-        self._after_measurement(trainer)
+        """One measurement (see :func:`~lightning_landscape.callbacks._measure.run_measurement`)."""
+        run_measurement(self, trainer, pl_module, step)
 
     def _report_failure(self, failure: BaseException | None, step: int) -> None:
-        """Warn once per kind of failure (naming the monitor, the step and the error), or raise with ``strict``."""
-        report_failure(
-            failure,
-            name=type(self).__name__,
-            step=step,
-            status_key=self.key("status"),
-            strict=self.strict,
-            warned=self._warned,
-            warn_once=self._warn_once,
-        )
+        report_monitor_failure(self, failure, step)
 
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], step: int
