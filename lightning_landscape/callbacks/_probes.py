@@ -22,7 +22,8 @@ _CPU = torch.device("cpu")
 
 
 def host_copy(batch: Any) -> Any:
-    """A real copy on the host: the dataloader may reuse its buffers, and the probe set must never change."""
+    """A copy on the host sharing no storage with ``batch`` (containers rebuilt, tensors copied): the dataloader may
+    reuse its buffers, and a probe set or a snapshot must never change."""
     return apply_to_collection(batch, Tensor, lambda t: t.detach().to(_CPU, copy=True))
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_utilities.core.apply_func import apply_to_collection
-from torch import Tensor
-
+from lightning_landscape.callbacks._probes import host_copy
 from lightning_landscape.core.alerts import Alert
 
 
@@ -59,7 +57,7 @@ class MonitorState:
         state = self.state_dict()
         for key in ("probe_by_rank", "alerts", "alert_counts", "alerting"):
             state.pop(key, None)
-        return apply_to_collection(state, Tensor, lambda t: t.detach().to("cpu", copy=True))
+        return host_copy(state)
 
     def _rollback_restore(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`_rollback_state`: the alert history stays as it is (the probe set is not in it)."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -95,6 +97,31 @@ def test_probe_set_copies_each_batch_to_the_host():
     assert probes.complete and probes.by_rank[0] is probes.batches  # this rank's slice is not a second copy
     probes.capture(1, batch)
     assert len(probes.batches) == 2
+
+
+def test_the_device_copy_lives_only_as_long_as_the_measurement(tmp_path, monkeypatch):
+    # On CPU moving to the device is a no-op; stand a clone in for the device copy to see that nothing keeps it.
+    from lightning_landscape.callbacks import _probes
+
+    monkeypatch.setattr(_probes, "to_device", lambda batch, device: [t.clone() for t in batch])
+    copies = []
+
+    class Spy(LandscapeCallback):
+        group = "spy"
+
+        def measure(self, trainer, pl_module, batches, step):
+            assert batches[0][0] is not self._probe[0][0]  # the stand-in device copy
+            copies.extend(weakref.ref(t) for batch in batches for t in batch)
+            return {}
+
+    monitor = LandscapeMonitor(
+        hessian=False, grad_spikes=False, rank=False, connectivity=False, logits=False, max_overhead=None
+    )
+    monitor.add_part("spy", Spy(every_n_steps=2, num_probe_batches=2, strict=True))
+    trainer = make_trainer(tmp_path, [monitor], max_steps=5)
+    trainer.fit(ClassifierModule())
+    gc.collect()
+    assert len(copies) == 3 * 2 * 2 and all(ref() is None for ref in copies)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
