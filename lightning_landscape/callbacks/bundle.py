@@ -278,7 +278,7 @@ class LandscapeMonitor(Callback):
         # Only the parts with something to do at this step (a due or postponed measurement): most steps none of the
         # periodic parts has, and skipping their calls is most of the bundle's per-step saving.
         step = trainer.global_step
-        capture = not self.probes.complete or self.probes.loaded is not None
+        capture = (not self.probes.complete or self.probes.loaded is not None) and self._reads_probes()
         active = [pair for pair in self._implementing("on_train_batch_start") if not pair[0].schedule.is_idle(step)]
         if capture:
             if self.budget is None:
@@ -290,6 +290,10 @@ class LandscapeMonitor(Callback):
         if active:
             self._call(active, trainer, pl_module, batch, batch_idx)
         self._safe_point(trainer)  # after every part's check of this step
+
+    def _reads_probes(self) -> bool:
+        # (the gradient monitor alone keeps no probe set)
+        return any(part.probes is self.probes for part in self.parts.values())
 
     def _capture(self, trainer: pl.Trainer, batch: Any) -> None:
         """The shared probe set: a checkpoint's applied at the first batch, then this batch kept until complete."""

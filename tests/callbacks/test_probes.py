@@ -268,3 +268,9 @@ def test_add_part_after_the_capture_began_refuses(tmp_path):
 def test_attach_refuses_a_smaller_probe_set():
     with pytest.raises(ValueError, match=r"`probes` holds 1 batch\(es\), fewer than .*`num_probe_batches`=3"):
         Hooks(num_probe_batches=3).attach(probes=ProbeSet(1))
+
+
+def test_a_bundle_without_probe_readers_keeps_no_probe_set(tmp_path):
+    monitor = LandscapeMonitor(hessian=False, rank=False, connectivity=False, logits=False, max_overhead=None)
+    make_trainer(tmp_path, [monitor], max_steps=3).fit(ClassifierModule())
+    assert monitor.probes.batches == [] and monitor.state_dict()["_probe"] == {"probe_by_rank": [[]]}
