@@ -33,9 +33,22 @@ from lightning_landscape.callbacks._failures import (  # noqa: F401
     _failure_aware_collectives,
     _is_configuration_error,
     _PeerMeasurementFailed,
+    _status_all_reduce,
 )
-from lightning_landscape.callbacks._guard import _logging_suppressed, _MetricSnapshot, model_state_guard  # noqa: F401
-from lightning_landscape.callbacks._loss import LossFn, UserLossFn, resolve_loss
+from lightning_landscape.callbacks._guard import (  # noqa: F401
+    _is_metric,
+    _logging_suppressed,
+    _MetricSnapshot,
+    model_state_guard,
+)
+from lightning_landscape.callbacks._loss import (  # noqa: F401
+    LossFn,
+    UserLossFn,
+    _check_attached,
+    _training_step_loss,
+    _user_loss,
+    resolve_loss,
+)
 from lightning_landscape.callbacks._measure import report_monitor_failure, run_measurement
 from lightning_landscape.callbacks._probes import ProbeSet, host_copy, to_device
 from lightning_landscape.callbacks._schedule import Scheduler, planned_end
