@@ -54,6 +54,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from lightning_landscape import tensorboard as tb
+from lightning_landscape.callbacks._probes import host_copy as _host_copy
 from lightning_landscape.core._validation import LandscapeWarning, check_callable, check_float, check_int
 from lightning_landscape.core.alerts import Alert
 
@@ -107,11 +108,6 @@ def validate_on_alert(on_alert: Any) -> list[AlertAction]:
             f"rollbacks), got {actions!r}."
         )
     return actions
-
-
-def _host_copy(obj: Any) -> Any:
-    """A copy on the CPU that shares no storage with ``obj`` (containers rebuilt, tensors cloned)."""
-    return apply_to_collection(obj, Tensor, lambda t: t.detach().to("cpu", copy=True))
 
 
 def _clone(obj: Any) -> Any:

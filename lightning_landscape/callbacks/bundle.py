@@ -7,15 +7,18 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_landscape import tensorboard as tb
 from lightning_landscape.callbacks._alerting import AlertDispatcher
 from lightning_landscape.callbacks._base import LandscapeCallback, OnAlert, UserLossFn
+from lightning_landscape.callbacks._probes import ProbeSet, migrate_part_probes
 from lightning_landscape.callbacks.connectivity import ModeConnectivityMonitor
 from lightning_landscape.callbacks.grad_spikes import GradientSpikeMonitor
 from lightning_landscape.callbacks.hessian import HessianMonitor
 from lightning_landscape.callbacks.logits import LogitMonitor
 from lightning_landscape.callbacks.rank import EffectiveRankMonitor
+from lightning_landscape.core._validation import LandscapeWarning, check_float
 from lightning_landscape.core.alerts import Alert
 from lightning_landscape.core.budget import OverheadBudget
 
@@ -45,6 +48,28 @@ _PARTS = {
     "rank": EffectiveRankMonitor,
     "connectivity": ModeConnectivityMonitor,
 }
+
+
+def _build(name: str, setting: Any, shared: dict[str, Any], probe: dict[str, Any]) -> LandscapeCallback:
+    """The part ``name`` from its setting (``True`` or a dict of its arguments) and the bundle's arguments."""
+    cls = _PARTS[name]
+    if setting is not True and not isinstance(setting, dict):
+        raise TypeError(f"`{name}` must be True, False or a dict of {cls.__name__} arguments, got {setting!r}.")
+    arguments = dict(shared)
+    if cls.takes_probe_set():
+        arguments.update(probe)
+        if name == "logits" or probe["num_probe_batches"] is None:
+            arguments["num_probe_batches"] = DEFAULT_PROBE_BATCHES[name]  # see there; logits always reads one
+    if name in DEFAULT_EVERY:
+        arguments["every_n_steps"] = DEFAULT_EVERY[name]
+    arguments.update(setting if isinstance(setting, dict) else {})
+    for own in ("rollback_every_n_steps", "max_rollbacks", "rollback_lr_factor"):
+        if own in arguments:
+            raise ValueError(
+                f"`{name}` sets `{own}`, but the parts share one rollback keeper: pass `{own}` to "
+                f"LandscapeMonitor itself (got {name}={setting!r})."
+            )
+    return cls(**arguments)
 
 
 class LandscapeMonitor(Callback):
@@ -87,6 +112,13 @@ class LandscapeMonitor(Callback):
             shortest spacing. On CUDA a measurement is charged its device time (CUDA events, one synchronisation at
             its end). ``None``: measure exactly at the cadences, read the gradients every step.
 
+    Composition: the parts share one :class:`~lightning_landscape.callbacks._probes.ProbeSet` (captured here,
+    once, with as many batches as the part that wants most; each part reads its first ``num_probe_batches``; one
+    entry ``"_probe"`` in the checkpoint), one ``AlertDispatcher``, one set of once-only warnings and one time
+    ledger, all handed to each part through :meth:`LandscapeCallback.attach`. Every Lightning hook a part
+    overrides reaches it (the forwarding methods are built from ``Callback``'s hook names); per-step hooks skip the
+    parts whose scheduler says they are idle.
+
     Raises:
         TypeError / ValueError: a part is not a bool or a dict, or one of its arguments is invalid (the message of
             the part's own validation names the argument).
@@ -117,70 +149,96 @@ class LandscapeMonitor(Callback):
         # one dispatcher for every part: one snapshot (of every part's state), one rollback counter
         self.alerting = AlertDispatcher(rollback_every_n_steps, max_rollbacks, rollback_lr_factor, prefix=prefix)
         self.alerting.snapshot_at_decisions = False  # after all parts ran (the bundle's hooks), not inside one
-        shared = {"on_alert": on_alert, "prefix": prefix, "strict": strict, "seed": seed}
-        probe = {"loss_fn": loss_fn, "num_probe_batches": num_probe_batches, "mode": mode}
-        self.parts: dict[str, LandscapeCallback] = {}
-        parts_settings = {
+        settings = {
             "hessian": hessian,
             "grad_spikes": grad_spikes,
             "rank": rank,
             "connectivity": connectivity,
             "logits": logits,
         }
-        for name, setting in parts_settings.items():
-            if setting is False:
-                continue
-            if setting is not True and not isinstance(setting, dict):
-                raise TypeError(
-                    f"`{name}` must be True, False or a dict of {_PARTS[name].__name__} arguments, got {setting!r}."
-                )
-            arguments = dict(shared)
-            if name != "grad_spikes":
-                arguments.update(probe)
-                arguments["every_n_steps"] = DEFAULT_EVERY[name]
-            if name == "logits" or (name != "grad_spikes" and num_probe_batches is None):
-                arguments["num_probe_batches"] = DEFAULT_PROBE_BATCHES[name]  # see there; logits always reads one
-            arguments.update(setting if isinstance(setting, dict) else {})
-            for own in ("rollback_every_n_steps", "max_rollbacks", "rollback_lr_factor"):
-                if own in arguments:
-                    raise ValueError(
-                        f"`{name}` sets `{own}`, but the parts share one rollback keeper: pass `{own}` to "
-                        f"LandscapeMonitor itself (got {name}={setting!r})."
-                    )
-            self.parts[name] = _PARTS[name](**arguments)
-            self.parts[name].alerting = self.alerting
-            self.alerting.register(name, self.parts[name])
+        shared = {"on_alert": on_alert, "prefix": prefix, "strict": strict, "seed": seed}
+        probe = {"loss_fn": loss_fn, "num_probe_batches": num_probe_batches, "mode": mode}
+        self.parts: dict[str, LandscapeCallback] = {
+            name: _build(name, setting, shared, probe) for name, setting in settings.items() if setting is not False
+        }
         if not isinstance(dashboard, bool):
             raise TypeError(f"`dashboard` must be a bool, got {dashboard!r}.")
+        self.dashboard = dashboard
+        self.prefix = prefix
         # One ledger for every part (unless a part was given its own `max_overhead`): the sum of their costs is
         # what must fit, and cheap parts then get measured more often than expensive ones.
         self.max_overhead = max_overhead
         self.budget = OverheadBudget(max_overhead) if max_overhead is not None else None
-        warned: set[str] = set()
-        sharing = {}
-        for name, part in self.parts.items():
-            part._shared_warned = warned
-            own = isinstance(parts_settings[name], dict) and "max_overhead" in parts_settings[name]
-            if self.budget is not None and not own:
-                part.budget = self.budget
-                if name != "grad_spikes":  # it strides rather than postpones: its own share, below
-                    sharing[name] = part
-                    if name in FIRST_COST_STEPS and not isinstance(parts_settings[name], dict):
-                        part.first_cost_steps = FIRST_COST_STEPS[name]
-        spikes = self.parts.get("grad_spikes")
-        spikes_shares = spikes is not None and spikes.budget is self.budget and bool(sharing)
-        # the gradient monitor's per-step reads may take 20% of the budget before it reads every few steps instead
-        # (alone on the ledger, all of it); the periodic parts share the rest by weight
-        rest = 1.0 - GRAD_SPIKES_SHARE if spikes_shares else 1.0
-        total_weight = sum(SHARE_WEIGHTS[name] for name in sharing)
-        for name, part in sharing.items():
-            part.budget_share = rest * SHARE_WEIGHTS[name] / total_weight
-        if spikes_shares:
-            spikes.budget_share = GRAD_SPIKES_SHARE
-        self.dashboard = dashboard
-        self.prefix = prefix
+        #: The probe set of every part that reads one: as many batches as the part that wants most.
+        self.probes = ProbeSet(
+            max((p.num_probe_batches for p in self.parts.values() if p.takes_probe_set()), default=1)
+        )
+        self._warned: set[str] = set()  # warnings said once per bundle (shared with the parts)
+        #: Each periodic part's weight in the budget (``SHARE_WEIGHTS``; :meth:`add_part` adds its own).
+        self.share_weights = {name: SHARE_WEIGHTS[name] for name in self.parts if name in SHARE_WEIGHTS}
+        # the bundle's first-cost estimates are for its own default configuration of a part, not a configured one
+        self._first_cost = {n: c for n, c in FIRST_COST_STEPS.items() if n in self.parts and settings[n] is True}
+        self._compose()
 
-    # Hooks: forwarded to every part, in a fixed order (explicit methods, so the callback pickles for ddp_spawn).
+    def add_part(self, name: str, part: LandscapeCallback, *, share_weight: float = 0.15) -> None:
+        """Compose one more monitor (a new kind of measurement) with the built-in parts, before ``fit``: it shares
+        their probe set (the set grows to its ``num_probe_batches`` if needed), alert dispatcher, warnings and time
+        ledger (unless it was given its own ``max_overhead``), with ``share_weight`` among the periodic parts'
+        weights, and every Lightning hook it overrides reaches it.
+
+        Raises:
+            ValueError: ``name`` is taken, the probe capture has begun, or ``share_weight`` is not > 0.
+            TypeError: ``part`` is not a LandscapeCallback.
+        """
+        if not isinstance(part, LandscapeCallback):
+            raise TypeError(f"`part` must be a LandscapeCallback, got {type(part).__name__}.")
+        if name in self.parts:
+            raise ValueError(
+                f"`name` must not be one of the parts already composed {sorted(self.parts)}, got {name!r}."
+            )
+        share_weight = check_float("share_weight", share_weight, minimum=0.0, strict_minimum=True)
+        if self.probes.batches or self.probes.loaded is not None:
+            raise ValueError(
+                f"`add_part` must be called before training starts (the probe set is being captured), got {name!r}."
+            )
+        self.parts[name] = part
+        if part.takes_probe_set():
+            self.probes.size = max(self.probes.size, part.num_probe_batches)
+        if not part.strides_rather_than_postpones:
+            self.share_weights[name] = share_weight
+        self.__dict__.pop("_hook_cache", None)
+        self._state_key = None
+        self._compose()
+
+    def _compose(self) -> None:
+        """Hand every part the shared pieces (:meth:`LandscapeCallback.attach`), with its budget share: a part that
+        strides rather than postpones (the gradient monitor) may take ``GRAD_SPIKES_SHARE`` of the budget before it
+        reads every few steps instead (alone on the ledger, all of it); the periodic parts share the rest by
+        their ``share_weights``. A part built with its own ``max_overhead`` keeps its own ledger."""
+        ledger = {n: p for n, p in self.parts.items() if self.budget is not None and p.budget in (None, self.budget)}
+        periodic = [n for n, p in ledger.items() if not p.strides_rather_than_postpones]
+        rest = 1.0 - GRAD_SPIKES_SHARE if periodic and len(periodic) < len(ledger) else 1.0
+        total_weight = sum(self.share_weights[n] for n in periodic)
+        for name, part in self.parts.items():
+            self.alerting.register(name, part)
+            share = None
+            if name in periodic:
+                share = rest * self.share_weights[name] / total_weight
+            elif name in ledger and periodic:
+                share = GRAD_SPIKES_SHARE
+            part.attach(
+                alerting=self.alerting,
+                warned=self._warned,
+                probes=self.probes if part.takes_probe_set() else None,
+                budget=self.budget if name in ledger else None,
+                budget_share=share,
+                first_cost_steps=self._first_cost.get(name) if name in ledger else None,
+            )
+
+    # --------------------------------------------------------------------------------------------------- hooks
+    # Every Callback hook is forwarded to the parts that override it (the methods are made below the class from
+    # Callback's hook names, so a hook a part starts to use needs no edit here; plain functions on the class, so
+    # the callback pickles for ddp_spawn). The ones written out here add the bundle's own work.
     def _implementing(self, hook: str) -> list[tuple[LandscapeCallback, Callable[..., Any]]]:
         """``(part, bound hook method)`` of the parts that implement ``hook``, skipping parts that inherit
         Lightning's no-op (cached: per-step hooks are called thousands of times)."""
@@ -190,25 +248,24 @@ class LandscapeMonitor(Callback):
             cache[hook] = [(p, getattr(p, hook)) for p in self.parts.values() if getattr(type(p), hook) is not default]
         return cache[hook]
 
-    def _forward(self, hook: str, *args: Any) -> None:
-        self._call(self._implementing(hook), *args)
+    def _forward(self, hook: str, *args: Any, **kwargs: Any) -> None:
+        parts = self._implementing(hook)
+        if parts:
+            self._call(parts, *args, **kwargs)
 
-    def _call(self, parts: list[tuple[LandscapeCallback, Callable[..., Any]]], *args: Any) -> None:
+    def _call(self, parts: list[tuple[LandscapeCallback, Callable[..., Any]]], *args: Any, **kwargs: Any) -> None:
         if self.budget is None:
             for _, method in parts:
-                method(*args)
+                method(*args, **kwargs)
             return
         with self.budget.section():  # the ledger sees all of the parts' time, bookkeeping included
             for _, method in parts:
-                method(*args)
+                method(*args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_hook_cache", None)  # bound methods: rebuilt after unpickling (ddp_spawn pickles callbacks)
         return state
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._forward("setup", trainer, pl_module, stage)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.dashboard:
@@ -218,16 +275,31 @@ class LandscapeMonitor(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        # Only the parts with something to do at this step (a due or postponed measurement, probe capture): most
-        # steps none of the periodic parts has, and skipping their calls is most of the bundle's per-step saving.
+        # Only the parts with something to do at this step (a due or postponed measurement): most steps none of the
+        # periodic parts has, and skipping their calls is most of the bundle's per-step saving.
         step = trainer.global_step
-        active = [pair for pair in self._implementing("on_train_batch_start") if step >= pair[0].idle_until]
+        capture = (not self.probes.complete or self.probes.loaded is not None) and self._reads_probes()
+        active = [pair for pair in self._implementing("on_train_batch_start") if not pair[0].schedule.is_idle(step)]
+        if capture:
+            if self.budget is None:
+                self._capture(trainer, batch)
+            else:
+                with self.budget.section():
+                    self.budget.start(step)
+                    self._capture(trainer, batch)
         if active:
             self._call(active, trainer, pl_module, batch, batch_idx)
         self._safe_point(trainer)  # after every part's check of this step
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        self._forward("on_before_optimizer_step", trainer, pl_module, optimizer)
+    def _reads_probes(self) -> bool:
+        # (the gradient monitor alone keeps no probe set)
+        return any(part.probes is self.probes for part in self.parts.values())
+
+    def _capture(self, trainer: pl.Trainer, batch: Any) -> None:
+        """The shared probe set: a checkpoint's applied at the first batch, then this batch kept until complete."""
+        if self.probes.loaded is not None:
+            self.probes.restore_loaded(trainer.world_size, trainer.global_rank, type(self).__name__, self._warn_once)
+        self.probes.capture(trainer.world_size, batch)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -245,9 +317,12 @@ class LandscapeMonitor(Callback):
         with self.budget.section():
             self.alerting.safe_point(trainer)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._forward("on_train_end", trainer, pl_module)
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message, category=LandscapeWarning)
 
+    # ---------------------------------------------------------------------------------------------- results
     @property
     def alerts(self) -> list[Alert]:
         """Every alert raised so far by every part, in step order."""
@@ -261,6 +336,7 @@ class LandscapeMonitor(Callback):
             merged.update(part.last_metrics)
         return merged
 
+    # ------------------------------------------------------------------------------------------------ state
     @property
     def state_key(self) -> str:
         # Lightning reads it on every hook call (profiler action names): computed once.
@@ -269,14 +345,48 @@ class LandscapeMonitor(Callback):
         return self._state_key
 
     def state_dict(self) -> dict[str, Any]:
+        """Every part's state under its name, the shared probe set once under ``"_probe"``, the shared rollback
+        keeper (its snapshot) under ``"_alerting"`` when a part rolls back."""
         state: dict[str, Any] = {name: part.state_dict() for name, part in self.parts.items()}
-        if self.alerting.rollback_enabled:  # the shared rollback keeper (its snapshot), once
+        state["_probe"] = self.probes.state_dict()
+        if self.alerting.rollback_enabled:
             state["_alerting"] = self.alerting.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Also reads checkpoints written before the probe set was shared (a probe set in every part's state): the
+        longest part's set becomes the shared one (they were all the first batches of the same run)."""
+        probe = state_dict.get("_probe")
+        if probe is None:
+            probe = migrate_part_probes([s for n, s in state_dict.items() if n in self.parts and isinstance(s, dict)])
+        if probe is not None:
+            self.probes.load_state_dict(probe)
         for name, part in self.parts.items():
             if name in state_dict:
                 part.load_state_dict(state_dict[name])
         if "_alerting" in state_dict:
             self.alerting.load_state_dict(state_dict["_alerting"])
+
+
+#: The Callback hooks forwarded to the parts: every hook Lightning's ``Callback`` defines (state hooks excepted:
+#: the bundle's state is its own, composed of the parts').
+FORWARDED_HOOKS = tuple(
+    name
+    for name, value in vars(Callback).items()
+    if callable(value) and (name.startswith("on_") or name in ("setup", "teardown"))
+)
+
+
+def _forwarder(hook: str) -> Callable[..., None]:
+    def forward(self: LandscapeMonitor, *args: Any, **kwargs: Any) -> None:
+        self._forward(hook, *args, **kwargs)
+
+    forward.__name__ = hook
+    forward.__qualname__ = f"LandscapeMonitor.{hook}"
+    forward.__doc__ = f"Forward ``{hook}`` to the parts that implement it."
+    return forward
+
+
+for _hook in FORWARDED_HOOKS:
+    if _hook not in vars(LandscapeMonitor):
+        setattr(LandscapeMonitor, _hook, _forwarder(_hook))

@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 from lightning_landscape import GradientSpikeMonitor
-from lightning_landscape.callbacks import _base
+from lightning_landscape.callbacks import _measure
 from lightning_landscape.callbacks import grad_spikes as grad_spikes_module
 from lightning_landscape.core import budget as budget_module
 from tests.callbacks.test_budget import STEP_SECONDS, CostlyMonitor, FakeClock
@@ -63,7 +63,7 @@ def slow_reads_on_rank_zero(monitor: GradientSpikeMonitor, clock: FakeClock) -> 
 
 def main(out: Path) -> None:
     clock = FakeClock()
-    _base.time = clock
+    _measure.time = clock
     budget_module.time = clock
     grad_spikes_module.time = clock
     monitor = CostlyMonitor(clock, every_n_steps=1, max_overhead=0.05)

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape.callbacks._base import LandscapeCallback
 from lightning_landscape.core.alerts import Alert
+from tests.helpers.real_models import make_trainer
 
 
 class Regression(pl.LightningModule):
@@ -132,16 +133,7 @@ def assert_tensors_equal(a: Any, b: Any, path: str = "") -> None:
 
 
 def trainer_for(tmp_path, callbacks, max_steps: int, **kwargs: Any) -> pl.Trainer:
-    settings = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": max_steps,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": str(tmp_path),
-        "deterministic": True,
-    }
-    settings.update(kwargs)
-    return pl.Trainer(callbacks=list(callbacks), **settings)
+    """The quiet CPU Trainer of tests/helpers/real_models.py, deterministic, without reseeding the RNGs (the tests
+    seed before building their models) and with Lightning's default ``log_every_n_steps``."""
+    settings = {"seed": None, "deterministic": True, "log_every_n_steps": 50, "num_sanity_val_steps": 2}
+    return make_trainer(tmp_path, callbacks, max_steps, **{**settings, **kwargs})

@@ -4,7 +4,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_landscape.callbacks import _base
+from lightning_landscape.callbacks import _measure
 from lightning_landscape.callbacks._base import LandscapeCallback
 from lightning_landscape.core import budget as budget_module
 from tests.helpers.lightning import ClassifierModule, make_trainer
@@ -52,7 +52,7 @@ class Ticker(Callback):
 @pytest.fixture
 def clock(monkeypatch):
     fake = FakeClock()
-    monkeypatch.setattr(_base, "time", fake)
+    monkeypatch.setattr(_measure, "time", fake)  # where a measurement is timed
     monkeypatch.setattr(budget_module, "time", fake)
     return fake
 

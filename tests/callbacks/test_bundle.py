@@ -94,7 +94,9 @@ def test_state_round_trip_through_a_checkpoint(tmp_path):
     assert int(resumed.parts["grad_spikes"].grad_detector.count) == 11
     assert torch.equal(resumed.parts["hessian"]._probe[0][0], monitor.parts["hessian"]._probe[0][0])
     state = copy.deepcopy(monitor.state_dict())
-    assert set(state) == {"hessian", "grad_spikes", "rank", "connectivity", "logits"}
+    # issue 14: the shared probe set is one entry of the bundle's state ("_probe"), no longer one per part
+    assert set(state) == {"hessian", "grad_spikes", "rank", "connectivity", "logits", "_probe"}
+    assert not any("probe_by_rank" in state[name] for name in ("hessian", "rank", "connectivity", "logits"))
 
 
 def test_dashboard_layout_names_the_documented_charts():

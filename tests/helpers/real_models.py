@@ -510,15 +510,16 @@ def make_trainer(
     default_root_dir: str | os.PathLike | None = None,
     callbacks: Any = (),
     max_steps: int = 40,
-    seed: int = 0,
+    seed: int | None = 0,
     **kwargs: Any,
 ) -> pl.Trainer:
     """A quiet seeded CPU Trainer (no progress bar, no summary, no checkpointing, no logger unless given).
 
-    Seeds the global RNGs with ``seed`` first (``pl.seed_everything``), so two calls followed by ``fit`` on equal
-    models train identically; ``kwargs`` override every default.
+    Seeds the global RNGs with ``seed`` first (``pl.seed_everything``; ``None``: leaves them as they are), so two
+    calls followed by ``fit`` on equal models train identically; ``kwargs`` override every default.
     """
-    pl.seed_everything(seed, verbose=False)
+    if seed is not None:
+        pl.seed_everything(seed, verbose=False)
     settings: dict[str, Any] = {
         "accelerator": "cpu",
         "devices": 1,
