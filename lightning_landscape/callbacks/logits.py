@@ -20,7 +20,7 @@ from lightning_landscape.core._validation import check_float, check_int
 from lightning_landscape.core.alerts import Alert
 from lightning_landscape.core.attention import AttentionCapture, looks_like_attention
 from lightning_landscape.core.hvp import operator_mode, seeded_rng
-from lightning_landscape.core.logits import majority_sign_fraction, top_right_singular_vector
+from lightning_landscape.core.logits import majority_sign_fraction, softmax_saturated, top_right_singular_vector
 
 
 def _select(option: Any, name: str) -> bool | str | list[str]:
@@ -162,7 +162,10 @@ class LogitMonitor(LandscapeCallback):
           ``p/logits/output/drift``, its change since the first measurement; ``p/logits/output/max_abs``.
         - ``p/logits/output/softmax_collapse``: the fraction of output rows (samples or tokens) whose largest softmax
           probability rounds to exactly 1 in the loss dtype (the logits' dtype; float32 under autocast, where the
-          softmax and cross-entropy run in float32): their gradient through the softmax has vanished.
+          softmax and cross-entropy run in float32): softmax collapse (Prieto et al. 2025, "Grokking at the Edge of
+          Numerical Stability"). A row whose target is its top class then has a cross-entropy of exactly 0 and an
+          exactly zero gradient at its target logit, so it no longer teaches the model
+          (:func:`~lightning_landscape.core.logits.softmax_saturated`; a gap of ~16.6 nats in float32).
         - ``p/logits/alignment/{name}/sign_fraction``: spectral alignment (Qiu et al. 2025): the majority-sign
           fraction of ``v1 . x`` over the layer's input rows ``x`` (``v1``: the weight's top right singular vector,
           by warm-started power iteration), in [0.5, 1]; and ``p/logits/alignment/max_sign_fraction``.
@@ -187,7 +190,9 @@ class LogitMonitor(LandscapeCallback):
           exceeds it. Off by default: a healthy classifier's log-partition rises by 4-10 nats as it grows confident,
           more than the transformer's pre-divergence drift (2.3-3), so no level separates them.
         - ``softmax_collapse`` (opt-in, ``softmax_collapse_fraction``): ``p/logits/output/softmax_collapse``
-          exceeds it. Off by default: a model that has memorised easy training examples saturates them legitimately.
+          exceeds it (edge-triggered: once when it passes, again only after it fell back). Off by default: a model
+          that has memorised easy training examples saturates them legitimately. Without weight decay a model that
+          has memorised its training set drives the fraction to 1 and stops learning (``benchmarks/grokking.py``).
         - ``alignment_collapse`` (when ``alignment`` is on): a layer's sign fraction reaches ``alignment_threshold``
           when it started below it. Off by default: in our scenarios the fraction also reached 1.0 in stable
           controls (inputs after a ReLU are non-negative, so one sign is natural); see ``benchmarks/RESULTS.md``.
@@ -393,11 +398,10 @@ class LogitMonitor(LandscapeCallback):
                 armed.add("output/log_z_sum", log_z.sum(), "sum")
                 armed.add("output/count", wide.new_tensor(float(log_z.numel())), "sum")
                 armed.add("output/max_abs", wide.masked_fill(~finite, 0.0).abs().amax(), "max")
-                # softmax collapse: the top probability rounds to exactly 1 in the dtype the loss sees
+                # softmax collapse in the dtype the loss sees: autocast runs cross-entropy in float32
                 autocast = _autocast_on(logits.device.type)
                 loss_dtype = torch.float32 if autocast and logits.dtype in (torch.float16, torch.bfloat16) else None
-                probabilities = torch.softmax(logits.masked_fill(~finite, 0.0).to(loss_dtype or logits.dtype), -1)
-                armed.add("output/saturated", (probabilities.amax(-1) == 1).sum().to(wide.dtype), "sum")
+                armed.add("output/saturated", softmax_saturated(logits, loss_dtype).sum().to(wide.dtype), "sum")
 
         def alignment_hook(name: str, direction: Tensor):
             def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
