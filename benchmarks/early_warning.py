@@ -42,7 +42,7 @@ import tempfile
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the real models live with the tests
 from _data import digits_tensors
 from grad_spikes import CharTransformer, stdlib_text
+from grokking import ModularMLP
 
 from lightning_landscape import (
     EffectiveRankMonitor,
@@ -165,6 +166,7 @@ class Scenario:
     unstable: Any  # () -> LightningModule; None for a healthy control on its own
     control: Any
     dense_every: int  # cadence of the slow signals in the dense run
+    logits: dict[str, Any] = field(default_factory=dict)  # LogitMonitor arguments (dense run and bundle)
 
 
 # Language models on the stdlib corpus of tests/helpers/real_models.py (1024 windows of 32 bytes, batch 8): a
@@ -248,6 +250,19 @@ SCENARIOS = [
         None,
         lambda: DemoTransformer(num_windows=1024),
         25,
+    ),
+    # benchmarks/grokking.py's task. No divergence here: the harm is that learning stops (held-out accuracy stays at
+    # chance, which grokking.py records), while the loss falls to ~1e-7, so the divergence and last-20 columns do
+    # not judge this scenario; the alerts do (softmax_collapse on the unstable run, none on the control).
+    Scenario(
+        "grokking-softmax-collapse",
+        "a + b mod 97, one-hot 2-layer MLP, full-batch AdamW lr 1e-2 betas (0.9, 0.95), float32, 40% of the pairs, "
+        "no weight decay (control: weight decay 1.0, it groks); LogitMonitor(softmax_collapse_fraction=0.1)",
+        1500,
+        lambda: ModularMLP(0.0, 1500),
+        lambda: ModularMLP(1.0, 1500),
+        100,
+        logits={"softmax_collapse_fraction": 0.1},
     ),
 ]
 
@@ -344,7 +359,7 @@ def train(make, steps: int, callbacks: list[pl.Callback], root: str, name: str, 
     return trajectory, trainer
 
 
-def dense_monitors(every: int, record) -> list[pl.Callback]:
+def dense_monitors(every: int, record, logits: dict[str, Any] | None = None) -> list[pl.Callback]:
     shared = {"on_alert": record, "alert_cooldown_steps": 0}
     monitors = [
         GradientSpikeMonitor(**shared),
@@ -352,7 +367,7 @@ def dense_monitors(every: int, record) -> list[pl.Callback]:
         EffectiveRankMonitor(every_n_steps=every, num_probe_batches=1, **shared),
         ModeConnectivityMonitor(every_n_steps=every, num_probe_batches=1, **shared),
     ]
-    return [*monitors, LogitMonitor(**shared)]
+    return [*monitors, LogitMonitor(**shared, **(logits or {}))]
 
 
 def rollback_support() -> tuple[bool, str]:
@@ -384,10 +399,12 @@ def _tail_mean(losses: list[float]) -> float:
     return sum(tail) / len(tail) if tail and all(math.isfinite(x) for x in tail) else math.inf
 
 
-def _bundle_run(make, steps: int, root: str, name: str, on_alert: list) -> dict[str, Any]:
+def _bundle_run(
+    make, steps: int, root: str, name: str, on_alert: list, logits: dict[str, Any] | None = None
+) -> dict[str, Any]:
     alerts: list = []
     started = time.perf_counter()
-    bundle = LandscapeMonitor(on_alert=[*on_alert, alerts.append])
+    bundle = LandscapeMonitor(on_alert=[*on_alert, alerts.append], logits=logits or True)
     trajectory, trainer = train(make, steps, [bundle], root, name, stop=False)
     first = min(alerts, key=lambda a: a.step) if alerts else None
     return {
@@ -407,10 +424,12 @@ def _bundle_run(make, steps: int, root: str, name: str, on_alert: list) -> dict[
     }
 
 
-def _dense_run(make, steps: int, every: int, root: str, name: str) -> dict[str, Any]:
+def _dense_run(
+    make, steps: int, every: int, root: str, name: str, logits: dict[str, Any] | None = None
+) -> dict[str, Any]:
     alerts: list = []
     started = time.perf_counter()
-    trajectory, _ = train(make, steps, dense_monitors(every, alerts.append), root, name)
+    trajectory, _ = train(make, steps, dense_monitors(every, alerts.append, logits), root, name)
     first = first_alerts(alerts)
     first[BASELINES[0]] = zclip_first_alert(trajectory.grad_norms)
     first[BASELINES[1]] = kill_loss_spike_first_alert(trajectory.losses)
@@ -446,8 +465,8 @@ def run_scenario(scenario: Scenario, root: str, fast: bool = False, rollback: bo
         variants.insert(0, ("unstable", scenario.unstable))
     for variant, make in variants:
         tag = f"{scenario.name}-{variant}"
-        dense = _guarded(f"{tag} dense", _dense_run, make, steps, every, root, tag)
-        bundle = _guarded(f"{tag} bundle", _bundle_run, make, steps, root, tag, [])
+        dense = _guarded(f"{tag} dense", _dense_run, make, steps, every, root, tag, scenario.logits)
+        bundle = _guarded(f"{tag} bundle", _bundle_run, make, steps, root, tag, [], scenario.logits)
         result[variant] = {"dense": dense, "bundle": bundle}
         print(
             f"  {variant}: divergence {dense.get('divergence')}, alerts {dense.get('first', dense.get('error'))} "
@@ -461,7 +480,7 @@ def run_scenario(scenario: Scenario, root: str, fast: bool = False, rollback: bo
             rollback = rollback_support()[0]
         if rollback:
             tag = f"{scenario.name}-rollback"
-            run = _guarded(tag, _bundle_run, scenario.unstable, steps, root, tag, ["rollback"])
+            run = _guarded(tag, _bundle_run, scenario.unstable, steps, root, tag, ["rollback"], scenario.logits)
             result["rollback"] = run
             print(
                 f"  rollback: {run.get('rollbacks')} rollback(s), alerts {run.get('kinds', run.get('error'))}, "
