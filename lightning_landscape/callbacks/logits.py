@@ -110,17 +110,10 @@ class _Armed:
         self.seconds = time.perf_counter() - started  # the hook time spent so far (arming)
         self.capture: AttentionCapture | None = None
         self.handles: list[Any] = []
-        self.sums: dict[str, tuple[Tensor, str]] = {}  # name -> (0-d tensor on the device, reduce op)
-        self.non_finite: dict[str, Tensor] = {}
+        self.state = distributed.ReducedState()  # 0-d tensors on the device, each with its reduction
 
     def add(self, name: str, value: Tensor, op: str) -> None:
-        old = self.sums.get(name)
-        if old is None:
-            self.sums[name] = (value, op)
-        elif op == "sum":
-            self.sums[name] = (old[0] + value, op)
-        else:
-            self.sums[name] = (torch.maximum(old[0], value), op)
+        self.state.update(name, value, op)
 
     def disarm(self) -> None:
         for handle in self.handles:
@@ -503,7 +496,7 @@ class LogitMonitor(LandscapeCallback):
 
     # ------------------------------------------------------------------------------------------- reading
     def _declared(self, armed: _Armed) -> dict[str, tuple[Tensor, str]]:
-        values = dict(armed.sums)
+        values = armed.state.declared()
         if armed.capture is not None:
             for name, s in armed.capture.sums.items():
                 values[f"attention/{name}/max"] = (s.maximum, "max")
