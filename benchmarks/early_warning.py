@@ -176,6 +176,19 @@ class Scenario:
 GPT = {"n_embd": 64, "n_head": 4, "weight_decay": 0.0, "num_windows": 1024, "warmup_steps": 400}
 GPT2 = {"attn_implementation": "sdpa", "num_windows": 1024, "warmup_steps": 400}
 
+
+def _high_lr(name: str, model_text: str, steps: int, model: Any, config: dict[str, Any]) -> Scenario:
+    """A language model at lr 0.6 on the warm-up schedule of ``config``, its control at 0.01."""
+    return Scenario(
+        name,
+        f"{model_text}, AdamW warmed up over {config['warmup_steps']} steps towards lr 0.6 (control 0.01)",
+        steps,
+        lambda: model(lr=0.6, **config),
+        lambda: model(lr=0.01, **config),
+        10,
+    )
+
+
 SCENARIOS = [
     Scenario(
         "transformer-high-lr",
@@ -209,23 +222,13 @@ SCENARIOS = [
         lambda: DigitsMLP(3, 1e-3, "adam"),
         10,
     ),
-    Scenario(
-        "gpt-sdpa-high-lr",
-        "nanoGPT (F.scaled_dot_product_attention, 2 layers, width 64), AdamW warmed up over 400 steps towards "
-        "lr 0.6 (control 0.01)",
-        300,
-        lambda: NanoGPT(lr=0.6, **GPT),
-        lambda: NanoGPT(lr=0.01, **GPT),
-        10,
-    ),
-    Scenario(
+    _high_lr("gpt-sdpa-high-lr", "nanoGPT (F.scaled_dot_product_attention, 2 layers, width 64)", 300, NanoGPT, GPT),
+    _high_lr(
         "hf-gpt2-high-lr",
-        "HF GPT2LMHeadModel from a tiny GPT2Config (sdpa attention, 2 layers, width 32), AdamW warmed up over 400 "
-        "steps towards lr 0.6 (control 0.01)",
+        "HF GPT2LMHeadModel from a tiny GPT2Config (sdpa attention, 2 layers, width 32)",
         350,
-        lambda: HFGPT2(lr=0.6, **GPT2),
-        lambda: HFGPT2(lr=0.01, **GPT2),
-        10,
+        HFGPT2,
+        GPT2,
     ),
     Scenario(
         "gpt-sdpa-healthy",
