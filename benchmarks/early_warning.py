@@ -167,6 +167,9 @@ class Scenario:
     control: Any
     dense_every: int  # cadence of the slow signals in the dense run
     logits: dict[str, Any] = field(default_factory=dict)  # LogitMonitor arguments (dense run and bundle)
+    # whether "finishes healthy" (the last-20 loss against the control's) judges the run; False where the harm is
+    # not in the training loss (softmax collapse: the loss falls while learning stops)
+    loss_judges: bool = True
 
 
 # Language models on the stdlib corpus of tests/helpers/real_models.py (1024 windows of 32 bytes, batch 8): a
@@ -266,6 +269,7 @@ SCENARIOS = [
         lambda: ModularMLP(1.0, 1500),
         100,
         logits={"softmax_collapse_fraction": 0.1},
+        loss_judges=False,
     ),
 ]
 
@@ -461,7 +465,13 @@ def run_scenario(scenario: Scenario, root: str, fast: bool = False, rollback: bo
     bundle with ``on_alert="rollback"``. ``fast`` cuts every run to a few steps (plumbing only)."""
     steps = min(scenario.steps, FAST_STEPS) if fast else scenario.steps
     every = FAST_EVERY if fast else scenario.dense_every
-    result: dict[str, Any] = {"scenario": scenario.name, "what": scenario.what, "steps": steps, "paired": False}
+    result: dict[str, Any] = {
+        "scenario": scenario.name,
+        "what": scenario.what,
+        "steps": steps,
+        "paired": False,
+        "loss_judges": scenario.loss_judges,
+    }
     variants = [("control", scenario.control)]
     if scenario.unstable is not None:
         result["paired"] = True
@@ -550,6 +560,11 @@ def scenario_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _loss_judges(name: str) -> bool:
+    """A scenario's ``loss_judges`` by name (dumps written before the field existed)."""
+    return next((s.loss_judges for s in SCENARIOS if s.name == name), True)
+
+
 def summary_rows(results: list[dict[str, Any]], rollback_note: str) -> list[dict[str, Any]]:
     rows = []
     for result in results:
@@ -576,16 +591,18 @@ def summary_rows(results: list[dict[str, Any]], rollback_note: str) -> list[dict
             control_tail = control["dense"].get("tail_mean")
             row["control_tail"] = control_tail
             row["plain_tail"] = unstable["bundle"].get("tail_mean")
-            row["plain_healthy"] = _healthy(row["plain_tail"], control_tail)
+            judged = result.get("loss_judges", _loss_judges(result["scenario"]))
+            row["plain_healthy"] = _healthy(row["plain_tail"], control_tail) if judged else None
             rollback = result.get("rollback")
             if rollback is None:
                 row["rollback"] = rollback_note
             elif "error" in rollback:
                 row["rollback"] = f"failed: {rollback['error']}"
             else:
-                healthy = _healthy(rollback["tail_mean"], control_tail)
+                healthy = _healthy(rollback["tail_mean"], control_tail) if judged else None
+                verdict = {True: "healthy", False: "not healthy", None: "not judged by the loss"}[healthy]
                 row["rollback"] = (
-                    f"{'healthy' if healthy else 'not healthy'} (last-{HEALTHY_WINDOW} mean "
+                    f"{verdict} (last-{HEALTHY_WINDOW} mean "
                     f"{rollback['tail_mean']:.3g}; {_cell(rollback['rollbacks']) or '?'} rollback(s))"
                 )
                 row["rollback_healthy"] = healthy

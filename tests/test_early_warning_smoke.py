@@ -89,3 +89,27 @@ def test_grokking_scenario_passes_its_logit_arguments_and_runs_fast(early_warnin
         assert len(dense["losses"]) == early_warning.FAST_STEPS
         assert dense["losses"] == bundle["losses"]  # monitors never change training
     assert "| signal |" in early_warning.scenario_table(result)
+
+
+def test_a_scenario_not_judged_by_the_loss_gets_no_healthy_verdict(early_warning):
+    def result(name, loss_judges=None):
+        out = {
+            "scenario": name,
+            "paired": True,
+            "control": {"dense": {"divergence": None, "first": {}, "tail_mean": 1.0}, "bundle": {"first": None}},
+            "unstable": {
+                "dense": {"divergence": None, "first": {}},
+                "bundle": {"first": 5, "first_kind": "softmax_collapse", "tail_mean": 1.0},
+            },
+            "rollback": {"tail_mean": 1.0, "rollbacks": 1},
+        }
+        if loss_judges is not None:
+            out["loss_judges"] = loss_judges
+        return out
+
+    judged, unjudged, by_name = early_warning.summary_rows(
+        [result("x", True), result("x", False), result("grokking-softmax-collapse")], "n/a"
+    )
+    assert judged["plain_healthy"] is True and judged["rollback"].startswith("healthy")
+    for row in (unjudged, by_name):  # the flag, or for older dumps the scenario's own by name
+        assert row["plain_healthy"] is None and row["rollback"].startswith("not judged by the loss")
