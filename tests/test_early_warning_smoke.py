@@ -69,3 +69,47 @@ def test_kill_loss_spike_rule(early_warning):
     # exactly 2x the window mean is an outlier (llm-foundry compares with >=)
     assert early_warning.kill_loss_spike_first_alert([1.0, 2.0], window=1, patience=0) == 1
     assert early_warning.kill_loss_spike_first_alert([1.0, 1.999], window=1, patience=0) is None
+
+
+@pytest.mark.slow  # four 12-step runs with every monitor: ~25 s on the loaded 2-core machine
+def test_grokking_scenario_passes_its_logit_arguments_and_runs_fast(early_warning, tmp_path):
+    (scenario,) = [s for s in early_warning.SCENARIOS if s.name == "grokking-softmax-collapse"]
+    assert scenario.unstable().weight_decay == 0.0 and scenario.control().weight_decay == 1.0
+    # the opt-in alert reaches the dense LogitMonitor (other scenarios keep its defaults)
+    (logits,) = [
+        m for m in early_warning.dense_monitors(4, print, scenario.logits) if type(m).__name__ == "LogitMonitor"
+    ]
+    assert logits.softmax_collapse_fraction == 0.1
+    (default,) = [m for m in early_warning.dense_monitors(4, print) if type(m).__name__ == "LogitMonitor"]
+    assert default.softmax_collapse_fraction is None
+    result = early_warning.run_scenario(scenario, str(tmp_path), fast=True, rollback=False)
+    assert result["paired"] and result["rollback"] is None
+    for variant in ("unstable", "control"):
+        dense, bundle = result[variant]["dense"], result[variant]["bundle"]
+        assert len(dense["losses"]) == early_warning.FAST_STEPS
+        assert dense["losses"] == bundle["losses"]  # monitors never change training
+    assert "| signal |" in early_warning.scenario_table(result)
+
+
+def test_a_scenario_not_judged_by_the_loss_gets_no_healthy_verdict(early_warning):
+    def result(name, loss_judges=None):
+        out = {
+            "scenario": name,
+            "paired": True,
+            "control": {"dense": {"divergence": None, "first": {}, "tail_mean": 1.0}, "bundle": {"first": None}},
+            "unstable": {
+                "dense": {"divergence": None, "first": {}},
+                "bundle": {"first": 5, "first_kind": "softmax_collapse", "tail_mean": 1.0},
+            },
+            "rollback": {"tail_mean": 1.0, "rollbacks": 1},
+        }
+        if loss_judges is not None:
+            out["loss_judges"] = loss_judges
+        return out
+
+    judged, unjudged, by_name = early_warning.summary_rows(
+        [result("x", True), result("x", False), result("grokking-softmax-collapse")], "n/a"
+    )
+    assert judged["plain_healthy"] is True and judged["rollback"].startswith("healthy")
+    for row in (unjudged, by_name):  # the flag, or for older dumps the scenario's own by name
+        assert row["plain_healthy"] is None and row["rollback"].startswith("not judged by the loss")

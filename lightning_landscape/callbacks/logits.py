@@ -4,133 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from torch import Tensor, nn
 
 from lightning_landscape.callbacks._base import LandscapeCallback
-from lightning_landscape.core import distributed
+from lightning_landscape.callbacks._logit_alerts import _LogitAlerts
+from lightning_landscape.callbacks._logit_capture import _Armed
+from lightning_landscape.callbacks._logit_modules import _attention_filter, _eager_stance, _is_compiled, _pick, _select
+from lightning_landscape.callbacks._logit_read import _LogitReadout
 from lightning_landscape.core._validation import check_float, check_int
-from lightning_landscape.core.alerts import Alert
-from lightning_landscape.core.attention import AttentionCapture, looks_like_attention
 from lightning_landscape.core.hvp import operator_mode, seeded_rng
-from lightning_landscape.core.logits import majority_sign_fraction, top_right_singular_vector
 
 
-def _select(option: Any, name: str) -> bool | str | list[str]:
-    """``True``/``False``, a regex, or a list of module names."""
-    if isinstance(option, bool):
-        return option
-    if isinstance(option, str):
-        try:
-            re.compile(option)
-        except re.error as err:
-            raise ValueError(
-                f"`{name}` must be a bool, a valid regular expression or a list of names, got {option!r}."
-            ) from err
-        return option
-    if isinstance(option, Sequence) and option and all(isinstance(o, str) for o in option):
-        return list(option)
-    raise TypeError(f"`{name}` must be a bool, a regular expression or a list of module names, got {option!r}.")
-
-
-def _pick(named: list[tuple[str, nn.Module]], option: bool | str | list[str], name: str) -> list[tuple[str, Any]]:
-    if option is False:
-        return []
-    if option is True:
-        return named
-    if isinstance(option, str):
-        chosen = [(n, m) for n, m in named if re.search(option, n)]
-        if not chosen:
-            raise ValueError(f"`{name}`={option!r} matches no module of the required type in the model.")
-        return chosen
-    chosen = [(n, m) for n, m in named if n in set(option)]
-    missing = set(option) - {n for n, _ in chosen}
-    if missing:
-        raise ValueError(
-            f"`{name}`={option!r} names {sorted(missing)}, which are not modules of the required type in the model."
-        )
-    return chosen
-
-
-def _attention_filter(option: bool | str | list[str], names: list[str]) -> Callable[[str], bool] | None:
-    """``attention`` as a filter on the calling module's name (``None``: no capture). A regex or list must match
-    a module of the model (checked at ``setup``)."""
-    if option is False:
-        return None
-    if option is True:
-        return lambda name: True
-    if isinstance(option, str):
-        if not any(re.search(option, n) for n in names):
-            raise ValueError(f"`attention`={option!r} matches no module name of the model.")
-        return lambda name: re.search(option, name) is not None
-    missing = sorted(set(option) - set(names))
-    if missing:
-        raise ValueError(f"`attention`={option!r} names {missing}, which are not modules of the model.")
-    chosen = set(option)
-    return lambda name: name in chosen
-
-
-def _is_compiled(pl_module: nn.Module) -> bool:
-    """Whether the training forward runs compiled: ``trainer.fit(torch.compile(model))`` (Lightning keeps a
-    ``_compiler_ctx``), a compiled submodule (``OptimizedModule``) or ``module.compile()``."""
-    if getattr(pl_module, "_compiler_ctx", None):
-        return True
-    for module in pl_module.modules():
-        if type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None:
-            return True
-    return False
-
-
-def _eager_stance() -> contextlib.AbstractContextManager:
-    """Run compiled code eagerly inside the block (``torch.compiler.set_stance``, torch >= 2.6; before that the probe
-    forward runs compiled and may recompile once)."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: no device argument
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-
-
-class _Armed:
-    """What one due step's capture holds between ``on_train_batch_start`` and ``on_train_batch_end``."""
-
-    def __init__(self, step: int, started: float) -> None:
-        self.step = step
-        self.seconds = time.perf_counter() - started  # the hook time spent so far (arming)
-        self.capture: AttentionCapture | None = None
-        self.handles: list[Any] = []
-        self.sums: dict[str, tuple[Tensor, str]] = {}  # name -> (0-d tensor on the device, reduce op)
-        self.non_finite: dict[str, Tensor] = {}
-
-    def add(self, name: str, value: Tensor, op: str) -> None:
-        old = self.sums.get(name)
-        if old is None:
-            self.sums[name] = (value, op)
-        elif op == "sum":
-            self.sums[name] = (old[0] + value, op)
-        else:
-            self.sums[name] = (torch.maximum(old[0], value), op)
-
-    def disarm(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-        if self.capture is not None and self.capture.active:
-            self.capture.stop()
-
-
-class LogitMonitor(LandscapeCallback):
+class LogitMonitor(_LogitReadout, _LogitAlerts, LandscapeCallback):
     """Forward-pass early warnings: attention logits, the output log-partition, and spectral alignment.
 
     On a due step (every ``every_n_steps``, default 10) the statistics are read from **that step's own training
@@ -162,7 +53,10 @@ class LogitMonitor(LandscapeCallback):
           ``p/logits/output/drift``, its change since the first measurement; ``p/logits/output/max_abs``.
         - ``p/logits/output/softmax_collapse``: the fraction of output rows (samples or tokens) whose largest softmax
           probability rounds to exactly 1 in the loss dtype (the logits' dtype; float32 under autocast, where the
-          softmax and cross-entropy run in float32): their gradient through the softmax has vanished.
+          softmax and cross-entropy run in float32): softmax collapse (Prieto et al. 2025, "Grokking at the Edge of
+          Numerical Stability"). A row whose target is its top class then has a cross-entropy of exactly 0 and an
+          exactly zero gradient at its target logit, so it no longer teaches the model
+          (:func:`~lightning_landscape.core.logits.softmax_saturated`; a gap of ~16.6 nats in float32).
         - ``p/logits/alignment/{name}/sign_fraction``: spectral alignment (Qiu et al. 2025): the majority-sign
           fraction of ``v1 . x`` over the layer's input rows ``x`` (``v1``: the weight's top right singular vector,
           by warm-started power iteration), in [0.5, 1]; and ``p/logits/alignment/max_sign_fraction``.
@@ -187,7 +81,9 @@ class LogitMonitor(LandscapeCallback):
           exceeds it. Off by default: a healthy classifier's log-partition rises by 4-10 nats as it grows confident,
           more than the transformer's pre-divergence drift (2.3-3), so no level separates them.
         - ``softmax_collapse`` (opt-in, ``softmax_collapse_fraction``): ``p/logits/output/softmax_collapse``
-          exceeds it. Off by default: a model that has memorised easy training examples saturates them legitimately.
+          exceeds it (edge-triggered: once when it passes, again only after it fell back). Off by default: a model
+          that has memorised easy training examples saturates them legitimately. Without weight decay a model that
+          has memorised its training set drives the fraction to 1 and stops learning (``benchmarks/grokking.py``).
         - ``alignment_collapse`` (when ``alignment`` is on): a layer's sign fraction reaches ``alignment_threshold``
           when it started below it. Off by default: in our scenarios the fraction also reached 1.0 in stable
           controls (inputs after a ReLU are non-negative, so one sign is natural); see ``benchmarks/RESULTS.md``.
@@ -379,50 +275,9 @@ class LogitMonitor(LandscapeCallback):
         output: tuple[str, nn.Module] | None,
         layers: dict[str, nn.Linear],
     ) -> None:
-        """Hooks (output, alignment) and the attention capture, writing device tensors into ``armed``."""
-
-        def output_hook(module: nn.Module, args: tuple[Any, ...], result: Any) -> None:
-            if not isinstance(result, Tensor) or not result.is_floating_point() or result.dim() == 0:
-                return
-            with torch.no_grad():
-                logits = result.detach()
-                wide = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-                finite = torch.isfinite(wide)
-                armed.add("output/non_finite", (~finite).sum().to(wide.dtype), "sum")
-                log_z = torch.logsumexp(wide.masked_fill(~finite, 0.0), dim=-1)
-                armed.add("output/log_z_sum", log_z.sum(), "sum")
-                armed.add("output/count", wide.new_tensor(float(log_z.numel())), "sum")
-                armed.add("output/max_abs", wide.masked_fill(~finite, 0.0).abs().amax(), "max")
-                # softmax collapse: the top probability rounds to exactly 1 in the dtype the loss sees
-                autocast = _autocast_on(logits.device.type)
-                loss_dtype = torch.float32 if autocast and logits.dtype in (torch.float16, torch.bfloat16) else None
-                probabilities = torch.softmax(logits.masked_fill(~finite, 0.0).to(loss_dtype or logits.dtype), -1)
-                armed.add("output/saturated", (probabilities.amax(-1) == 1).sum().to(wide.dtype), "sum")
-
-        def alignment_hook(name: str, direction: Tensor):
-            def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-                if not args or not isinstance(args[0], Tensor) or not args[0].is_floating_point():
-                    return
-                with torch.no_grad():
-                    x = args[0].detach()
-                    x = x.reshape(-1, x.shape[-1]).to(direction.dtype)
-                    armed.add(f"alignment/{name}/non_finite", (~torch.isfinite(x)).sum().to(x.dtype), "sum")
-                    projection = x @ direction
-                    armed.add(f"alignment/{name}/positive", (projection > 0).sum().to(x.dtype), "sum")
-                    armed.add(f"alignment/{name}/negative", (projection < 0).sum().to(x.dtype), "sum")
-
-            return hook
-
-        for name, layer in layers.items():
-            direction, _ = top_right_singular_vector(layer.weight, self._directions.get(name), self.power_iterations)
-            self._directions[name] = direction
-            # float64 where the device has it, as the power iteration
-            armed.handles.append(layer.register_forward_pre_hook(alignment_hook(name, direction)))
-        if output is not None:
-            armed.handles.append(output[1].register_forward_hook(output_hook))
-        if attention is not None:
-            names = {m: n for n, m in pl_module.named_modules()}
-            armed.capture = AttentionCapture(names, attention, self.entropy_samples).start()
+        armed.install(
+            pl_module, attention, output, layers, self._directions, self.power_iterations, self.entropy_samples
+        )
 
     def _disarm(self) -> None:
         armed, self._armed = self._armed, None
@@ -497,90 +352,6 @@ class LogitMonitor(LandscapeCallback):
         self.log_metrics(trainer, metrics, step)
         self._after_measurement(trainer)
 
-    # ------------------------------------------------------------------------------------------- reading
-    def _declared(self, armed: _Armed) -> dict[str, tuple[Tensor, str]]:
-        values = dict(armed.sums)
-        if armed.capture is not None:
-            for name, s in armed.capture.sums.items():
-                values[f"attention/{name}/max"] = (s.maximum, "max")
-                values[f"attention/{name}/entropy_sum"] = (s.entropy_sum, "sum")
-                values[f"attention/{name}/rows"] = (s.rows, "sum")
-                values[f"attention/{name}/non_finite"] = (s.non_finite, "sum")
-        return values
-
-    def _read(self, trainer: pl.Trainer, pl_module: pl.LightningModule, armed: _Armed) -> dict[str, float]:
-        if armed.capture is not None and not armed.capture.sums:
-            suspects = looks_like_attention(pl_module)
-            if suspects:
-                self._warn_once(
-                    "no-attention-captured",
-                    f"LogitMonitor captured no attention call although the model has attention-like modules "
-                    f"({suspects[:3]}{'...' if len(suspects) > 3 else ''}): its attention does not go through "
-                    "F.scaled_dot_product_attention, a softmax over (batch, heads, queries, keys) or "
-                    "nn.MultiheadAttention (a custom kernel such as flash_attn's?), or `attention`="
-                    f"{self.attention!r} selects none of the calling modules. No attention keys are logged, so "
-                    "`attention_logit_growth` cannot fire.",
-                )
-        values = self._declared(armed)
-        if trainer.world_size > 1:
-            reduced = distributed.all_reduce_named(values)
-        else:
-            reduced = {name: tensor for name, (tensor, _) in values.items()}
-        names = sorted(reduced)
-        if not any(n.startswith(("attention/", "alignment/")) for n in names) and "output/count" not in names:
-            self._nothing_to_watch()  # e.g. a convolutional net without a Linear head: say so once, keep training
-            return {}
-        device = reduced[names[0]].device
-        wide = torch.float32 if device.type == "mps" else torch.float64
-        # the one device-to-host transfer of the measurement
-        host = torch.stack([reduced[n].reshape(()).to(wide) for n in names]).tolist()
-        read = dict(zip(names, host, strict=True))
-        return self._metrics(trainer, read, armed.step)
-
-    def _metrics(self, trainer: pl.Trainer, read: dict[str, float], step: int) -> dict[str, float]:
-        bad = sorted({n.rsplit("/", 1)[0] for n, v in read.items() if n.endswith("/non_finite") and v > 0})
-        if bad:
-            raise FloatingPointError(f"Non-finite values in {bad}.")
-        p = f"{self.prefix}/{self.group}"
-        metrics: dict[str, float] = {}
-        attention = sorted(
-            {n[len("attention/") : -len("/max")] for n in read if n.startswith("attention/") and n.endswith("/max")}
-        )
-        maxima = []
-        for name in attention:
-            rows = read[f"attention/{name}/rows"]
-            if not rows:
-                continue  # every query row was masked
-            maximum = read[f"attention/{name}/max"]
-            maxima.append(maximum)
-            metrics[f"{p}/attention/{name}/max"] = maximum
-            metrics[f"{p}/attention/{name}/entropy"] = read[f"attention/{name}/entropy_sum"] / rows
-        if maxima:
-            metrics[f"{p}/attention/max"] = max(maxima)
-        count = read.get("output/count", 0.0)
-        if count:
-            log_z = read["output/log_z_sum"] / count
-            if self._initial_log_partition is None:
-                self._initial_log_partition = log_z
-            metrics[f"{p}/output/log_partition"] = log_z
-            metrics[f"{p}/output/drift"] = log_z - self._initial_log_partition
-            metrics[f"{p}/output/max_abs"] = read["output/max_abs"]
-            metrics[f"{p}/output/softmax_collapse"] = read["output/saturated"] / count
-        fractions = {}
-        for name in sorted({n[len("alignment/") : -len("/positive")] for n in read if n.endswith("/positive")}):
-            fraction = majority_sign_fraction(
-                int(read[f"alignment/{name}/positive"]), int(read[f"alignment/{name}/negative"])
-            )
-            if not math.isnan(fraction):
-                fractions[name] = fraction
-        for name, fraction in fractions.items():
-            self._initial_fraction.setdefault(name, fraction)
-            metrics[f"{p}/alignment/{name}/sign_fraction"] = fraction
-        if fractions:
-            metrics[f"{p}/alignment/max_sign_fraction"] = max(fractions.values())
-        self._check_alerts(trainer, metrics, fractions, step)
-        return metrics
-
     # ------------------------------------------------------------------------------ compiled fallback
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], step: int
@@ -604,102 +375,3 @@ class LogitMonitor(LandscapeCallback):
         finally:
             armed.disarm()
         return self._read(trainer, pl_module, armed)
-
-    # --------------------------------------------------------------------------------------------- alerts
-    def _fires(self, kind: str, condition: bool) -> bool:
-        """Edge-triggered: an alert fires when its condition becomes true, and re-arms when it turns false."""
-        armed = self._alert_armed.get(kind, True)
-        self._alert_armed[kind] = not condition
-        return condition and armed
-
-    def _alert(
-        self, trainer: pl.Trainer, step: int, kind: str, metric: str, value: float, threshold: float, message: str
-    ) -> None:
-        self.emit_alert(trainer, Alert(step, kind, type(self).__name__, metric, value, threshold, message))
-
-    def _attention_growth(self, metrics: dict[str, float]) -> dict[str, tuple[float, float]]:
-        """``{module: (largest logit, limit)}`` for the modules over their limit; records first-seen baselines.
-
-        The limit is ``attention_logit_threshold``, raised to ``attention_growth_factor`` times the module's
-        baseline (its largest logit at its first measurement) when that is higher: a model whose logits start large
-        (Lightning's demo transformer: ~90 at initialisation, post-LN with embeddings scaled by sqrt(d)) is judged
-        against its own start, a small-init model (nanoGPT: ~0.1) against the absolute level.
-        """
-        prefix, suffix = f"{self.prefix}/{self.group}/attention/", "/max"
-        growing = {}
-        for key, value in metrics.items():
-            name = key[len(prefix) : -len(suffix)]
-            if not (key.startswith(prefix) and key.endswith(suffix)) or not name:
-                continue  # not a module's maximum (the overall `attention/max` has an empty name)
-            baseline = self._attention_baseline.setdefault(name, value)
-            limit = self.attention_logit_threshold
-            if self.attention_growth_factor is not None:
-                limit = max(limit, self.attention_growth_factor * baseline)
-            if value > limit:
-                growing[name] = (value, limit)
-        return growing
-
-    def _check_alerts(
-        self, trainer: pl.Trainer, metrics: dict[str, float], fractions: dict[str, float], step: int
-    ) -> None:
-        p = f"{self.prefix}/{self.group}"
-        growing = self._attention_growth(metrics)
-        if self._fires("attention_logit_growth", bool(growing)):
-            name, (value, limit) = max(growing.items(), key=lambda item: item[1][0])
-            baseline = self._attention_baseline[name]
-            self._alert(
-                trainer,
-                step,
-                "attention_logit_growth",
-                f"{p}/attention/{name}/max",
-                value,
-                limit,
-                f"The largest attention logit of `{name}` reached {value:.3g} (> {limit:.3g}; it was {baseline:.3g} "
-                "at its first measurement): attention is saturating onto single keys, the precursor of divergence "
-                "in Wortsman et al. 2023. Lower the learning rate or add qk-layernorm.",
-            )
-        drift = metrics.get(f"{p}/output/drift")
-        limit = self.log_partition_drift
-        if drift is not None and limit is not None and self._fires("logit_divergence", abs(drift) > limit):
-            self._alert(
-                trainer,
-                step,
-                "logit_divergence",
-                f"{p}/output/drift",
-                drift,
-                limit,
-                f"The output log-partition moved by {drift:+.3g} nats since the first measurement (limit "
-                f"{limit:g}): the output logits are diverging in magnitude. Lower the learning rate or add a z-loss.",
-            )
-        saturated = metrics.get(f"{p}/output/softmax_collapse")
-        limit = self.softmax_collapse_fraction
-        if saturated is not None and limit is not None and self._fires("softmax_collapse", saturated > limit):
-            self._alert(
-                trainer,
-                step,
-                "softmax_collapse",
-                f"{p}/output/softmax_collapse",
-                saturated,
-                limit,
-                f"{saturated:.1%} of the output rows have a largest softmax probability of exactly 1 in the loss "
-                f"dtype (limit {limit:.1%}): the softmax has saturated and their gradient vanished. Lower the "
-                "learning rate, add label smoothing or a z-loss.",
-            )
-        collapsed = {
-            name: f
-            for name, f in fractions.items()
-            if f >= self.alignment_threshold and self._initial_fraction.get(name, 1.0) < self.alignment_threshold
-        }
-        if self._fires("alignment_collapse", bool(collapsed)):
-            name, fraction = max(collapsed.items(), key=lambda item: item[1])
-            self._alert(
-                trainer,
-                step,
-                "alignment_collapse",
-                f"{p}/alignment/{name}/sign_fraction",
-                fraction,
-                self.alignment_threshold,
-                f"Spectral alignment of `{name}` collapsed: {fraction:.1%} of its inputs project onto the weight's "
-                f"top singular direction with one sign (started at {self._initial_fraction[name]:.1%}). Qiu et al. "
-                "2025 report this before loss explosions.",
-            )

@@ -71,7 +71,8 @@ class EffectiveRankMonitor(LandscapeCallback):
     by a seeded Gaussian sketch to ``sketch_dim`` dimensions: RankMe and alpha-ReQ are then those of the sketch (a
     Johnson-Lindenstrauss projection keeps the spectrum's bulk within a relative error of about
     ``sqrt(rank / sketch_dim)``, and never raises a rank above ``sketch_dim``). Under DDP the sums are added across
-    ranks with one all-reduce, so every rank gets the numbers of the union of the probe data.
+    ranks by name (``distributed.ReducedState``: one exchange of the names, one all-reduce), so every rank gets the
+    numbers of the union of the probe data, also when a rank's data never reached a watched module.
 
     Logged metrics (``p`` = ``prefix``, ``name`` = module name, ``layer`` = module owning a 2-D+ weight):
         - ``p/rank/{name}/rankme``: RankMe (Garrido et al. 2023) of the uncentred features.
@@ -273,22 +274,19 @@ class EffectiveRankMonitor(LandscapeCallback):
         return metrics
 
     def _all_reduce(self, moments: dict[str, _Moments]) -> None:
-        # One collective for everything: every rank watches the same modules with the same widths.
-        parts = []
-        for m in moments.values():
-            parts += [
-                m.second.reshape(-1),
-                m.first,
-                torch.tensor([float(m.count)], dtype=torch.float64, device=m.first.device),
-            ]
-        flat = distributed.all_reduce_sum(torch.cat(parts))
-        offset = 0
-        for m in moments.values():
-            d = m.first.numel()
-            m.second = flat[offset : offset + d * d].view(d, d)
-            m.first = flat[offset + d * d : offset + d * d + d]
-            m.count = int(flat[offset + d * d + d].item())
-            offset += d * d + d + 1
+        # Reduced by name, so a module one rank never ran (a branch its data skipped) gets the other ranks' sums
+        # instead of shifting everyone's offsets or leaving a rank in a collective the others skipped.
+        state = distributed.ReducedState()
+        for name, m in moments.items():
+            if m.second is not None:
+                state.add_state(f"{name}/second", m.second, "sum")
+                state.add_state(f"{name}/first", m.first, "sum")
+                state.add_state(f"{name}/count", m.first.new_tensor(float(m.count)), "sum")
+        reduced = state.reduce()
+        for name, m in moments.items():
+            if f"{name}/count" in reduced:
+                m.second, m.first = reduced[f"{name}/second"], reduced[f"{name}/first"]
+                m.count = int(reduced[f"{name}/count"].item())
 
     def _check_alerts(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
         for key, value in metrics.items():

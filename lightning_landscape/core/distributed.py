@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -76,7 +77,9 @@ def all_gather_object(obj: object) -> list[object]:
     return gathered
 
 
-REDUCE_OPS = ("sum", "max", "min")
+#: The declared reductions: element-wise sum, maximum, minimum over ranks, or concatenation along dim 0 in rank order.
+REDUCE_OPS = ("sum", "max", "min", "cat")
+_COLLECTIVE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 
 
 def _identity(op: str, dtype: torch.dtype) -> float | int:
@@ -89,13 +92,40 @@ def _identity(op: str, dtype: torch.dtype) -> float | int:
     return info.min if op == "max" else info.max
 
 
+def _declaration(name: str, tensor: Tensor, op: str) -> tuple[str, tuple[int, ...], str]:
+    if op not in REDUCE_OPS:
+        raise ValueError(f"`values[{name!r}]` op must be one of {REDUCE_OPS}, got {op!r}.")
+    if op == "cat" and tensor.dim() == 0:
+        raise ValueError(f"`values[{name!r}]`: op 'cat' needs a tensor with a dim 0, got a 0-d tensor.")
+    return op, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")
+
+
+def _agreed(declared: list[dict[str, tuple[str, tuple[int, ...], str]]]) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    """The union of every rank's declarations; a name must have one op, dtype and shape (for ``"cat"``: one shape
+    after dim 0) on every rank that declared it."""
+    union: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    for rank_declared in declared:
+        for name, declaration in rank_declared.items():
+            op, shape, dtype = declaration
+            key = (op, shape[1:] if op == "cat" else shape, dtype)
+            seen = union.setdefault(name, declaration)
+            if (seen[0], seen[1][1:] if seen[0] == "cat" else seen[1], seen[2]) != key:
+                raise ValueError(
+                    f"all_reduce_named: ranks declared {name!r} differently: {seen} and {declaration} "
+                    "(op, shape, dtype)."
+                )
+    return union
+
+
 def all_reduce_named(values: Mapping[str, tuple[Tensor, str]]) -> dict[str, Tensor]:
     """Reduce named tensors over ranks, each with its declared op, matched by name (never by position).
 
     Args:
         values: ``{name: (tensor, op)}`` with ``op`` one of :data:`REDUCE_OPS`. Ranks may hold different names
             (one rank's model skipped a module): the result holds the union of the names, and a rank without a
-            name contributes the op's identity (0 for ``"sum"``, ``-inf`` for ``"max"``, ``+inf`` for ``"min"``).
+            name contributes the op's identity (0 for ``"sum"``, ``-inf`` for ``"max"``, ``+inf`` for ``"min"``,
+            no rows for ``"cat"``). ``"cat"`` joins every rank's rows along dim 0 in rank order; the lengths may
+            differ between ranks, the other dims may not.
 
     Returns:
         ``{name: reduced tensor}`` (new tensors; the inputs are not changed), identical on every rank. In one
@@ -104,27 +134,17 @@ def all_reduce_named(values: Mapping[str, tuple[Tensor, str]]) -> dict[str, Tens
     Every rank must call it at the same point (it is a collective even when a rank has no names). Cost: one
     ``all_gather_object`` of the ``(name, op, shape, dtype)`` declarations, then one ``all_reduce`` per
     (op, dtype) group of the flattened tensors, in name order, so the packing is derived from the agreed names
-    on every rank alike.
+    on every rank alike; and one ``all_gather`` per ``"cat"`` name (rows padded to the longest rank's).
 
     Raises:
-        ValueError: an op is not one of :data:`REDUCE_OPS`, or ranks declared one name with different ops, shapes
-            or dtypes.
+        ValueError: an op is not one of :data:`REDUCE_OPS`, a ``"cat"`` tensor is 0-d, or ranks declared one name
+            with different ops, shapes or dtypes.
     """
-    declared = {}
-    for name, (tensor, op) in values.items():
-        if op not in REDUCE_OPS:
-            raise ValueError(f"`values[{name!r}]` op must be one of {REDUCE_OPS}, got {op!r}.")
-        declared[name] = (op, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+    declared = {name: _declaration(name, tensor, op) for name, (tensor, op) in values.items()}
     if not is_distributed():
-        return {name: tensor.clone() for name, (tensor, _) in values.items()}
-    union: dict[str, tuple[str, tuple[int, ...], str]] = {}
-    for rank_declared in all_gather_object(declared):
-        for name, declaration in rank_declared.items():
-            if union.setdefault(name, declaration) != declaration:
-                raise ValueError(
-                    f"all_reduce_named: ranks declared {name!r} differently: {union[name]} and {declaration} "
-                    "(op, shape, dtype)."
-                )
+        return {name: tensor.detach().clone() for name, (tensor, _) in values.items()}
+    every_rank = all_gather_object(declared)
+    union = _agreed(every_rank)
     device = next((t.device for t, _ in values.values()), None)
     if device is None:  # this rank recorded nothing: contribute identities on the backend's device
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
@@ -133,9 +153,13 @@ def all_reduce_named(values: Mapping[str, tuple[Tensor, str]]) -> dict[str, Tens
         op, _, dtype = union[name]
         groups.setdefault((op, dtype), []).append(name)
     result: dict[str, Tensor] = {}
-    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
     for (op, dtype_name), names in sorted(groups.items()):
         dtype = getattr(torch, dtype_name)
+        if op == "cat":
+            for name in names:
+                lengths = [r[name][1][0] if name in r else 0 for r in every_rank]
+                result[name] = _all_gather_rows(values.get(name), lengths, union[name][1][1:], dtype, device)
+            continue
         parts = []
         for name in names:
             shape = union[name][1]
@@ -144,7 +168,7 @@ def all_reduce_named(values: Mapping[str, tuple[Tensor, str]]) -> dict[str, Tens
             else:
                 parts.append(torch.full((math.prod(shape),), _identity(op, dtype), dtype=dtype, device=device))
         flat = torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
-        dist.all_reduce(flat, op=ops[op])
+        dist.all_reduce(flat, op=getattr(dist.ReduceOp, _COLLECTIVE_OPS[op]))
         offset = 0
         for name in names:
             shape = union[name][1]
@@ -152,3 +176,79 @@ def all_reduce_named(values: Mapping[str, tuple[Tensor, str]]) -> dict[str, Tens
             result[name] = flat[offset : offset + size].reshape(shape)
             offset += size
     return result
+
+
+def _all_gather_rows(
+    value: tuple[Tensor, str] | None, lengths: list[int], tail: tuple[int, ...], dtype: torch.dtype, device: Any
+) -> Tensor:
+    """Every rank's rows (``lengths[r]`` of them, ``tail`` the shape of one) concatenated in rank order."""
+    longest = max(lengths)
+    padded = torch.zeros((longest, *tail), dtype=dtype, device=device)
+    if value is not None and lengths[rank()]:
+        padded[: lengths[rank()]] = value[0].detach().to(device=device, dtype=dtype)
+    gathered = [torch.empty_like(padded) for _ in lengths]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, lengths, strict=True)])
+
+
+class ReducedState:
+    """Named tensors, each with a declared cross-rank reduction: torchmetrics' ``add_state(name, default,
+    dist_reduce_fx)`` without the metric around it.
+
+    A measurement declares each piece of state once (:meth:`add_state`, or the first :meth:`update`), adds to it
+    locally as often as it likes (``"sum"`` adds, ``"max"``/``"min"`` keep the element-wise extreme, ``"cat"``
+    appends rows), and ends with one :meth:`reduce`, a collective that matches the names across ranks
+    (:func:`all_reduce_named`): a rank that never recorded a name (its model skipped that module, its batch had
+    no such token) neither shifts the others' values nor leaves a rank waiting. In one process :meth:`reduce`
+    returns copies.
+
+    Raises:
+        ValueError: an op is not one of :data:`REDUCE_OPS`, or a name is updated with another op than declared.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[str, Tensor] = {}
+        self._ops: dict[str, str] = {}
+
+    def add_state(self, name: str, default: Tensor, dist_reduce_fx: str) -> None:
+        """Declare ``name`` with its reduction and its starting value (a copy of ``default``)."""
+        if dist_reduce_fx not in REDUCE_OPS:
+            raise ValueError(f"`dist_reduce_fx` must be one of {REDUCE_OPS}, got {dist_reduce_fx!r} for {name!r}.")
+        self._values[name] = default.detach().clone()
+        self._ops[name] = dist_reduce_fx
+
+    def update(self, name: str, value: Tensor, dist_reduce_fx: str) -> None:
+        """Combine ``value`` into ``name`` with its op (declaring it with ``value`` on first use)."""
+        op = self._ops.get(name)
+        if op is None:
+            self.add_state(name, value, dist_reduce_fx)
+            return
+        if op != dist_reduce_fx:
+            raise ValueError(f"`dist_reduce_fx` of {name!r} was declared {op!r}, got {dist_reduce_fx!r}.")
+        old, value = self._values[name], value.detach()
+        if op == "sum":
+            self._values[name] = old + value
+        elif op == "max":
+            self._values[name] = torch.maximum(old, value.to(old.dtype))
+        elif op == "min":
+            self._values[name] = torch.minimum(old, value.to(old.dtype))
+        else:
+            self._values[name] = torch.cat([old, value.to(old.dtype)])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._values
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._values[name]
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def declared(self) -> dict[str, tuple[Tensor, str]]:
+        """``{name: (local value, op)}``, as :func:`all_reduce_named` takes them."""
+        return {name: (value, self._ops[name]) for name, value in self._values.items()}
+
+    def reduce(self, extra: Mapping[str, tuple[Tensor, str]] | None = None) -> dict[str, Tensor]:
+        """The union over ranks of every name, reduced by its op (``extra``: more ``(tensor, op)`` pairs reduced
+        in the same collective). Every rank must call it at the same point."""
+        return all_reduce_named({**self.declared(), **(extra or {})})

@@ -117,6 +117,23 @@ def log_partition(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits.detach().double(), dim=-1)
 
 
+def softmax_saturated(logits: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Boolean per row (shape ``logits.shape[:-1]``): whether the row's largest softmax probability, computed in
+    ``dtype`` (default: the logits' own), rounds to exactly 1.
+
+    This is softmax collapse (Prieto et al. 2025, "Grokking at the Edge of Numerical Stability"): the other classes'
+    ``exp(z_j - z_max)`` sum to less than half a unit in the last place of 1 (a gap of about 16.6 nats in float32,
+    36.7 in float64), so ``logsumexp`` equals the top logit, the cross-entropy of a row whose target is its top class
+    is exactly 0, and so is that loss's gradient with respect to the target logit (``softmax - onehot``; the other
+    components are below ``2^-24`` in float32). Such rows stop teaching the model. A row whose top class is *not* its
+    target also counts (its gradient is the largest there is): on training data after memorisation the two agree.
+    Non-finite entries count as 0 (a row of ``nan`` is not saturated).
+    """
+    wide = logits.detach().to(dtype or logits.dtype)
+    wide = wide.masked_fill(~torch.isfinite(wide), 0.0)
+    return torch.softmax(wide, dim=-1).amax(-1) == 1
+
+
 # ---------------------------------------------------------------------------------------- spectral alignment
 def top_right_singular_vector(
     weight: Tensor, start: Tensor | None = None, iterations: int = 20, tol: float = 1e-4
@@ -298,5 +315,6 @@ __all__ = [
     "log_partition",
     "majority_sign_fraction",
     "sign_counts",
+    "softmax_saturated",
     "top_right_singular_vector",
 ]

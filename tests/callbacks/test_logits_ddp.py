@@ -38,3 +38,30 @@ def test_two_process_ranks_equal_single_process_on_the_union_of_their_batches(tm
     projection = torch.cat(inputs) @ v
     expected = max(int((projection > 0).sum()), int((projection < 0).sum())) / int((projection != 0).sum())
     assert m["landscape/logits/alignment/head/sign_fraction"] == pytest.approx(expected, abs=1.5 / len(projection))
+
+
+def test_ranks_that_ran_different_attention_modules_agree_by_name(tmp_path):
+    # only rank 0 runs `attn_b`: its maximum is rank 0's, `attn_a`'s and the output's are over both ranks, and every
+    # rank logs the same keys (a misaligned or skipped collective would fail or hang the subprocess)
+    from tests.callbacks.ddp_logits_modules_script import TwoAttentions
+
+    run_ddp_script("ddp_logits_modules_script.py", tmp_path)
+    metrics, _, weights = load_dumps(tmp_path)
+    model = TwoAttentions().double()
+    model.load_state_dict(weights)
+    maxima, log_z = {"attn_a": [], "attn_b": []}, []
+    with torch.no_grad():
+        for rank in (0, 1):
+            (window,) = torch.load(tmp_path / f"batch_rank{rank}.pt")
+            tokens = window[:, :-1]
+            h = model.embed(tokens)
+            maxima["attn_a"].append(float(attention_logits(model.attn_a, h, h).max()))
+            h = h + model.attn_a(h, h, h, need_weights=False)[0]
+            if rank == 0:
+                maxima["attn_b"].append(float(attention_logits(model.attn_b, h, h).max()))
+            log_z.append(torch.logsumexp(model(tokens, second=rank == 0), -1).reshape(-1))
+    m = metrics[0]
+    for name, values in maxima.items():
+        assert m[f"landscape/logits/attention/{name}/max"] == pytest.approx(max(values), rel=1e-10)
+    assert m["landscape/logits/attention/max"] == pytest.approx(max(maxima["attn_a"] + maxima["attn_b"]), rel=1e-10)
+    assert m["landscape/logits/output/log_partition"] == pytest.approx(float(torch.cat(log_z).mean()), rel=1e-10)

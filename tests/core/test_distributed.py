@@ -30,6 +30,56 @@ def test_one_process_returns_copies_and_checks_the_ops():
         distributed.all_reduce_named({"a": (a, "mean")})
 
 
+def test_reduced_state_combines_each_name_by_its_declared_op():
+    state = distributed.ReducedState()
+    state.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+    for value in (3.0, 4.0):
+        state.update("count", torch.tensor(value, dtype=torch.float64), "sum")
+        state.update("peak", torch.tensor([value, -value]), "max")
+        state.update("low", torch.tensor([value, -value]), "min")
+        state.update("rows", torch.full((int(value), 2), value), "cat")
+    assert "count" in state and "other" not in state and len(state) == 4
+    assert state["count"].item() == 7.0 and state["count"].dtype == torch.float64
+    assert state["peak"].tolist() == [4.0, -3.0] and state["low"].tolist() == [3.0, -4.0]
+    assert state["rows"].shape == (7, 2) and state["rows"][:3].eq(3.0).all() and state["rows"][3:].eq(4.0).all()
+    reduced = state.reduce({"extra": (torch.tensor(1.0), "sum")})
+    assert set(reduced) == {"count", "peak", "low", "rows", "extra"}
+    assert torch.equal(reduced["rows"], state["rows"]) and reduced["rows"] is not state["rows"]  # copies
+    default = torch.zeros(2)
+    state.add_state("fresh", default, "sum")
+    state.update("fresh", torch.ones(2), "sum")
+    assert default.tolist() == [0.0, 0.0]  # the default is copied, never written
+
+
+def test_reduced_state_refuses_unknown_and_changed_ops():
+    state = distributed.ReducedState()
+    with pytest.raises(ValueError, match=r"`dist_reduce_fx` must be one of .*got 'mean' for 'a'"):
+        state.add_state("a", torch.zeros(()), "mean")
+    state.update("a", torch.zeros(()), "sum")
+    with pytest.raises(ValueError, match=r"`dist_reduce_fx` of 'a' was declared 'sum', got 'max'"):
+        state.update("a", torch.zeros(()), "max")
+    with pytest.raises(ValueError, match=r"op 'cat' needs a tensor with a dim 0"):
+        distributed.all_reduce_named({"b": (torch.zeros(()), "cat")})
+
+
+def _state_phase(rank: int) -> dict[str, object]:
+    """The second phase of the worker: ReducedState with "cat" rows of different lengths and a name one rank lacks."""
+    state = distributed.ReducedState()
+    rows = torch.arange(2 * (rank + 1) * 3, dtype=torch.float64).reshape(-1, 3) + 100 * rank
+    state.update("rows", rows, "cat")  # rank 0: 2 rows, rank 1: 4 rows
+    if rank == 0:
+        state.update("only0/rows", torch.ones(1, 2, dtype=torch.int64), "cat")
+        state.update("only0/count", torch.tensor(2.0), "sum")
+    state.update("count", torch.tensor(float(rank + 1)), "sum")
+    dumped: dict[str, object] = {k: v.tolist() for k, v in state.reduce().items()}
+    try:  # "cat" rows of different widths are refused on both ranks
+        distributed.all_reduce_named({"w": (torch.zeros(1, rank + 1), "cat")})
+        dumped["mismatch"] = "no error"
+    except ValueError as err:
+        dumped["mismatch"] = str(err)
+    return dumped
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -58,6 +108,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         except ValueError as err:
             dumped["mismatch"] = str(err)
         Path(out, f"rank{rank}.json").write_text(json.dumps(dumped))
+        Path(out, f"state_rank{rank}.json").write_text(json.dumps(_state_phase(rank)))
     finally:
         dist.destroy_process_group()
 
@@ -84,6 +135,13 @@ def test_two_processes_reduce_by_name_with_identities_for_missing_names(tmp_path
     assert results[0] == {"a/sum": [11.0, 22.0], "low": -3, "only0": 5.0, "only1": -7.0, "z/max": 1.0}
     assert all("declared 'x' differently" in m for m in mismatch)
     # "only1": the rank without it contributed -inf to the max, not 0 (which would give 0)
+    states = [json.loads((tmp_path / f"state_rank{r}.json").read_text()) for r in (0, 1)]
+    mismatch = [r.pop("mismatch") for r in states]
+    assert states[0] == states[1]
+    rows0 = [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    rows1 = [[100.0 + 3 * i + j for j in range(3)] for i in range(4)]
+    assert states[0] == {"rows": rows0 + rows1, "only0/rows": [[1, 1]], "only0/count": 2.0, "count": 3.0}
+    assert all("declared 'w' differently" in m for m in mismatch)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from lightning_landscape.core.logits import (
     log_partition,
     majority_sign_fraction,
     sign_counts,
+    softmax_saturated,
     top_right_singular_vector,
 )
 
@@ -153,3 +154,58 @@ def test_attention_logits_of_unbatched_input_whatever_batch_first_says(batch_fir
     logits = attention_logits(mha, query, key)
     assert logits.shape == (1, 2, length, 6)
     torch.testing.assert_close(torch.softmax(logits, -1)[0], weights, rtol=1e-12, atol=1e-12)
+
+
+def _gapped(gaps: list[float], classes: int = 7) -> torch.Tensor:
+    """Rows whose top logit (class 2) leads every other logit by ``gap`` (ties among the others)."""
+    logits = torch.zeros(len(gaps), classes, dtype=torch.float64)
+    logits[:, 2] = torch.tensor(gaps, dtype=torch.float64)
+    return logits
+
+
+def test_softmax_saturation_is_rounding_to_one_in_the_loss_dtype():
+    # the top probability is 1 / (1 + s), s = 6 e^-gap: it rounds to 1 when s is below half an ulp of 1 (2^-24 in
+    # float32, 2^-53 in float64) and not when a single e^-gap is above it; in between (gaps 16.6-18.4 in float32)
+    # the summation order decides, so the hand count keeps out of that band
+    gaps = [0.0, 12.0, 16.0, 19.0, 20.0, 30.0, 36.0, 39.0, 60.0]
+    logits = _gapped(gaps)
+
+    def hand(ulp_half: float) -> list[bool]:
+        assert all(6 * math.exp(-g) < ulp_half or math.exp(-g) > ulp_half for g in gaps)  # outside the band
+        return [6 * math.exp(-g) < ulp_half for g in gaps]
+
+    expected32, expected64 = hand(2.0**-24), hand(2.0**-53)
+    assert expected32 == [False, False, False, True, True, True, True, True, True]
+    assert expected64 == [False] * 7 + [True, True]
+    assert softmax_saturated(logits, torch.float32).tolist() == expected32
+    assert softmax_saturated(logits.float()).tolist() == expected32  # the logits' own dtype by default
+    assert softmax_saturated(logits).tolist() == expected64
+    # a shift of every logit changes nothing; the sign of the gap does (a row with one low logit is not peaked)
+    assert softmax_saturated(logits.float() + 1000.0).tolist() == expected32
+    assert not softmax_saturated(-logits.float()).any()
+
+
+def test_saturated_rows_are_those_whose_cross_entropy_gradient_vanishes():
+    # the definition's equivalent: in float32 the loss of a row whose target is its top class, and its gradient at
+    # that target, are exactly 0 exactly when the row is saturated
+    torch.manual_seed(4)
+    logits = (torch.randn(64, 97) * 4).float()
+    logits[torch.arange(64), torch.arange(64) % 97] += torch.linspace(0.0, 40.0, 64)
+    logits.requires_grad_(True)
+    target = logits.detach().argmax(-1)
+    loss = nn.functional.cross_entropy(logits, target, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    zero = grad[torch.arange(64), target] == 0
+    saturated = softmax_saturated(logits)
+    assert 0 < int(saturated.sum()) < 64  # both kinds of row are present
+    assert torch.equal(saturated, zero)
+    assert torch.equal(saturated, loss.detach() == 0)
+
+
+def test_non_finite_entries_count_as_zero_and_tokens_are_rows():
+    logits = _gapped([40.0, 40.0, 1.0]).float()
+    logits[1, 0] = math.nan  # the rest of the row still leads by 40
+    logits[2, :] = math.nan  # all zero: uniform, not saturated
+    assert softmax_saturated(logits).tolist() == [True, True, False]
+    tokens = _gapped([40.0] * 6).float().reshape(2, 3, 7)  # (batch, time, vocabulary): one flag per token
+    assert softmax_saturated(tokens).shape == (2, 3) and bool(softmax_saturated(tokens).all())
