@@ -31,7 +31,7 @@ GRAD_SPIKES_SHARE = 0.1
 #: Weights of the periodic parts in the rest of the budget (``1 - GRAD_SPIKES_SHARE`` when the gradient monitor is
 #: on), normalised over the parts that are on: the Hessian is the headline signal and the costliest, so it gets
 #: the largest share; each share caps that part's own spending, so no part can starve another.
-SHARE_WEIGHTS = {"hessian": 0.8, "rank": 0.1, "connectivity": 0.05, "logits": 0.05}
+SHARE_WEIGHTS = {"hessian": 0.8, "rank": 0.1, "connectivity": 0.05, "logits": 0.13}
 #: Budget mode's first estimate of a part's cost in training steps, for the bundle's configuration (one probe batch
 #: for the Hessian and the barrier), measured cold on the reference workloads: top-1 Lanczos 18-128 steps, rank
 #: 2-27, an interpolation 7-59. Near the typical cost rather than the worst, so that the first points of all parts

@@ -74,9 +74,13 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
 
     Cost per measurement: Lanczos HVPs (typically 5-20 cold, a handful warm-started, at most ``max_iter``), plus
     ``trace_matvecs``, ``density_runs * density_steps``, one top-1 Lanczos per block; under Adam one top-1 Lanczos
-    of the preconditioned operator, the raw one every ``raw_sharpness_every`` measurements (warm measurements on
-    the MLP workload of ``benchmarks/hessian.py --part cost``: 8-21 HVPs, against 18-25 before). One HVP is one pass
-    over the probe set at about 2-4 times the cost of a gradient.
+    of the preconditioned operator, the raw one every ``raw_sharpness_every`` measurements. As LandscapeMonitor
+    configures it (one probe batch, AdamW, every 200 steps), warm measurements cost 3-9 HVPs (8-16 training steps)
+    on the MLP workload, 2-7 (4-12) on the CNN, 3-10 (15-37) on the character transformer and 5-8 (15-30) on
+    nanoGPT (``benchmarks/overhead.py``, notes/curv.md); on the transformers the preconditioned top eigenvector
+    moves so much between measurements that a warm start saves almost nothing (its first Rayleigh quotient is
+    ~100% off). One HVP is one backward pass through the probe batch's gradient graph: 1.3-2.4 training steps on
+    CPU (``backend="graph"``; the graph itself costs one more).
 
     Args:
         top_k: number of top eigenvalues.
