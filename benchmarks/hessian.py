@@ -12,6 +12,9 @@ column is skipped.
     python benchmarks/hessian.py            # prints markdown tables (copied into benchmarks/RESULTS.md)
     python benchmarks/hessian.py --part cost   # part 3: a measurement's cost in training steps (before/after:
                                                # run with PYTHONPATH=/work/main, then with this checkout)
+    python benchmarks/hessian.py --part bundle --every 200 --steps 1001 --kinds mlp,cnn,transformer,nanogpt
+                                               # part 4: as LandscapeMonitor configures it (one probe batch),
+                                               # where the time goes: products, gradient graph, the rest
 """
 
 from __future__ import annotations
@@ -295,10 +298,87 @@ def cost(steps: int, every: int, kinds: list[str]) -> None:
             )
 
 
+def bundle_cost(steps: int, every: int, kinds: list[str]) -> None:
+    """Part 4: a HessianMonitor measurement as LandscapeMonitor configures it (one probe batch, AdamW), every
+    ``every`` steps, on grad_spikes.py's workloads and overhead.py's nanoGPT: HVPs, cost in training steps (seconds
+    over the median unmonitored step of the same run) and how much of it the products and the gradient graph take."""
+    import collections
+
+    import lightning.pytorch as pl
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from overhead import make_workload
+
+    from lightning_landscape import HessianMonitor
+
+    spent: dict[str, float] = collections.defaultdict(float)
+
+    def timed(owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[label] += time.perf_counter() - start
+
+        setattr(owner, name, wrapper)
+
+    timed(HessianOperator, "matvec", "products")
+    timed(HessianOperator, "_gradients", "graph")
+
+    class StepClock(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.times.append(time.perf_counter() - self.start)
+
+    print("| workload | step | HVPs | raw | cost (steps) | of which products | of which gradient graph |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    for kind in kinds:
+        pl.seed_everything(0, verbose=False)
+        clock = StepClock()
+        monitor = HessianMonitor(every_n_steps=every, num_probe_batches=1, max_overhead=None, on_alert="ignore")
+        rows: list[tuple[int, dict, dict]] = []
+        original = monitor.log_metrics
+
+        def record(trainer, metrics, step, original=original):
+            rows.append((step, dict(metrics), dict(spent)))
+            spent.clear()
+            original(trainer, metrics, step)
+
+        monitor.log_metrics = record
+        trainer = pl.Trainer(
+            max_steps=steps,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[monitor, clock],
+        )
+        spent.clear()
+        trainer.fit(make_workload(kind))
+        step_s = statistics.median(clock.times)
+        for step, metrics, parts in rows:
+            seconds = metrics.get("landscape/hessian/seconds", float("nan"))
+            print(
+                f"| {kind} | {step} | {metrics.get('landscape/hessian/hvps', float('nan')):.0f} | "
+                f"{'yes' if 'landscape/sharpness' in metrics else 'no'} | {seconds / step_s:.1f} | "
+                f"{parts.get('products', 0.0) / step_s:.1f} | {parts.get('graph', 0.0) / step_s:.1f} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--part", choices=["1", "2", "cost", "all"], default="all")
+    parser.add_argument("--part", choices=["1", "2", "cost", "bundle", "all"], default="all")
     parser.add_argument("--steps", type=int, default=41, help="part cost: training steps")
     parser.add_argument("--every", type=int, default=10, help="part cost: measurement cadence")
     parser.add_argument("--kinds", default="mlp,cnn,transformer", help="part cost: workloads")
@@ -311,6 +391,8 @@ def main() -> None:
         part2()
     if args.part == "cost":
         cost(args.steps, args.every, args.kinds.split(","))
+    if args.part == "bundle":
+        bundle_cost(args.steps, args.every, args.kinds.split(","))
 
 
 if __name__ == "__main__":

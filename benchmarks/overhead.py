@@ -4,6 +4,7 @@
     python benchmarks/overhead.py --quick         # ~3 minutes, fewer steps and repeats
     python benchmarks/overhead.py --no-costs --repeats 5 --workloads transformer
     python benchmarks/overhead.py --schedule --steps 3000   # LandscapeMonitor() defaults: what is logged when
+    python benchmarks/overhead.py --simulate --steps 3000   # the same schedule on a fake clock, measured costs
 
 Four reference workloads: an MLP and a small CNN on scikit-learn's digits, a 2-layer character transformer on the
 standard library's source (``benchmarks/grad_spikes.py``'s ``Workload``), and a nanoGPT-style causal transformer
@@ -19,6 +20,10 @@ Two tables (three with ``--schedule``):
    the paired ratio ``with / without - 1``. Budget rows also give the overhead the monitors' own ledger measured. The
    "empty callback" row (three hooks that do nothing) is Lightning's own cost of calling a callback, and on a shared
    machine also a gauge of the noise: it should read 0.
+4. *Simulated schedule* (``--simulate``): the real ``LandscapeMonitor()`` (its budget, shares and waits) on a fake
+   clock, each part's measurement replaced by one costing what it was measured to cost on each workload
+   (``MEASURED_COSTS``, in training steps; the Hessian's warm costs cycle through the measured sequence), on a tiny
+   model: the schedule a long real run would get, in seconds instead of hours on a loaded 2-core machine.
 3. *Schedule* (``--schedule``): ``LandscapeMonitor()`` at its defaults for ``--steps`` steps on each workload: the
    steps at which sharpness, rank and barriers were logged, the largest gap between sharpness points, the ledger
    (overall and by part) and the gradient stride; then, with ``--repeats`` above 0, the interleaved A/B wall-time
@@ -224,6 +229,113 @@ def schedule_table(kinds: list[str], steps: int, repeats: int, root: str) -> Non
         )
 
 
+#: Measured cost of one measurement, in training steps, as LandscapeMonitor() configures each part (one probe
+#: batch for the Hessian and the barrier, four for the rank), AdamW. Hessian: (cold first, warm sequence), from
+#: HessianMonitor(every_n_steps=200, num_probe_batches=1) over 1,000 steps (/tmp/curv/prof.py in the curv notes:
+#: the warm measurements at steps 200-1000; the cold first is the preconditioned half of the first measurement);
+#: rank and barrier from the schedule notes of the previous session (rank pb4, barrier pb1; nanoGPT: the
+#: transformer's); logits 0.3 (it reads the training forward); per-step gradient reads as a fraction of a step.
+MEASURED_COSTS = {
+    "mlp": {"hessian": (20.0, (15.8, 11.2, 7.7, 9.5, 9.2)), "rank": 15.0, "connectivity": 59.0, "per_step": 0.0265},
+    "cnn": {"hessian": (10.0, (12.5, 11.4, 4.1, 4.3, 4.2)), "rank": 15.0, "connectivity": 7.0, "per_step": 0.0047},
+    "transformer": {
+        "hessian": (32.0, (22.2, 37.0, 20.1, 14.7, 15.4)),
+        "rank": 4.5,
+        "connectivity": 19.0,
+        "per_step": 0.0022,
+    },
+    "nanogpt": {
+        "hessian": (24.0, (14.7, 16.7, 19.1, 22.4, 29.6)),
+        "rank": 4.5,
+        "connectivity": 19.0,
+        "per_step": 0.0022,
+    },
+}
+
+
+def simulated_schedule(kinds: list[str], steps: int) -> None:
+    """Table 4: LandscapeMonitor() at its defaults on a fake clock with MEASURED_COSTS (see the module docstring)."""
+    from lightning_landscape.callbacks import _base
+    from lightning_landscape.callbacks import grad_spikes as grad_spikes_module
+    from lightning_landscape.core import budget as budget_module
+    from tests.helpers.lightning import ClassifierModule
+
+    step_seconds = 0.01
+
+    class FakeClock:
+        now = 1000.0
+
+        def perf_counter(self) -> float:
+            return self.now
+
+    class Ticker(pl.Callback):
+        def on_train_batch_end(self, *args) -> None:
+            clock.now += step_seconds
+
+    print(f"\n## Simulated: LandscapeMonitor() defaults over {steps} steps on a fake clock, measured costs\n")
+    print(
+        "| workload | Hessian cold / warm (steps) | sharpness at steps | points | largest gap | rank at | barrier at | ledger |"
+    )
+    print("| --- | --- | --- | ---: | ---: | --- | --- | ---: |")
+    for kind in kinds:
+        costs = MEASURED_COSTS[kind]
+        clock = FakeClock()
+        saved = (_base.time, budget_module.time, grad_spikes_module.time)
+        _base.time = budget_module.time = grad_spikes_module.time = clock
+        try:
+            monitor = LandscapeMonitor(on_alert="ignore")
+            measured: dict[str, list[int]] = {name: [] for name in ("hessian", "rank", "connectivity", "logits")}
+            for name in measured:
+                part = monitor.parts[name]
+
+                def measure(trainer, pl_module, batches, step, name=name, part=part):
+                    done = measured[name]
+                    if name == "hessian":
+                        first, warm = costs["hessian"]
+                        cost = first if not done else warm[(len(done) - 1) % len(warm)]
+                    elif name == "connectivity":
+                        if not done:
+                            part._cost_is_typical = False  # the snapshot says nothing of an interpolation's cost
+                        cost = 0.1 if not done else costs["connectivity"]
+                    else:
+                        cost = costs.get(name, 0.3)
+                    clock.now += cost * step_seconds
+                    done.append(step)
+                    return {}
+
+                part.measure = measure
+            spikes = monitor.parts["grad_spikes"]
+            original = spikes.on_train_batch_end
+
+            def per_step_work(*args, original=original):
+                original(*args)
+                clock.now += costs["per_step"] * step_seconds
+
+            spikes.on_train_batch_end = per_step_work
+            trainer = pl.Trainer(
+                max_steps=steps,
+                accelerator="cpu",
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                callbacks=[monitor, Ticker()],
+            )
+            trainer.fit(ClassifierModule())
+            ledger = monitor.budget.overhead()  # on the fake clock
+        finally:
+            _base.time, budget_module.time, grad_spikes_module.time = saved
+        sharp = measured["hessian"]
+        gaps = [b - a for a, b in zip([0, *sharp], [*sharp, steps], strict=True)]
+        first, warm = costs["hessian"]
+        print(
+            f"| {kind} | {first:g} / {min(warm):g}-{max(warm):g} | {', '.join(map(str, sharp))} | {len(sharp)} | "
+            f"{max(gaps)} | {', '.join(map(str, measured['rank']))} | "
+            f"{', '.join(map(str, measured['connectivity']))} | {ledger:.2%} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default: per workload)")
@@ -234,7 +346,11 @@ def main() -> None:
     parser.add_argument(
         "--schedule", action="store_true", help="only table 3 (--steps, default 3000; --repeats 0: no A/B)"
     )
+    parser.add_argument("--simulate", action="store_true", help="only table 4 (fake clock, MEASURED_COSTS)")
     args = parser.parse_args()
+    if args.simulate:
+        simulated_schedule(args.workloads, args.steps or 3000)
+        return
     torch.set_num_threads(2)
     root = tempfile.mkdtemp(prefix="overhead-")
     repeats = 1 if args.quick else args.repeats

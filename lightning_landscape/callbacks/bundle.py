@@ -30,11 +30,11 @@ DEFAULT_EVERY = {"hessian": 200, "rank": 200, "connectivity": 200, "logits": 10}
 #: features: 4 x 64 examples for a 256-wide layer), one for the logits (every few steps).
 DEFAULT_PROBE_BATCHES = {"hessian": 1, "rank": 4, "connectivity": 1, "logits": 1}
 #: Share of the bundle's budget the gradient monitor's every-step reads may take (see GradientSpikeMonitor.stride).
-GRAD_SPIKES_SHARE = 0.2
+GRAD_SPIKES_SHARE = 0.1
 #: Weights of the periodic parts in the rest of the budget (``1 - GRAD_SPIKES_SHARE`` when the gradient monitor is
 #: on), normalised over the parts that are on: the Hessian is the headline signal and the costliest, so it gets
 #: the largest share; each share caps that part's own spending, so no part can starve another.
-SHARE_WEIGHTS = {"hessian": 0.7, "rank": 0.15, "connectivity": 0.15, "logits": 0.15}
+SHARE_WEIGHTS = {"hessian": 0.8, "rank": 0.1, "connectivity": 0.05, "logits": 0.13}
 #: Budget mode's first estimate of a part's cost in training steps, for the bundle's configuration (one probe batch
 #: for the Hessian and the barrier), measured cold on the reference workloads: top-1 Lanczos 18-128 steps, rank
 #: 2-27, an interpolation 7-59. Near the typical cost rather than the worst, so that the first points of all parts

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -13,18 +12,18 @@ from torch import Tensor
 
 from lightning_landscape import tensorboard as tb
 from lightning_landscape.callbacks._base import LandscapeCallback
+from lightning_landscape.callbacks._hessian_stability import _EdgeOfStability
 from lightning_landscape.core import distributed
 from lightning_landscape.core._validation import check_bool, check_choice, check_float, check_int
-from lightning_landscape.core.alerts import Alert, ConsecutiveAboveRule, RelativeJumpRule
+from lightning_landscape.core.alerts import ConsecutiveAboveRule, RelativeJumpRule
 from lightning_landscape.core.density import slq_density
-from lightning_landscape.core.hvp import BACKENDS, DiagonalScaledOperator, HessianOperator, operator_mode
+from lightning_landscape.core.hvp import BACKENDS, HessianOperator, operator_mode
 from lightning_landscape.core.lanczos import lanczos
 from lightning_landscape.core.params import ParamSelector, select_parameters, top_level_blocks
-from lightning_landscape.core.stability import StabilityThreshold, stability_scale, stability_threshold
 from lightning_landscape.core.trace import hutchpp_trace
 
 
-class HessianMonitor(LandscapeCallback):
+class HessianMonitor(_EdgeOfStability, LandscapeCallback):
     """Top Hessian eigenvalues (sharpness), the most negative one, trace and spectral density of the training loss.
 
     The operator is the Hessian of the size-weighted mean loss over the probe set, with respect to the selected
@@ -58,7 +57,9 @@ class HessianMonitor(LandscapeCallback):
     Under Adam/AdamW (and SGD with per-group learning rates) each measurement converges the preconditioned
     sharpness, which decides stability; the Hessian's own spectrum (``p/sharpness``, ``eig_i``, ``lambda_min``,
     per-block values) is measured on every ``raw_sharpness_every``-th measurement only (default 10; 1 = every time),
-    and always when no preconditioner exists yet (before Adam's first step).
+    and always when no preconditioner exists yet (before Adam's first step). A run that starts measuring after
+    Adam's first step (``LandscapeMonitor``) logs its first raw spectrum at its ``raw_sharpness_every``-th
+    measurement: the first point is one cold Lanczos, not two.
 
     Alerts: ``edge_of_stability`` when ``eos_ratio > eos_threshold`` for ``eos_patience`` consecutive measurements;
     ``sharpness_growth`` when ``eos_sharpness`` (the sharpness where no threshold is known) exceeds ``(1 +
@@ -73,9 +74,13 @@ class HessianMonitor(LandscapeCallback):
 
     Cost per measurement: Lanczos HVPs (typically 5-20 cold, a handful warm-started, at most ``max_iter``), plus
     ``trace_matvecs``, ``density_runs * density_steps``, one top-1 Lanczos per block; under Adam one top-1 Lanczos
-    of the preconditioned operator, the raw one every ``raw_sharpness_every`` measurements (warm measurements on
-    the MLP workload of ``benchmarks/hessian.py --part cost``: 8-21 HVPs, against 18-25 before). One HVP is one pass
-    over the probe set at about 2-4 times the cost of a gradient.
+    of the preconditioned operator, the raw one every ``raw_sharpness_every`` measurements. As LandscapeMonitor
+    configures it (one probe batch, AdamW, every 200 steps), warm measurements cost 3-9 HVPs (8-16 training steps)
+    on the MLP workload, 2-7 (4-12) on the CNN, 3-10 (15-37) on the character transformer and 5-8 (15-30) on
+    nanoGPT (``benchmarks/overhead.py``, notes/curv.md); on the transformers the preconditioned top eigenvector
+    moves so much between measurements that a warm start saves almost nothing (its first Rayleigh quotient is
+    ~100% off). One HVP is one backward pass through the probe batch's gradient graph: 1.3-2.4 training steps on
+    CPU (``backend="graph"``; the graph itself costs one more).
 
     Args:
         top_k: number of top eigenvalues.
@@ -184,7 +189,11 @@ class HessianMonitor(LandscapeCallback):
         self._warm: dict[str, Tensor] = {}
         self._growth_key = ""
         self._adaptive = False  # the last measurement's threshold is Adam's: the curvature alerts need the peak
-        self._measured = 0  # measurements made: the raw-sharpness cadence under a preconditioned optimizer
+        self._measured = 0  # measurements made
+        # measurements since the last raw spectrum: under a preconditioned optimizer the raw one comes every
+        # `raw_sharpness_every` measurements, the first one after `raw_sharpness_every - 1` preconditioned ones
+        self._since_raw = 0
+        self._shift: Tensor | None = None  # W D^2 of coupled weight decay in the scaled operator (stability_shift)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -200,6 +209,7 @@ class HessianMonitor(LandscapeCallback):
             "eos_rule": self.eos_rule.state_dict(),
             "growth_rule": self.growth_rule.state_dict(),
             "measured": self._measured,
+            "since_raw": self._since_raw,
         }
 
     def _load_monitor_state_dict(self, state: dict[str, Any]) -> None:
@@ -207,6 +217,9 @@ class HessianMonitor(LandscapeCallback):
         self.eos_rule.load_state_dict(state.get("eos_rule", {}))
         self.growth_rule.load_state_dict(state.get("growth_rule", {}))
         self._measured = int(state.get("measured", 0))
+        # a checkpoint from before "since_raw": its cadence was `measured % raw_sharpness_every == 0`
+        every = self.raw_sharpness_every
+        self._since_raw = int(state.get("since_raw", (self._measured + every - 1) % every))
 
     # ----------------------------------------------------------------------------------------------- measure
     def _operator(
@@ -264,8 +277,10 @@ class HessianMonitor(LandscapeCallback):
         stability = self._stability(trainer, params)
         # Under a preconditioned optimizer the preconditioned sharpness decides stability; the Hessian's own
         # spectrum is measured on every `raw_sharpness_every`-th measurement only (and whenever no preconditioned
-        # form exists yet, e.g. before Adam's first step).
-        raw = stability is None or stability[1] is None or self._measured % self.raw_sharpness_every == 0
+        # form exists yet, e.g. before Adam's first step). Not on the first one when a preconditioner exists: a
+        # cold raw Lanczos there doubled the first point's cost (the one the budget can bound only by estimate).
+        raw = stability is None or stability[1] is None or self._since_raw + 1 >= self.raw_sharpness_every
+        self._since_raw = 0 if raw else self._since_raw + 1
         self._measured += 1
         preconditioned = stability is not None and stability[0].preconditioned
         self._growth_key = self.key("eos_sharpness") if preconditioned else f"{self.prefix}/sharpness"
@@ -338,93 +353,3 @@ class HessianMonitor(LandscapeCallback):
         pad = 1e-6 + 0.02 * (hi - lo)
         edges = torch.linspace(lo - pad, hi + pad, self.density_bins + 1, dtype=torch.float64)
         tb.log_histogram_raw(trainer, self.key("density"), edges, spectrum.histogram(edges), step)
-
-    def _stability(self, trainer: pl.Trainer, params: dict) -> tuple[StabilityThreshold, Tensor | None] | None:
-        """The optimizer's threshold and the diagonal ``D`` of the operator ``D H D`` it applies to (``None``:
-        ``H`` itself; a preconditioned threshold with ``D = None`` has no preconditioner yet). ``None`` when no
-        optimizer has a known threshold."""
-        for optimizer in trainer.optimizers:
-            threshold = stability_threshold(optimizer, params)
-            if threshold is not None:
-                return threshold, stability_scale(optimizer, params, threshold)
-        self._warn_once(
-            "no-eos",
-            "HessianMonitor: eos_ratio is logged for SGD, Adam and AdamW only (groups sharing their momentum "
-            f"settings); the optimizer in use is {[type(o).__name__ for o in trainer.optimizers]}.",
-        )
-        return None
-
-    def _edge_of_stability(
-        self,
-        op: HessianOperator,
-        stability: tuple[StabilityThreshold, Tensor | None],
-        sharpness: float | None,
-        generator: torch.Generator,
-    ) -> dict[str, float]:
-        threshold, scale = stability
-        metrics = {self.key("stability_threshold"): threshold.threshold}
-        if threshold.preconditioned:
-            if scale is None:
-                return {}  # before Adam's first step there is no second-moment estimate
-            scaled = DiagonalScaledOperator(op, scale)
-            value = float(self._lanczos(scaled, "precond", 1, False, generator).eigenvalues[0])
-            metrics[self.key("preconditioned_sharpness")] = value
-        else:
-            value = float(sharpness)
-        ratio = value / threshold.threshold
-        metrics[self.key("eos_sharpness")] = value
-        metrics[self.key("eos_ratio")] = ratio
-        metrics[self.key("log10_eos_ratio")] = math.log10(ratio) if ratio > 0 else -math.inf
-        return metrics
-
-    def _check_alerts(self, trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
-        source = type(self).__name__
-        ratio = metrics.get(self.key("eos_ratio"))
-        # Adam trains at eos_ratio ~1 as its normal regime (Cohen et al. 2022) and healthy language models peak
-        # near 1.7 early on (notes: curvature.md), so under Adam both alerts also need the ratio above the peak.
-        peak = self.adaptive_eos_peak if self._adaptive else None
-        if ratio is not None and self.eos_rule.update(ratio, peak):
-            self.emit_alert(
-                trainer,
-                Alert(
-                    step=step,
-                    kind="edge_of_stability",
-                    source=source,
-                    metric=self.key("eos_ratio"),
-                    value=ratio,
-                    threshold=self.eos_rule.threshold,
-                    message=(
-                        f"eos_ratio {ratio:.3g} has been above {self.eos_rule.threshold:g} for "
-                        f"{self.eos_rule.patience} measurements"
-                        + (f" (and above {peak:g}, Adam's margin)" if peak is not None else "")
-                        + ": the curvature exceeds what the optimizer's step "
-                        "size can follow stably (edge of stability); loss spikes or divergence may follow. "
-                        "Consider a lower learning rate or warm-up."
-                    ),
-                ),
-            )
-        # The growth rule follows the quantity the threshold applies to (the preconditioned sharpness under Adam),
-        # one series, so a raw value every `raw_sharpness_every` measurements never reads as a jump.
-        watched = self._growth_key
-        sharpness = metrics.get(watched)
-        if sharpness is None:
-            return
-        threshold = self.growth_rule.threshold
-        min_ratio = self.growth_min_eos_ratio if peak is None else max(self.growth_min_eos_ratio, peak)
-        near_threshold = ratio is None or ratio >= min_ratio
-        if self.growth_rule.update(sharpness) and near_threshold:
-            self.emit_alert(
-                trainer,
-                Alert(
-                    step=step,
-                    kind="sharpness_growth",
-                    source=source,
-                    metric=watched,
-                    value=sharpness,
-                    threshold=threshold,
-                    message=(
-                        f"sharpness jumped to {sharpness:.4g} from {threshold / (1 + self.growth_rule.jump):.4g} "
-                        f"(more than {self.growth_rule.jump:.0%} between measurements)."
-                    ),
-                ),
-            )

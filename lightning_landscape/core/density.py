@@ -24,14 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_landscape.core._krylov import _check_device, _check_generator, _check_operator, random_vector
 from lightning_landscape.core._validation import check_float, check_int
-from lightning_landscape.core.lanczos import (
-    _check_device,
-    _check_generator,
-    _check_operator,
-    lanczos_tridiagonal,
-    random_vector,
-)
+from lightning_landscape.core.tridiagonal import lanczos_tridiagonal
 
 # Grid points x quadrature nodes evaluated at once by SpectralDensity.density (bounds its temporary memory).
 _DENSITY_CHUNK = 1 << 22

@@ -39,14 +39,13 @@ from torch import Tensor, nn
 
 from lightning_landscape.core._sdpa import differentiable_attention
 from lightning_landscape.core._validation import LandscapeWarning, check_choice
+from lightning_landscape.core.modes import MODES, default_batch_size, operator_mode, seeded_rng
 from lightning_landscape.core.params import flatten, select_parameters, unflatten
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 Backend = Literal["auto", "func", "double_backward", "graph"]
-Mode = Literal["eval", "train"]
 
 BACKENDS = ("auto", "func", "double_backward", "graph")
-MODES = ("eval", "train")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -56,79 +55,6 @@ class NonFiniteLossError(FloatingPointError):
 def default_backend(device: torch.device) -> str:
     """The backend ``"auto"`` resolves to on ``device`` (measured; see the module docstring)."""
     return "graph" if device.type == "cpu" else "func"
-
-
-def default_batch_size(batch: Any) -> int:
-    """Leading dimension of the first tensor found in ``batch`` (depth-first through tuples, lists and dicts).
-
-    Raises:
-        TypeError: ``batch`` holds no tensor with at least one dimension; pass ``batch_size_fn``.
-    """
-    if isinstance(batch, Tensor) and batch.dim() > 0:
-        return int(batch.shape[0])
-    items: Sequence[Any] = ()
-    if isinstance(batch, Mapping):
-        items = list(batch.values())
-    elif isinstance(batch, list | tuple):
-        items = batch
-    for item in items:
-        with contextlib.suppress(TypeError):
-            return default_batch_size(item)
-    raise TypeError(
-        f"Cannot infer the batch size of a {type(batch).__name__}: no tensor with a leading dimension; "
-        "pass `batch_size_fn`."
-    )
-
-
-def _norm_layers(module: nn.Module) -> list[nn.modules.batchnorm._NormBase]:
-    """Normalisation layers with running statistics (the one definition; core.interpolation uses it too)."""
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
-
-
-@contextlib.contextmanager
-def operator_mode(module: nn.Module, mode: Mode) -> Iterator[None]:
-    """Put ``module`` in the operator's mode and restore every submodule's own flag and buffers afterwards.
-
-    ``"eval"``: every submodule in eval mode (running BatchNorm statistics, dropout off).
-    ``"train"``: every submodule in train mode; BatchNorm uses the statistics of each batch, and its running
-    buffers are detached for the duration so no forward pass updates them (the operator stays the same at every
-    matvec and the user's buffers are untouched). Dropout is active; fix its masks with the operator's ``seed``.
-    """
-    check_choice("mode", mode, MODES)
-    flags = {m: m.training for m in module.modules()}
-    detached: list[tuple[nn.Module, dict[str, Tensor | None]]] = []
-    try:
-        module.train(mode == "train")
-        if mode == "train":
-            for layer in _norm_layers(module):
-                saved = {k: layer._buffers.get(k) for k in ("running_mean", "running_var", "num_batches_tracked")}
-                detached.append((layer, saved))
-                # With the running buffers set to None, _BatchNorm.forward normalises with batch statistics and
-                # has nothing to update: the cleanest public-behaviour way to freeze them.
-                for k in saved:
-                    layer._buffers[k] = None
-        yield
-    finally:
-        for layer, saved in detached:
-            for k, v in saved.items():
-                layer._buffers[k] = v
-        for m, flag in flags.items():
-            m.training = flag
-
-
-@contextlib.contextmanager
-def seeded_rng(device: torch.device, seed: int) -> Iterator[None]:
-    """Fork the global RNG of the CPU (and of ``device`` if it is a GPU), seed it with ``seed``, restore it after.
-
-    Only the generators in use are seeded: ``torch.manual_seed`` would also reseed every other GPU.
-    """
-    on_cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if on_cuda else []):
-        torch.default_generator.manual_seed(seed)
-        if on_cuda:
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            torch.cuda.default_generators[index].manual_seed(seed)
-        yield
 
 
 class _LossModule(nn.Module):
@@ -458,21 +384,18 @@ class HessianOperator:
         return flatten(hv[k] for k in names).detach()
 
 
-class DiagonalScaledOperator:
-    """``D H D`` for a diagonal ``D = diag(scale)``: the symmetric form of a diagonally preconditioned Hessian.
+# re-exported: their home moved to core.modes / core.scaled, `from lightning_landscape.core.hvp import ...` still works
+from lightning_landscape.core.scaled import DiagonalScaledOperator  # noqa: E402
 
-    With ``scale = P ** -0.5`` this is ``P^-1/2 H P^-1/2``, similar to ``P^-1 H`` (same eigenvalues) but symmetric,
-    so Lanczos applies (Cohen et al. 2022, "Adaptive Gradient Methods at the Edge of Stability").
-    """
-
-    def __init__(self, operator: Any, scale: Tensor) -> None:
-        if scale.dim() != 1 or scale.numel() != operator.shape[0]:
-            raise ValueError(f"`scale` must be 1-D with {operator.shape[0]} elements, got shape {tuple(scale.shape)}.")
-        self.operator = operator
-        self.scale = scale.to(device=operator.device, dtype=operator.dtype)
-        self.shape = operator.shape
-        self.dtype = operator.dtype
-        self.device = operator.device
-
-    def __matmul__(self, vector: Tensor) -> Tensor:
-        return self.scale * (self.operator @ (self.scale * vector.to(self.device, self.dtype)))
+__all__ = [
+    "BACKENDS",
+    "MODES",
+    "DiagonalScaledOperator",
+    "HessianOperator",
+    "NonFiniteLossError",
+    "check_loss",
+    "default_backend",
+    "default_batch_size",
+    "operator_mode",
+    "seeded_rng",
+]

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_landscape.core._validation import check_choice
-from lightning_landscape.core.hvp import _norm_layers, default_batch_size, seeded_rng
+from lightning_landscape.core.modes import _norm_layers, default_batch_size, seeded_rng
 
 BN_POLICIES = ("recompute", "interpolate", "keep")
 

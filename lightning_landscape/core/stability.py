@@ -33,10 +33,21 @@ Derivations (``b`` momentum, ``d`` dampening, ``a = lr * h``; PyTorch's update r
   Parameters outside the optimizer, or at ``lr = 0``, do not move: scale 0. Groups must share the momentum
   hyper-parameters (else no single threshold exists and ``None`` is returned).
 
-Not modelled: weight decay (SGD's coupled decay shifts the curvature by ``weight_decay``; AdamW's decoupled decay
-multiplies ``x`` by ``1 - lr wd`` per step), and the change of ``P`` between steps (Cohen et al. 2022 hold it fixed
-as well). Tests check every formula against the largest stable learning rate found by bisection on quadratics
-(``tests/core/test_stability.py``).
+* Weight decay, coupled (SGD's and Adam's ``weight_decay``: ``g = grad + wd x``): on the quadratic the gradient is
+  ``(H + wd I) x``, so every recurrence above holds with ``h + wd`` in place of ``h``. With one learning rate and
+  one ``wd`` SGD's threshold on the sharpness is the one above minus ``wd``; in general (Adam, per-group learning
+  rates or decays) the stable quantity is ``lambda_max(D (H + W) D) = lambda_max(D H D + W D^2)`` (``W`` the
+  per-parameter decay) against the unchanged threshold: :func:`stability_shift` gives the diagonal ``W D^2``.
+* Weight decay, decoupled (AdamW, or Adam with ``decoupled_weight_decay=True``: ``x <- (1 - lr wd) x - lr m / (bc
+  P)``): with ``rho = 1 - lr wd`` and ``a = lr h (1 - b1) / bc`` (``h`` an eigenvalue of ``P^-1/2 H P^-1/2``,
+  ``bc = 1 - b1^(t+1)``), ``x_{t+1} = (rho + b1 - a) x_t - b1 rho x_{t-1}``: ``z^2 - (rho + b1 - a) z + b1 rho =
+  0``. ``|c_0| = b1 rho < 1`` and ``1 + c_1 + c_0 = (1 - rho)(1 - b1) + a > 0`` always hold; ``1 - c_1 + c_0 > 0``
+  gives ``a < (1 + rho)(1 + b1)``, i.e. Adam's threshold times ``(1 + rho) / 2 = 1 - lr wd / 2`` (a 5e-6 change at
+  AdamW's default ``wd = 0.01``, ``lr = 1e-3``). Exact when every selected group has the same ``lr * wd``;
+  otherwise the smallest factor is used (the decay no longer commutes with the eigendirections).
+
+Not modelled: the change of ``P`` between steps (Cohen et al. 2022 hold it fixed as well). Tests check every
+formula against the largest stable learning rate found by bisection on quadratics (``tests/core/test_stability.py``).
 """
 
 from __future__ import annotations
@@ -63,6 +74,9 @@ class StabilityThreshold:
         formula: a human-readable formula, for logs.
         step: optimizer steps taken (Adam's bias factor uses ``step + 1``), 0 for SGD.
         per_group: the selected parameters sit in groups with different learning rates.
+        weight_decay: the reference group's ``weight_decay`` (coupled: already subtracted from an SGD threshold or
+            in :func:`stability_shift`; decoupled: in the factor ``1 - lr wd / 2``).
+        decoupled: the decay is decoupled (AdamW).
     """
 
     threshold: float
@@ -72,6 +86,8 @@ class StabilityThreshold:
     formula: str
     step: int = 0
     per_group: bool = False
+    weight_decay: float = 0.0
+    decoupled: bool = False
 
 
 def _param_group(optimizer: torch.optim.Optimizer, params: Mapping[str, nn.Parameter]) -> dict | None:
@@ -132,6 +148,8 @@ def stability_threshold(
     if any(_hyper(g, kind) != _hyper(group, kind) for g in groups):
         return None
     per_group = any(float(g["lr"]) != lr for g in groups) or len(groups) < len(params)
+    wd = float(group.get("weight_decay", 0.0) or 0.0)
+    uniform_decay = all(float(g.get("weight_decay", 0.0) or 0.0) == wd for g in groups)
     if kind == "sgd":
         b, d, nesterov = _hyper(group, "sgd")
         if nesterov:
@@ -140,13 +158,51 @@ def stability_threshold(
         else:
             value = (2.0 + 2.0 * b) / ((1.0 - d) * lr) if d < 1.0 else float("inf")
             formula = f"(2+2*{b:g})/((1-{d:g})*{lr:g})"
-        return StabilityThreshold(value, "sgd", per_group, lr, formula, 0, per_group)
+        # coupled decay: the iteration sees H + W; one lr and one wd shift the sharpness's threshold by wd, else
+        # the decay enters the operator D H D + W D^2 (stability_shift)
+        scaled = per_group or not uniform_decay
+        if wd and not scaled:
+            value, formula = value - wd, f"{formula}-{wd:g}"
+            if value <= 0:
+                return None  # lr * wd beyond the limit: the decay alone diverges, no curvature is stable
+        return StabilityThreshold(value, "sgd", scaled, lr, formula, 0, per_group, wd)
     beta1 = _hyper(group, "adam")[0]
     step = _adam_step(optimizer, params)
     bias = 1.0 - beta1 ** (step + 1)
     value = (2.0 + 2.0 * beta1) * bias / ((1.0 - beta1) * lr)
     formula = f"(2+2*{beta1:g})*(1-{beta1:g}^{step + 1})/((1-{beta1:g})*{lr:g})"
-    return StabilityThreshold(value, "adam", True, lr, formula, step, per_group)
+    decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+    if decoupled and any(float(g.get("weight_decay", 0.0) or 0.0) for g in groups):
+        # x <- (1 - lr wd) x - ...: the threshold times (1 + rho) / 2 (module docstring); the smallest over groups
+        factor = min(1.0 - float(g["lr"]) * float(g.get("weight_decay", 0.0) or 0.0) / 2.0 for g in groups)
+        if factor <= 0:
+            return None
+        value, formula = value * factor, f"{formula}*{factor:.6g}"
+    return StabilityThreshold(value, "adam", True, lr, formula, step, per_group, wd, decoupled)
+
+
+def stability_shift(
+    optimizer: torch.optim.Optimizer, params: Mapping[str, nn.Parameter], scale: Tensor | None
+) -> Tensor | None:
+    """The diagonal ``W D^2`` that coupled weight decay adds to the scaled operator ``D H D`` (module docstring).
+
+    ``scale`` is ``D`` from :func:`stability_scale`; ``None`` when there is no scaled operator, the decay is
+    decoupled (AdamW: it is in the threshold instead) or zero. ``W`` is each parameter's group ``weight_decay``
+    (0 outside the optimizer).
+    """
+    if scale is None or isinstance(optimizer, torch.optim.AdamW):
+        return None
+    owners = _groups_of(optimizer, params)
+    decays = [0.0 if g is None else float(g.get("weight_decay", 0.0) or 0.0) for g in owners]
+    if not any(decays) or any(g is not None and g.get("decoupled_weight_decay", False) for g in owners):
+        return None
+    w = torch.cat(
+        [
+            torch.full((p.numel(),), wd, dtype=scale.dtype, device=scale.device)
+            for p, wd in zip(params.values(), decays, strict=True)
+        ]
+    )
+    return w * scale.square()
 
 
 def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Mapping[str, nn.Parameter]) -> Tensor | None:
@@ -201,4 +257,4 @@ def stability_scale(
     return s.to(device=first.device, dtype=first.dtype).sqrt()
 
 
-__all__ = ["StabilityThreshold", "adam_preconditioner", "stability_scale", "stability_threshold"]
+__all__ = ["StabilityThreshold", "adam_preconditioner", "stability_scale", "stability_shift", "stability_threshold"]

@@ -17,8 +17,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_landscape.core._krylov import _check_generator, _check_operator, _dot64, _matmat, random_vector
 from lightning_landscape.core._validation import check_choice, check_int
-from lightning_landscape.core.lanczos import _check_generator, _check_operator, _dot64, _matmat, random_vector
 
 
 @dataclass(frozen=True)

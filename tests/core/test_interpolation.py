@@ -4,13 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_landscape.core import hvp, interpolation
+from lightning_landscape.core import hvp, interpolation, modes
 from lightning_landscape.core.interpolation import probe_set_totals, seeded_batches
 from tests.helpers.models import classification_batches, cross_entropy_loss, tiny_mlp
 
 
 def test_norm_layers_is_the_one_of_hvp():
-    assert interpolation._norm_layers is hvp._norm_layers
+    # one definition (core.modes) for the operator's mode and the interpolation's BatchNorm policy
+    assert interpolation._norm_layers is modes._norm_layers
+    assert hvp.operator_mode is modes.operator_mode and hvp.default_batch_size is modes.default_batch_size
 
 
 def test_totals_are_the_size_weighted_sums_in_float64():

@@ -523,3 +523,100 @@ def test_float32_dots_match_float64_within_rounding():
     assert single.eigenvectors.dtype == torch.float32
     torch.testing.assert_close(single.eigenvalues, double.eigenvalues, rtol=1e-5, atol=0)
     torch.testing.assert_close(double.eigenvalues, exact[:3], rtol=1e-4, atol=0)
+
+
+# ------------------------------------------------------------------------------ verify: a second random start
+def _fooling_matrix(n=200, seed=7):
+    """The failure mode of issue 16 made deterministic: the smallest eigenvalue's eigenvector is orthogonal to the
+    start vector that ``generator`` seeded with ``seed`` draws, and the second-smallest is 5.4% above it (the gap
+    of the transformer case that returned the second-smallest with ``converged=True``)."""
+    start = random_vector(n, torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(100 + seed)
+    hidden = torch.randn(n, generator=g, dtype=torch.float64)
+    hidden = hidden - (hidden @ start) / (start @ start) * start  # orthogonal to the start vector
+    basis = torch.cat([hidden[:, None], torch.randn(n, n - 1, generator=g, dtype=torch.float64)], dim=1)
+    q, _ = torch.linalg.qr(basis)  # column 0 is the hidden direction; the start is a generic mix of the others
+    spectrum = torch.cat(
+        [
+            torch.tensor([-1.0, -0.946], dtype=torch.float64),  # lambda_min hidden; the second-smallest seen
+            torch.linspace(-0.5, 10.0, n - 2, dtype=torch.float64),
+        ]
+    )
+    return q @ torch.diag(spectrum) @ q.T, -1.0
+
+
+def test_one_start_can_converge_to_the_second_smallest_eigenvalue():
+    a, _ = _fooling_matrix()
+    one = lanczos(a, k=1, smallest=True, tol=1e-3, generator=torch.Generator().manual_seed(7))
+    assert one.converged and one.verified is None
+    assert one.lambda_min == pytest.approx(-0.946, rel=1e-3)  # 5.4% off, reported as converged: the gap
+
+
+def test_verify_finds_the_missed_smallest_eigenvalue():
+    a, truth = _fooling_matrix()
+    one = lanczos(a, k=1, smallest=True, tol=1e-3, generator=torch.Generator().manual_seed(7))
+    checked = lanczos(a, k=1, smallest=True, tol=1e-3, generator=torch.Generator().manual_seed(7), verify=True)
+    assert checked.verified is False  # the two starts disagreed: the first run missed lambda_min
+    scale = float(dense_eigvalsh(a).abs().max())
+    assert abs(checked.lambda_min - truth) <= 1e-3 * scale
+    assert checked.eigenvalues[0] == pytest.approx(10.0, rel=1e-3)
+    assert checked.num_matvecs > one.num_matvecs  # both runs are paid for
+    # its vector belongs to the value reported
+    v = checked.lambda_min_vector
+    assert float(v @ a @ v) == pytest.approx(checked.lambda_min, abs=1e-3 * scale)
+
+
+@pytest.mark.parametrize("name", ["hessian_like_200", "random_120", "psd_100"])
+def test_verify_agrees_on_ordinary_spectra_and_matches_dense(name):
+    a, spectrum = MATRICES[name]()
+    scale = float(spectrum.abs().max())
+    result = lanczos(a, k=3, smallest=True, tol=1e-3, max_iter=200, verify=True)
+    assert result.verified is True and result.converged
+    assert torch.allclose(result.eigenvalues, spectrum[:3], atol=1e-3 * scale, rtol=0)
+    assert abs(result.lambda_min - float(spectrum[-1])) <= 1e-3 * scale
+
+
+def test_verify_on_a_transformer_hessian_matches_dense():
+    # a tiny attention model in float64: verify agrees with the dense eigvalsh at both ends, on every seed
+    from torch import nn
+
+    torch.manual_seed(0)
+
+    class Tiny(nn.Module):
+        def __init__(self, vocab=7, width=8, context=6):
+            super().__init__()
+            self.embed = nn.Embedding(vocab, width)
+            self.attn = nn.MultiheadAttention(width, 2, batch_first=True)
+            self.norm = nn.LayerNorm(width)
+            self.head = nn.Linear(width, vocab)
+            self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context))
+
+        def forward(self, tokens):
+            h = self.embed(tokens)
+            a, _ = self.attn(h, h, h, attn_mask=self.mask, need_weights=False)
+            return self.head(self.norm(h + a))
+
+    model = Tiny().double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 7, (8, 6), generator=g)
+    batch = (x, torch.roll(x, -1, 1))
+
+    def loss_fn(m, b):
+        return nn.functional.cross_entropy(m(b[0]).reshape(-1, 7), b[1].reshape(-1))
+
+    from lightning_landscape.core._sdpa import differentiable_attention
+
+    with differentiable_attention():  # the reference needs the twice-differentiable kernel too
+        exact = dense_eigvalsh(dense_hessian(model.eval(), loss_fn, [batch]))
+    scale = float(exact.abs().max())
+    with operator_mode(model, "eval"), HessianOperator(model, loss_fn, [batch]) as op:
+        for seed in range(3):
+            r = lanczos(op, k=1, smallest=True, tol=1e-3, generator=torch.Generator().manual_seed(seed), verify=True)
+            assert r.verified is True
+            assert abs(float(r.eigenvalues[0]) - float(exact[0])) <= 1e-3 * scale
+            assert abs(r.lambda_min - float(exact[-1])) <= 1e-3 * scale
+
+
+def test_verify_must_be_a_bool():
+    with pytest.raises(TypeError, match="`verify` must be a bool, got 1"):
+        lanczos(torch.eye(3, dtype=torch.float64), verify=1)

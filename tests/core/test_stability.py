@@ -31,7 +31,9 @@ def test_adam_threshold_and_preconditioner():
     found = stability_threshold(opt, params)
     assert found.preconditioned
     # Before any step the next step is the first: bias factor 1 - 0.9 (was 38/lr before the bias factor was added).
-    assert found.threshold == pytest.approx(38.0 * 0.1 / 1e-3)
+    # AdamW's decoupled default decay (0.01) multiplies it by 1 - lr wd / 2 (issue 16: decay in the thresholds)
+    decay = 1 - 1e-3 * 0.01 / 2
+    assert found.threshold == pytest.approx(38.0 * 0.1 / 1e-3 * decay, rel=1e-12)
     assert adam_preconditioner(opt, params) is None  # no state before the first step
     for _ in range(3):
         opt.zero_grad()
@@ -44,7 +46,9 @@ def test_adam_threshold_and_preconditioner():
     torch.testing.assert_close(p[:3], expected.reshape(-1))
     later = stability_threshold(opt, params)
     assert later.step == 3
-    assert later.threshold == pytest.approx(38.0 * (1 - 0.9**4) / 1e-3)  # 0.34 of the asymptotic 38/lr
+    assert later.threshold == pytest.approx(
+        38.0 * (1 - 0.9**4) / 1e-3 * decay, rel=1e-12
+    )  # 0.34 of the asymptotic 38/lr
 
 
 def test_parameters_not_in_optimizer():
@@ -215,3 +219,135 @@ def test_adam_threshold_matches_bisection_with_frozen_state(t0):
     measured = _largest_stable_scale(make, h, freeze=freeze)
     predicted = _predicted_scale(make, h, freeze=freeze)
     assert predicted == pytest.approx(measured, rel=5e-3)
+
+
+# ------------------------------------------------------------------ weight decay against measured divergence
+def _largest_stable_in_model(make_opt, h, freeze=None, lo=0.1, hi=1e5) -> float:
+    """The scale c at which the monitored quantity lambda_max(D c h D + shift) reaches the threshold (bisection on
+    the dense eigenvalue: with a shift it is not linear in c)."""
+    from lightning_landscape.core.stability import stability_shift
+
+    x = nn.Parameter(1e-12 * torch.ones(h.shape[0], dtype=torch.float64))
+    opt = make_opt(x)
+    if freeze is not None:
+        freeze(opt, x)
+    params = {"x": x}
+    found = stability_threshold(opt, params)
+    scale = stability_scale(opt, params, found)
+    shift = stability_shift(opt, params, scale)
+    d = torch.ones(h.shape[0], dtype=torch.float64) if scale is None else scale
+    c_shift = torch.zeros_like(d) if shift is None else shift
+    while hi / lo > 1 + 1e-6:
+        mid = (lo * hi) ** 0.5
+        top = float(torch.linalg.eigvalsh(mid * d[:, None] * h * d[None, :] + torch.diag(c_shift))[-1])
+        lo, hi = (lo, mid) if top > found.threshold else (mid, hi)
+    return (lo * hi) ** 0.5
+
+
+WD_CASES = {
+    "sgd": lambda x: torch.optim.SGD([x], lr=0.1, weight_decay=2.0),
+    "heavy_ball": lambda x: torch.optim.SGD([x], lr=0.1, momentum=0.9, weight_decay=4.0),
+    "nesterov": lambda x: torch.optim.SGD([x], lr=0.1, momentum=0.9, nesterov=True, weight_decay=1.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WD_CASES))
+def test_sgd_coupled_weight_decay_matches_bisection(case):
+    h = _spd(4, 3)
+    measured = _largest_stable_scale(WD_CASES[case], h)
+    predicted = _largest_stable_in_model(WD_CASES[case], h)
+    assert predicted == pytest.approx(measured, rel=5e-3)
+    # ignoring the decay (the threshold without it) is off by more than the bisection's accuracy
+    found = stability_threshold(WD_CASES[case](nn.Parameter(torch.zeros(4, dtype=torch.float64))), {})
+    assert found is None  # (no parameter selected: no threshold)
+    x = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    t = stability_threshold(WD_CASES[case](x), {"x": x})
+    assert t.weight_decay > 0 and not t.preconditioned
+    naive = (t.threshold + t.weight_decay) / float(torch.linalg.eigvalsh(h)[-1])
+    assert abs(naive / measured - 1) > 0.02
+
+
+def test_sgd_groups_with_different_decays_use_the_shifted_operator():
+    h = _spd(4, 4)
+    a = nn.Parameter(1e-12 * torch.ones(2, dtype=torch.float64))
+    b = nn.Parameter(1e-12 * torch.ones(2, dtype=torch.float64))
+    decays = (3.0, 0.0)
+
+    def diverges(c: float) -> bool:
+        pa, pb = nn.Parameter(a.detach().clone()), nn.Parameter(b.detach().clone())
+        opt = torch.optim.SGD(
+            [{"params": [pa], "weight_decay": decays[0]}, {"params": [pb], "weight_decay": decays[1]}], lr=0.1
+        )
+        norms = []
+        for _ in range(1500):
+            g = c * h @ torch.cat([pa.detach(), pb.detach()])
+            pa.grad, pb.grad = g[:2].clone(), g[2:].clone()
+            opt.step()
+            norms.append(float(torch.cat([pa.detach(), pb.detach()]).norm()))
+            if norms[-1] > 1e-9:
+                return True
+        return norms[-1] > norms[750]
+
+    lo, hi = 0.1, 1e3
+    while hi / lo > 1.001:
+        mid = (lo * hi) ** 0.5
+        lo, hi = (lo, mid) if diverges(mid) else (mid, hi)
+    from lightning_landscape.core.stability import stability_shift
+
+    opt = torch.optim.SGD(
+        [{"params": [a], "weight_decay": decays[0]}, {"params": [b], "weight_decay": decays[1]}], lr=0.1
+    )
+    params = {"a": a, "b": b}
+    found = stability_threshold(opt, params)
+    assert found.preconditioned and not found.per_group
+    d = stability_scale(opt, params, found)
+    shift = stability_shift(opt, params, d)
+    assert shift.tolist() == [3.0, 3.0, 0.0, 0.0]
+    c_lo, c_hi = 0.1, 1e3
+    while c_hi / c_lo > 1 + 1e-6:
+        mid = (c_lo * c_hi) ** 0.5
+        top = float(torch.linalg.eigvalsh(mid * d[:, None] * h * d[None, :] + torch.diag(shift))[-1])
+        c_lo, c_hi = (c_lo, mid) if top > found.threshold else (mid, c_hi)
+    assert (c_lo * c_hi) ** 0.5 == pytest.approx((lo * hi) ** 0.5, rel=5e-3)
+
+
+def _frozen(t0, v0):
+    def freeze(opt, x):
+        state = opt.state[x]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(x)
+        state["step"] = torch.tensor(float(t0))
+        state["exp_avg_sq"] = v0.clone()
+
+    return freeze
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(
+            lambda x: torch.optim.Adam([x], lr=1e-2, betas=(0.9, 0.9999), eps=1e-2, weight_decay=1.0), id="adam_coupled"
+        ),
+        pytest.param(
+            lambda x: torch.optim.AdamW([x], lr=1e-2, betas=(0.9, 0.9999), eps=1e-2, weight_decay=20.0),
+            id="adamw_decoupled",
+        ),
+    ],
+)
+def test_adam_weight_decay_matches_bisection_with_frozen_state(make):
+    # eps-dominated P (tiny v) at t0 = 3, as in the frozen-state test above; the decay is large enough to move the
+    # threshold well beyond the bisection's accuracy (coupled: W D^2 = 100; decoupled: factor 1 - lr wd / 2 = 0.9)
+    h = _spd(4, 5)
+    freeze = _frozen(3, torch.full((4,), 1e-30, dtype=torch.float64))
+    measured = _largest_stable_scale(make, h, freeze=freeze)
+    predicted = _largest_stable_in_model(make, h, freeze=freeze)
+    assert predicted == pytest.approx(measured, rel=5e-3)
+    # without the decay's term the prediction is wrong by more than 5%
+    x = nn.Parameter(1e-12 * torch.ones(4, dtype=torch.float64))
+    opt = make(x)
+    freeze(opt, x)
+    found = stability_threshold(opt, {"x": x})
+    d = stability_scale(opt, {"x": x}, found)
+    bare = 3.8 * (1 - 0.9**4) / (0.1 * 1e-2)
+    naive = bare / float(torch.linalg.eigvalsh(d[:, None] * h * d[None, :])[-1])
+    assert abs(naive / measured - 1) > 0.05
