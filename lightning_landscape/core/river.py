@@ -37,8 +37,9 @@ def _check_vectors(vectors: Tensor) -> Tensor:
 
 def projected_fraction(coefficients: Tensor, gram: Tensor, squared_norm: float) -> float:
     """``c^T G^+ c / ||d||^2`` clipped to ``[0, 1]``: the share of ``||d||^2`` in the span of the rows of ``V``,
-    from ``c = V d`` and ``G = V V^T`` (float64). ``nan`` when ``d = 0`` (no update: nothing to split)."""
-    if squared_norm <= 0.0:
+    from ``c = V d`` and ``G = V V^T`` (float64). ``nan`` when ``d = 0`` (no update: nothing to split) or when
+    ``d`` or ``c`` is not finite (never a clipped 0 or 1 standing in for a diverged step)."""
+    if not math.isfinite(squared_norm) or squared_norm <= 0.0 or not bool(torch.isfinite(coefficients).all()):
         return math.nan
     values, basis = torch.linalg.eigh(gram.double().cpu())
     keep = values > _RANK_TOL * max(float(values.max()), 0.0)

@@ -17,6 +17,7 @@ from lightning_landscape import HessianMonitor, LandscapeMonitor
 from lightning_landscape.core.hvp import operator_mode
 from lightning_landscape.core.interpolation import probe_set_totals, recompute_batchnorm
 from lightning_landscape.core.surface import hesd_criteria
+from tests.helpers.ddp import load_dumps, run_ddp_script
 from tests.helpers.lightning import ClassifierModule, loss_of, make_trainer
 
 N = 6
@@ -310,3 +311,22 @@ def test_surface_without_matplotlib_is_a_clear_error(monkeypatch):
     with pytest.raises(ImportError, match=r"surface=True.*pip install matplotlib"):
         HessianMonitor(surface=True)
     HessianMonitor(update_top_fraction=True)  # matplotlib is only needed for the surface
+
+
+# -------------------------------------------------------------------------------------------------------- DDP
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_two_process_ddp_surface_equals_single_process_on_union(tmp_path):
+    """The parameters are replicated, so update_top_fraction needs no collective (both ranks compute the same); the
+    surface all-reduces each point's loss sums and the recomputed BatchNorm statistics."""
+    run_ddp_script("ddp_hessian_surface_script.py", tmp_path)
+    metrics, union, weights = load_dumps(tmp_path)  # asserts both ranks logged the same numbers
+    m = metrics[0]
+    assert 0.0 <= m["landscape/hessian/update_top_fraction"] <= 1.0
+    model = ClassifierModule(dropout=0.0, batchnorm=True).double()
+    model.load_state_dict(weights)
+    recompute_batchnorm(model, union, loss_of)
+    with operator_mode(model, "eval"):
+        totals = probe_set_totals(model, loss_of, union)
+    assert m["landscape/hessian/surface_loss"] == pytest.approx(float(totals[0] / totals[2]), rel=1e-10)

@@ -47,9 +47,12 @@ def test_general_value_matches_dense_projector():
     assert span_fraction(v, d) == pytest.approx(expected, rel=1e-12)
 
 
-def test_zero_update_is_nan():
+def test_zero_or_non_finite_update_is_nan():
     assert math.isnan(span_fraction(_orthonormal(5, 2), torch.zeros(5, dtype=torch.float64)))
     assert math.isnan(projected_fraction(torch.zeros(2), torch.eye(2), 0.0))
+    # a diverged step must not read as "0 in the top directions" (max(0, nan) is 0 in Python)
+    assert math.isnan(span_fraction(_orthonormal(5, 2), torch.tensor([1.0, math.nan, 0.0, 0.0, 0.0])))
+    assert math.isnan(span_fraction(_orthonormal(5, 2), torch.tensor([1.0, math.inf, 0.0, 0.0, 0.0])))
 
 
 def test_snapshot_fraction_equals_flat_reference_in_float32():
