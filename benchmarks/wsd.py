@@ -68,9 +68,17 @@ class Surfaces(pl.Callback):
     """Keeps each new surface with its step and eigenvalues (after the monitor's measurement of that step)."""
 
     def __init__(self, monitor: HessianMonitor) -> None:
-        self.monitor, self.seen = monitor, []
+        self.monitor, self.seen, self.ratios, self.seconds = monitor, [], {}, {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = self.monitor._last_measured_step
+        ratio = self.monitor.last_metrics.get("landscape/hessian/eos_ratio")
+        if step >= 0 and step not in self.ratios and ratio is not None:
+            self.ratios[step] = (ratio, self.monitor.last_metrics.get("landscape/sharpness", float("nan")))
+            drew = "landscape/hessian/surface_loss" in self.monitor.last_metrics
+            self.seconds.setdefault("with surface" if drew else "without", []).append(
+                self.monitor.last_metrics["landscape/hessian/seconds"]
+            )
         surface = self.monitor._views.last_surface
         if surface is not None and (not self.seen or self.seen[-1][1] is not surface):
             m = self.monitor.last_metrics
@@ -149,16 +157,24 @@ def main() -> None:
         f"measured every {every} steps; update_top_fraction every 5 steps; chance level k/n = {args.top_k / n:.1e}; "
         f"{seconds:.0f} s.\n"
     )
-    print("| phase | logged steps | update_top_fraction median | mean | min | max |")
-    print("|---|---|---|---|---|---|")
+    ratios: dict[str, list[tuple[float, float]]] = {}
+    for step, pair in surfaces.ratios.items():
+        ratios.setdefault(phase_of(step + 1, total, warmup, decay), []).append(pair)
+    print("(sharpness and eos_ratio: medians over the measurements in the phase; under AdamW eos_ratio is the")
+    print("preconditioned sharpness over Adam's threshold)\n")
+    print("| phase | logged steps | update_top_fraction median | mean | min | max | sharpness | eos_ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     order = ["warm-up", "stable (1st half)", "stable (2nd half)", "decay (1st half)", "decay (2nd half)"]
     for phase in order:
         values = rows.get(phase, [])
         if not values:
             continue
+        measured = ratios.get(phase, [])
+        eos = statistics.median(r for r, _ in measured) if measured else float("nan")
+        sharp = statistics.median(s for _, s in measured) if measured else float("nan")
         print(
             f"| {phase} | {len(values)} | {statistics.median(values):.3f} | {statistics.mean(values):.3f} | "
-            f"{min(values):.3f} | {max(values):.3f} |"
+            f"{min(values):.3f} | {max(values):.3f} | {sharp:.3g} | {eos:.3g} |"
         )
     for step, surface, eig in surfaces.seen:
         print(
@@ -166,6 +182,8 @@ def main() -> None:
             f"{float(surface.alphas[-1]):.3g}, centre loss {surface.centre:.4f}, second differences "
             f"{surface.curvature(0):.4g} / {surface.curvature(1):.4g}, {surface.num_evaluations} grid evaluations"
         )
+    timing = {k: statistics.median(v) for k, v in surfaces.seconds.items()}
+    print(f"\nmedian measurement seconds: {', '.join(f'{k} {v:.2f} s' for k, v in timing.items())}")
     if args.save_surface is not None and surfaces.seen:
         step, surface, eig = min(surfaces.seen, key=lambda item: abs(item[0] - measurements[stable_index]))
         figure = tb.surface_figure(
