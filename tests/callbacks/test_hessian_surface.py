@@ -181,6 +181,15 @@ def test_bundle_with_default_top_k_computes_two_directions(tmp_path):
     assert m["landscape/hessian/surface_evaluations"] == 25
 
 
+def test_non_finite_surface_is_a_failed_measurement(tmp_path):
+    theta0 = torch.ones(N, dtype=torch.float64)
+    monitor = HessianMonitor(
+        top_k=2, every_n_steps=4, num_probe_batches=1, surface=True, surface_radius=1e200, surface_grid=3, strict=True
+    )
+    with pytest.raises(FloatingPointError, match="Hessian-axes surface is not finite"):
+        make_trainer(tmp_path, [monitor], max_steps=2, precision="64-true").fit(Quadratic(theta0))
+
+
 def _bn_model():
     torch.manual_seed(0)
     model = ClassifierModule(dropout=0.0, batchnorm=True).double()
