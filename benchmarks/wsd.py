@@ -28,6 +28,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the real models live with the tests
@@ -107,6 +108,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=None, help="steps between Hessian measurements")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-surface", type=Path, default=None, help="write the stable-phase surface PNG here")
+    parser.add_argument("--logdir", type=Path, default=None, help="also write TensorBoard logs (images included) here")
     args = parser.parse_args()
     total = args.steps or (240 if args.fast else 480)
     every = args.every or (20 if args.fast else 30)
@@ -136,7 +138,7 @@ def main() -> None:
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=total,
-        logger=False,
+        logger=TensorBoardLogger(str(args.logdir), name="wsd") if args.logdir is not None else False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
