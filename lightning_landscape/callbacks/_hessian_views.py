@@ -117,7 +117,11 @@ class HessianViews:
         if self._gram is None or self._gram[0] is not source:  # new vectors since the last step: new Gram matrix
             v = vectors.to(torch.float64)
             self._gram = (source, v @ v.T)
-        fraction = snapshot.fraction(params, vectors, self._gram[1])
+        try:
+            fraction = snapshot.fraction(params, vectors, self._gram[1])
+        except ValueError as err:  # the parameters changed shape inside the step: skip, never stop training
+            monitor._warn_once("update-fraction-shape", f"HessianMonitor: update_top_fraction skipped ({err})")
+            return
         if math.isnan(fraction):
             return  # no update (a skipped step): nothing to split
         step = trainer.global_step

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_landscape import HessianMonitor, LandscapeMonitor
+from lightning_landscape import HessianMonitor, LandscapeMonitor, LandscapeWarning
 from lightning_landscape.core.hvp import operator_mode
 from lightning_landscape.core.interpolation import probe_set_totals, recompute_batchnorm
 from lightning_landscape.core.surface import hesd_criteria
@@ -130,6 +130,20 @@ def test_update_fraction_with_gradient_accumulation_and_lambda_min(tmp_path):
     for step, value in logged.items():
         d = states[step] - states[step - 1]
         assert value == pytest.approx(float((top.T @ d).square().sum() / d.square().sum()), rel=1e-9)
+
+
+def test_update_fraction_skips_a_step_whose_parameters_changed_shape(tmp_path):
+    theta0 = torch.ones(N, dtype=torch.float64)
+
+    class Grow(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 4:  # after the last step, before the monitor reads it (listed before it)
+                pl_module.theta.data = torch.ones(N + 1, dtype=torch.float64)
+
+    monitor = HessianMonitor(top_k=2, every_n_steps=100, num_probe_batches=1, update_top_fraction=True)
+    with pytest.warns(LandscapeWarning, match="update_top_fraction skipped"):
+        make_trainer(tmp_path, [Grow(), monitor], max_steps=4, precision="64-true").fit(Quadratic(theta0))
+    assert [s for s, _ in monitor._views.update_fractions] == [1, 2, 3]
 
 
 # ------------------------------------------------------------------------------------------------- surface
