@@ -8,7 +8,7 @@ these extras.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -115,6 +115,70 @@ def log_curve_figure(
         writer.add_figure(tag, figure, global_step=step, close=False)
     plt.close(figure)
     return True
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (matplotlib is an optional extra: ImportError)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def surface_figure(
+    alphas: Sequence[float],
+    betas: Sequence[float],
+    losses: Sequence[Sequence[float]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    curvature: float | None = None,
+) -> Any:
+    """A loss surface as a filled contour (``losses[i][j]`` at ``alphas[i]``, ``betas[j]``) beside its slice along
+    the first axis through the centre, with the quadratic model ``L(0) + curvature a^2 / 2`` dashed when given.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    plt = pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(8.4, 3.6), dpi=100)
+    grid = [[float(losses[i][j]) for i in range(len(alphas))] for j in range(len(betas))]  # rows: beta
+    filled = left.contourf(list(alphas), list(betas), grid, levels=20, cmap="viridis")
+    left.contour(list(alphas), list(betas), grid, levels=10, colors="white", linewidths=0.4)
+    left.plot([0.0], [0.0], marker="+", color="red", markersize=10)
+    figure.colorbar(filled, ax=left, label="loss")
+    left.set_xlabel(xlabel)
+    left.set_ylabel(ylabel)
+    left.set_title(title, fontsize=9)
+    centre = len(betas) // 2
+    line = [float(losses[i][centre]) for i in range(len(alphas))]
+    right.plot(list(alphas), line, marker="o", markersize=3, label="loss along v1")
+    if curvature is not None:
+        middle = line[len(alphas) // 2]
+        right.plot(
+            list(alphas),
+            [middle + 0.5 * curvature * a * a for a in alphas],
+            linestyle="--",
+            color="grey",
+            linewidth=1,
+            label="quadratic model",
+        )
+    right.set_xlabel(xlabel)
+    right.set_ylabel("loss")
+    right.legend(fontsize=7)
+    right.set_title("slice b = 0", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def log_figure(trainer: pl.Trainer, tag: str, figure: Any, step: int) -> None:
+    """Write a matplotlib figure as a TensorBoard image under ``tag`` (rank 0), then close it."""
+    for writer in _writers(trainer):
+        writer.add_figure(tag, figure, global_step=step, close=False)
+    pyplot().close(figure)
 
 
 def dashboard_layout(prefix: str = "landscape") -> dict[str, dict[str, tuple[str, list[str]]]]:

@@ -13,6 +13,7 @@ from torch import Tensor
 from lightning_landscape import tensorboard as tb
 from lightning_landscape.callbacks._base import LandscapeCallback
 from lightning_landscape.callbacks._hessian_stability import _EdgeOfStability
+from lightning_landscape.callbacks._hessian_views import HessianViews
 from lightning_landscape.core import distributed
 from lightning_landscape.core._validation import check_bool, check_choice, check_float, check_int
 from lightning_landscape.core.alerts import ConsecutiveAboveRule, RelativeJumpRule
@@ -53,6 +54,20 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
         - ``p/hessian/block/{name}/eig_1``: top eigenvalue of each top-level block's diagonal Hessian block,
           when ``per_block=True``.
         - ``p/hessian/status``: 1 ok, 0 the measurement failed (non-finite loss); see ``strict``.
+        - ``p/hessian/update_top_fraction``, when ``update_top_fraction=True``: at every logging step (Lightning's
+          ``log_every_n_steps``) after the first measurement, the share of the squared norm of that step's update
+          in the span of the top ``top_k`` eigenvectors of the Hessian itself (the latest raw measurement; under
+          Adam the update is Adam's, the vectors are H's, not the preconditioned operator's). River vs mountain:
+          Wen et al., arXiv 2410.05192. See :mod:`~lightning_landscape.core.river`.
+        - ``p/hessian/surface`` (TensorBoard image), when ``surface=True``: the probe loss on the grid
+          ``theta + a v1 + b v2`` along the top two eigenvectors (a contour, and its slice along ``v1`` beside the
+          quadratic model), every ``surface_every``-th measurement, with the scalars ``surface_loss`` (centre),
+          ``surface_radius``, ``surface_curvature_v1``/``_v2`` (second differences at the centre, the eigenvalues
+          on a quadratic), ``surface_max_rise``, ``surface_evaluations`` and, with ``top_k=1``, ``surface_hvps``.
+          Gabdullin, arXiv 2412.10146 (LLA). See :mod:`~lightning_landscape.core.surface`.
+        - ``p/hessian/hesd_re``, ``p/hessian/hesd_khn``, when ``density=True``: the HESD criteria as LLA defines
+          them, from the SLQ nodes and weights: ``|lambda_min / lambda_max|`` and ``Kh_0.5`` (negative-to-positive
+          weighted curvature mass), averaged over runs (:func:`~lightning_landscape.core.surface.hesd_criteria`).
 
     Under Adam/AdamW (and SGD with per-group learning rates) each measurement converges the preconditioned
     sharpness, which decides stability; the Hessian's own spectrum (``p/sharpness``, ``eig_i``, ``lambda_min``,
@@ -108,6 +123,19 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
         raw_sharpness_every: under a preconditioned optimizer, measure the Hessian's own spectrum on every this
             many measurements (the preconditioned sharpness is measured every time).
         batch_size_fn: ``batch -> int`` for the size weights (default: leading dimension of the first tensor).
+        update_top_fraction: log ``update_top_fraction`` (no HVP; on logging steps one host copy of the monitored
+            parameters, taken before the optimizer step and freed after it, and ``top_k + 1`` dot products).
+        surface: draw the Hessian-axes surface (needs matplotlib). With ``top_k=1`` a top-2 Lanczos, warm-started
+            from ``v1``, runs for each surface only. Cost: ``surface_grid**2 + 1`` passes over the probe set (twice
+            that in eval mode with BatchNorm and ``surface_bn_policy="recompute"``); memory: one copy of the
+            monitored parameters and the two directions on their device.
+        surface_every: draw it on every this many measurements (under Adam the next one that measures the
+            Hessian's own spectrum).
+        surface_grid: points per axis, odd, ``>= 3``.
+        surface_radius: half-width of the square in parameter-space distance (unit eigenvectors); ``None``: the
+            distance at which the quadratic model along ``v1`` doubles the probe loss, ``sqrt(2 L / lambda_1)``.
+        surface_bn_policy: eval mode: ``"recompute"`` re-estimates BatchNorm statistics over the probe set at every
+            grid point (as ModeConnectivityMonitor does), ``"keep"`` keeps the current running statistics.
         **kwargs: the shared arguments of :class:`~lightning_landscape.callbacks._base.LandscapeCallback`
             (``every_n_steps``, ``loss_fn``, ``num_probe_batches``, ``on_alert``, ``prefix``, ...).
 
@@ -145,6 +173,12 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
         adaptive_eos_peak: float = 2.25,
         raw_sharpness_every: int = 10,
         batch_size_fn: Callable[[Any], int] | None = None,
+        update_top_fraction: bool = False,
+        surface: bool = False,
+        surface_every: int = 10,
+        surface_grid: int = 9,
+        surface_radius: float | None = None,
+        surface_bn_policy: str = "recompute",
         **kwargs: Any,
     ) -> None:
         super().__init__(mode=mode, **kwargs)
@@ -194,11 +228,28 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
         # `raw_sharpness_every` measurements, the first one after `raw_sharpness_every - 1` preconditioned ones
         self._since_raw = 0
         self._shift: Tensor | None = None  # W D^2 of coupled weight decay in the scaled operator (stability_shift)
+        # update_top_fraction, the Hessian-axes surface and the HESD criteria (validated there)
+        self._views = HessianViews(
+            update_top_fraction=update_top_fraction,
+            surface=surface,
+            surface_every=surface_every,
+            surface_grid=surface_grid,
+            surface_radius=surface_radius,
+            surface_bn_policy=surface_bn_policy,
+        )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         # A selector that matches nothing fails here, before training, not at the first measurement.
         select_parameters(pl_module, self.params)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._views.before_optimizer_step(self, trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._views.after_train_batch(self, trainer, pl_module)
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {"prefix": self.prefix, "params": str(self.params), "mode": self.mode}
@@ -309,6 +360,7 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
                         hvps += block_op.num_matvecs
         metrics[self.key("hvps")] = float(hvps)
         self._check_alerts(trainer, metrics, step)
+        self._views.after_measure(self, trainer, pl_module, batches, step, metrics)
         return metrics
 
     def _raw_spectrum(self, op: HessianOperator, generator: torch.Generator, step: int, metrics: dict) -> float:
@@ -353,3 +405,4 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
         pad = 1e-6 + 0.02 * (hi - lo)
         edges = torch.linspace(lo - pad, hi + pad, self.density_bins + 1, dtype=torch.float64)
         tb.log_histogram_raw(trainer, self.key("density"), edges, spectrum.histogram(edges), step)
+        self._views.density = spectrum  # the HESD criteria are computed from it at the end of `measure`
