@@ -104,9 +104,9 @@ class LandscapeMonitor(Callback):
             :mod:`lightning_landscape.core.budget`). A due measurement waits until the parts' total cost fits
             (every hook's time is charged, the gradient monitor's per-step reads included), and each periodic part's
             own measurements after its first stay within its share of the budget, so that no part can starve
-            another: the gradient monitor may take 20% of the budget (all of it when no periodic part shares the
-            ledger), and the periodic parts split the rest by ``SHARE_WEIGHTS`` (Hessian 0.7, rank, barrier and
-            logits 0.15 each, renormalised over the parts that are on). Where reading the gradients every step costs
+            another: the gradient monitor may take 10% of the budget (all of it when no periodic part shares the
+            ledger), and the periodic parts split the rest by ``SHARE_WEIGHTS`` (Hessian 0.8, rank 0.1, barrier
+            0.05, logits 0.13, renormalised over the parts that are on). Where reading the gradients every step costs
             more than its share (tiny models on CPU), the gradient monitor reads them every few steps and still
             scores the loss every step (see :class:`GradientSpikeMonitor`). The cadences above are then the
             shortest spacing. On CUDA a measurement is charged its device time (CUDA events, one synchronisation at
