@@ -261,6 +261,7 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
             "growth_rule": self.growth_rule.state_dict(),
             "measured": self._measured,
             "since_raw": self._since_raw,
+            "surface": {"seen": self._views._surfaces, "due": self._views._surface_due},
         }
 
     def _load_monitor_state_dict(self, state: dict[str, Any]) -> None:
@@ -271,6 +272,9 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
         # a checkpoint from before "since_raw": its cadence was `measured % raw_sharpness_every == 0`
         every = self.raw_sharpness_every
         self._since_raw = int(state.get("since_raw", (self._measured + every - 1) % every))
+        surface = state.get("surface", {})  # absent before the surface existed: its cadence restarts
+        self._views._surfaces = int(surface.get("seen", 0))
+        self._views._surface_due = bool(surface.get("due", False))
 
     # ----------------------------------------------------------------------------------------------- measure
     def _operator(

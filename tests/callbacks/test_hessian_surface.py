@@ -353,3 +353,16 @@ def test_two_process_ddp_surface_equals_single_process_on_union(tmp_path):
     with operator_mode(model, "eval"):
         totals = probe_set_totals(model, loss_of, union)
     assert m["landscape/hessian/surface_loss"] == pytest.approx(float(totals[0] / totals[2]), rel=1e-10)
+
+
+def test_surface_cadence_survives_a_checkpoint_round_trip():
+    monitor = HessianMonitor(num_probe_batches=1, top_k=2, surface=True, surface_every=3)
+    monitor._views._surfaces, monitor._views._surface_due = 4, True
+    other = HessianMonitor(num_probe_batches=1, top_k=2, surface=True, surface_every=3)
+    other.load_state_dict(copy.deepcopy(monitor.state_dict()))
+    assert (other._views._surfaces, other._views._surface_due) == (4, True)
+    old = copy.deepcopy(monitor.state_dict())
+    del old["monitor"]["surface"]  # a checkpoint from before the surface: its cadence restarts
+    fresh = HessianMonitor(num_probe_batches=1, top_k=2, surface=True, surface_every=3)
+    fresh.load_state_dict(old)
+    assert (fresh._views._surfaces, fresh._views._surface_due) == (0, False)
