@@ -64,7 +64,7 @@ class HessianViews:
         if self.surface and importlib.util.find_spec("matplotlib") is None:
             raise ImportError(
                 "HessianMonitor(surface=True) draws the surface with matplotlib, which is not installed: "
-                "`pip install matplotlib` (or `pip install lightning-landscape[examples]`)."
+                "`pip install matplotlib` (or `pip install 'lightning-landscape[plots]'`)."
             )
         self._snapshot: UpdateSnapshot | None = None
         self._snapshot_step = -1
