@@ -70,6 +70,8 @@ class _Read:
     stream: int
     squares: list[float] | Tensor
     scored: dict[str, Any] | None = None
+    # logged steps: (<g, theta>, ||theta||^2) for ``nlm_alignment`` (host floats, or a device tensor awaiting readback)
+    nlm: tuple[float, float] | Tensor | None = None
 
 
 @dataclass
@@ -106,6 +108,15 @@ class GradientSpikeMonitor(LandscapeCallback):
     ``self.log``, and at every event):
         - ``p/grad/norm``, ``p/grad/zscore``, ``p/grad/spike`` (0/1), ``p/grad/norm/{group}`` per layer group
           (``torch.compile``'s ``_orig_mod.`` removed from the names).
+        - ``p/grad/nlm_alignment``: ``cos(-g, theta) = -<g, theta> / (||g|| ||theta||)`` over the parameters and the
+          gradients of ``p/grad/norm`` (after unscaling, before any clipping; clipping multiplies by a scalar and
+          leaves it unchanged), at the logged steps only. For a positively homogeneous network (ReLU layers
+          without biases or normalisation gains) ``theta`` itself is the naive-loss-minimisation direction, which
+          only scales the logits: a value near 1 means the step mostly grows the weights along themselves, the
+          precursor of softmax collapse (Prieto et al.); near 0 the update turns the weights; negative, it
+          shrinks them (weight decay winning). 0 when the gradient or the parameters are zero, NaN when the
+          gradient is not finite, absent at GradScaler overflow steps and under sharded strategies (FSDP,
+          DeepSpeed: the shard-wise terms would need a collective of their own; not done yet).
         - ``p/grad/level``, ``p/grad/rise``; ``p/loss/level``, ``p/loss/rise``: the divergence rule's slow level and
           its ratio to the recent best.
         - ``p/loss/value``, ``p/loss/zscore``, ``p/loss/spike`` (0/1), when ``watch_loss``.
@@ -138,7 +149,9 @@ class GradientSpikeMonitor(LandscapeCallback):
     Cost per step: one fused norm pass over the gradients in float32 (``torch._foreach_norm``) and a few float
     operations; no host sync between readbacks on accelerators, except with ``clip=True``, which must decide before
     the optimizer step and so reads the norm back every step (as ZClip does). ``track_update`` copies the
-    parameters once per logged step. On CPU that is ~0.05-0.15 ms a step.
+    parameters once per logged step. ``nlm_alignment``, per logged step: one dot product per parameter tensor and one
+    fused norm pass over the parameters (both on the device, read back with the norms: no extra transfer). On CPU
+    that is ~0.05-0.15 ms a step.
 
     Budget mode (``max_overhead``; ``LandscapeMonitor`` gives this monitor 20% of its budget): the hooks' time is
     charged every step, and at every logged step the monitor checks that reading the gradients every step fits its
@@ -177,7 +190,8 @@ class GradientSpikeMonitor(LandscapeCallback):
             and ``mode`` do not apply: this monitor reads the training step's own gradients and loss.)
 
     References: Kumar et al. 2025 (ZClip, arXiv 2504.02507); Wortsman et al. 2023 ("Small-scale proxies for
-    large-scale Transformer training instabilities").
+    large-scale Transformer training instabilities"); Prieto et al. 2025 ("Grokking at the Edge of Numerical
+    Stability", arXiv 2501.04697: the NLM direction and softmax collapse).
     """
 
     # reads the training step's own forward/gradients; no loss evaluation of its own
@@ -484,6 +498,8 @@ class GradientSpikeMonitor(LandscapeCallback):
         if names is not stream.resolved and names != stream.resolved:
             self._resolve_groups(stream, names, grads[0])
         per_tensor = torch._foreach_norm(grads, 2, **stream.norm_dtype)  # one fused pass
+        # logged steps only (sharded strategies: not yet, see the class docstring): stays on the device
+        nlm = _nlm_terms(grads, params, stream.norm_dtype) if record.logged and not self._sharded else None
         if (self._host and not self._defer) or self.clip:
             # read now and scored now (before the update). CPU: plain floats (each scalar tensor op costs ~5 us, more
             # than this arithmetic; reading the norms one by one is cheaper than stacking them first, measured in a
@@ -494,7 +510,7 @@ class GradientSpikeMonitor(LandscapeCallback):
                 squares = [float(v) ** 2 for v in per_tensor]
             else:
                 squares = [v * v for v in torch.stack(per_tensor).double().tolist()]
-            read = _Read(index, squares)
+            read = _Read(index, squares, nlm=None if nlm is None else tuple(nlm.tolist()))
             record.reads.append(read)
             clip_to = self._score_read(trainer, record, read)
             if clip_to is not None:
@@ -504,7 +520,7 @@ class GradientSpikeMonitor(LandscapeCallback):
             squares_t = torch.stack(per_tensor).double() ** 2
             if self._sharded:
                 squares_t = distributed.all_reduce_sum(squares_t)
-            record.reads.append(_Read(index, squares_t))
+            record.reads.append(_Read(index, squares_t, nlm=nlm))
         # gradients are identical on every rank after DDP's all-reduce, so every rank decides the same
         if self.track_update and record.logged and self._snapshot is None:
             trainable = [p for p in self._module_parameters(pl_module) if p.grad is not None]
@@ -627,12 +643,15 @@ class GradientSpikeMonitor(LandscapeCallback):
             self._fired = False
             return
         device = [r for s in pending for r in s.reads if r.scored is None]
-        if device:  # accelerators: one transfer for every norm since the last readback
-            values = torch.cat([r.squares.reshape(-1) for r in device]).cpu().tolist()
+        if device:  # accelerators: one transfer for every norm (and nlm term) since the last readback
+            parts = [t.reshape(-1) for r in device for t in (r.squares, r.nlm) if t is not None]
+            values = torch.cat(parts).cpu().tolist()
             offset = 0
             for r in device:
                 n = r.squares.numel()
                 r.squares, offset = values[offset : offset + n], offset + n
+                if r.nlm is not None:
+                    r.nlm, offset = (values[offset], values[offset + 1]), offset + 2
         losses = [s for s in pending if s.loss is not None]
         if losses:
             # host scalars: float() is the cheapest read; accelerators: one stack and one transfer
@@ -788,6 +807,8 @@ class GradientSpikeMonitor(LandscapeCallback):
                 squares = read.squares
                 for g, members in zip(stream.group_names, stream.group_members, strict=True):
                     metrics[f"{key}/norm/{g}"] = math.sqrt(sum(squares[i] for i in members))
+                if read.nlm is not None:
+                    metrics[f"{key}/nlm_alignment"] = _alignment(read.nlm, scored["total"])
                 if record.logged and stream.divergence is not None and stream.divergence.updates:
                     metrics[f"{key}/level"] = math.exp(stream.divergence.level)
                     if math.isfinite(stream.divergence.rise):
@@ -878,8 +899,10 @@ class GradientSpikeMonitor(LandscapeCallback):
         params, before = self._snapshot
         params = [p.detach() for p in params]
         delta = torch._foreach_sub(params, before)
-        update = torch.stack(torch._foreach_norm(delta, 2, dtype=torch.float32)).double().norm()
-        size = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32)).double().norm()
+        # float32 accumulation for bf16/fp16; float64 parameters keep float64 (a float32 dtype would be a narrowing)
+        wide = {} if params[0].dtype in (torch.float32, torch.float64) else {"dtype": torch.float32}
+        update = torch.stack(torch._foreach_norm(delta, 2, **wide)).double().norm()
+        size = torch.stack(torch._foreach_norm(params, 2, **wide)).double().norm()
         return update, size
 
     def _decide_stride(self, trainer: pl.Trainer, step: int) -> None:
@@ -940,6 +963,29 @@ def _batch_size(batch: Any) -> int:
             batch = next(iter(batch.values()))
         else:
             return 0
+
+
+def _nlm_terms(grads: list[Tensor], params: list[torch.nn.Parameter], norm_dtype: dict[str, torch.dtype]) -> Tensor:
+    """``(<g, theta>, ||theta||^2)`` over the given tensors, in float64, on their device (no host sync): one dot
+    per tensor (no gradient-sized temporary; low-precision tensors are widened one at a time) and one fused norm
+    pass over the parameters."""
+    theta = [p.detach() for p in params]
+    if norm_dtype:  # bf16/fp16: accumulate in float32, as the norm does
+        dots = [torch.dot(g.reshape(-1).float(), t.reshape(-1).float()) for g, t in zip(grads, theta, strict=True)]
+    else:
+        dots = [torch.dot(g.reshape(-1), t.reshape(-1)) for g, t in zip(grads, theta, strict=True)]
+    sizes = torch._foreach_norm(theta, 2, **norm_dtype)
+    return torch.stack([torch.stack(dots).double().sum(), (torch.stack(sizes).double() ** 2).sum()])
+
+
+def _alignment(nlm: tuple[float, float], grad_norm: float) -> float:
+    """``cos(-g, theta) = -<g, theta> / (||g|| ||theta||)``; 0 when either is zero (no direction), NaN when the
+    gradient is not finite."""
+    dot, theta_sq = nlm
+    scale = grad_norm * math.sqrt(theta_sq)
+    if not math.isfinite(scale) or not math.isfinite(dot):
+        return math.nan
+    return -dot / scale if scale > 0 else 0.0
 
 
 def _scaler(trainer: pl.Trainer) -> Any:
