@@ -159,7 +159,7 @@ def test_nlm_alignment_is_absent_at_overflow_steps_and_finite_elsewhere(tmp_path
 
 
 def test_nlm_alignment_is_nan_for_a_nan_gradient_and_zero_for_a_zero_one():
-    from lightning_landscape.callbacks.grad_spikes import _alignment
+    from lightning_landscape.callbacks._grad_read import _alignment
 
     assert math.isnan(_alignment((math.nan, 1.0), math.nan))
     assert math.isnan(_alignment((1.0, 1.0), math.inf))
