@@ -24,7 +24,7 @@ difference). Then a deterministic count of the host reads (``tolist``/``item``/`
 each is a device sync on an accelerator) inside the hooks per step, on the accelerator path (``_defer``) forced on
 the CPU, for logged and other steps.
 
-    PYTHONPATH=$PWD python benchmarks/grad_spikes.py --hooks --steps 200 --repeats 5
+    PYTHONPATH=$PWD python benchmarks/grad_spikes.py --hooks --steps 200 --repeats 5 [--threads 1 --workloads mlp,cnn]
 """
 
 from __future__ import annotations
@@ -229,12 +229,12 @@ def _host_reads(steps: int, every: int) -> dict[str, list[int]]:
     return {"logged": logged, "other": other}
 
 
-def hooks_table(steps: int, repeats: int) -> None:
+def hooks_table(steps: int, repeats: int, kinds: list[str]) -> None:
     print(
         "| workload | parameters | tensors | hooks, nlm stubbed (ms/step) | hooks, with nlm (ms/step) | nlm (ms/logged step) |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for kind in ("mlp", "cnn", "transformer"):
+    for kind in kinds:
         off, on, diffs = [], [], []
         for repeat in range(repeats):
             order = (False, True) if repeat % 2 == 0 else (True, False)
@@ -293,21 +293,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--divergence", action="store_true", help="the divergence scenarios instead of timings")
     parser.add_argument("--hooks", action="store_true", help="the gradient part's own hook time and host reads")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workloads", default="mlp,cnn,transformer", help="comma-separated: mlp, cnn, transformer")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.divergence:
         divergence_scenarios()
         return
     if args.hooks:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x {args.repeats}\n")
-        hooks_table(args.steps, args.repeats)
+        hooks_table(args.steps, args.repeats, args.workloads.split(","))
         return
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x {args.repeats} repeats\n"
     )
     print("| workload | parameters | step without (ms) | step with (ms) | overhead (median of paired ratios) |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for kind in ("mlp", "cnn", "transformer"):
+    for kind in args.workloads.split(","):
         without, with_, ratios = [], [], []
         for repeat in range(args.repeats):
             order = (False, True) if repeat % 2 == 0 else (True, False)

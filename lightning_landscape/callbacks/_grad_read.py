@@ -71,7 +71,7 @@ class _GradReading:
         now = (self._host and not self._defer) or self.clip
         if now and self._host and not self._sharded and len(per_tensor) <= 12:
             # CPU, few tensors: plain floats (each scalar tensor op costs ~5 us there; for 4 tensors this is 1.6 us
-            # against 13-19 us for stack-square-tolist; measured, see the notes of issue 14)
+            # against 13-19 us for stack-square-tolist, measured with timeit)
             squares: list[float] | Tensor = [float(v) ** 2 for v in per_tensor]
         else:
             squares = torch.stack(per_tensor).double() ** 2
