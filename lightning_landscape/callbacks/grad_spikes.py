@@ -100,7 +100,7 @@ class GradientSpikeMonitor(_GradAlerts, _GradReading, _GradState, LandscapeCallb
     fused norm pass over the parameters (both on the device, read back with the norms: no extra transfer). On CPU
     that is ~0.05-0.15 ms a step.
 
-    Budget mode (``max_overhead``; ``LandscapeMonitor`` gives this monitor 20% of its budget): the hooks' time is
+    Budget mode (``max_overhead``; ``LandscapeMonitor`` gives this monitor 10% of its budget): the hooks' time is
     charged every step, and at every logged step the monitor checks that reading the gradients every step fits its
     share of the budget. When it does not, it reads them every ``stride``-th step (and at every logged step, and at
     every step until the detector's warm-up is done, so spike detection starts after ``warmup_steps`` steps whatever
