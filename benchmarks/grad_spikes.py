@@ -16,6 +16,15 @@ controls with one-sample remainder batches at every epoch end (1249 windows, bat
 the loss first passed 1.5x its initial value.
 
     PYTHONPATH=$PWD python benchmarks/grad_spikes.py --divergence
+
+``--hooks``: the gradient part alone. The time spent inside the monitor's own hooks per step, with
+``grad/nlm_alignment`` computed (A) and with its terms stubbed out (B), A/B interleaved, medians of the repeats, at
+``every_n_steps=1`` (every step logged: the worst case; at a logging cadence of n the nlm cost is 1/n of the
+difference). Then a deterministic count of the host reads (``tolist``/``item``/``float``/``int``/``bool`` of a tensor:
+each is a device sync on an accelerator) inside the hooks per step, on the accelerator path (``_defer``) forced on
+the CPU, for logged and other steps.
+
+    PYTHONPATH=$PWD python benchmarks/grad_spikes.py --hooks --steps 200 --repeats 5 [--threads 1 --workloads mlp,cnn]
 """
 
 from __future__ import annotations
@@ -32,9 +41,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _data import digits_tensors
 
 from lightning_landscape import GradientSpikeMonitor
+from lightning_landscape.callbacks import _grad_read
+from tests.helpers.real_models import make_trainer
 
 
 def stdlib_text(num_chars: int = 400_000) -> str:
@@ -117,21 +129,130 @@ class Clock(pl.Callback):
 
 
 def timed_run(kind: str, steps: int, monitored: bool) -> float:
-    pl.seed_everything(0, verbose=False)
     clock = Clock()
     callbacks = [clock] + ([GradientSpikeMonitor(on_alert="ignore")] if monitored else [])
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        log_every_n_steps=50,
-    )
-    trainer.fit(Workload(kind))
+    make_trainer(None, callbacks, max_steps=steps, log_every_n_steps=50).fit(Workload(kind))
     return clock.seconds
+
+
+_HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
+_READS = ("tolist", "item", "__float__", "__int__", "__bool__")
+
+
+class HookMeter:
+    """Wraps the monitor's per-step hooks: their summed time, and the host reads of tensors made inside them."""
+
+    def __init__(self, monitor: GradientSpikeMonitor) -> None:
+        self.seconds, self.reads, self._inside = 0.0, {}, False
+        for name in _HOOKS:
+            hook = getattr(monitor, name)
+
+            def timed(*args, hook=hook):
+                self._inside = True
+                start = time.perf_counter()
+                try:
+                    return hook(*args)
+                finally:
+                    self.seconds += time.perf_counter() - start
+                    self._inside = False
+
+            setattr(monitor, name, timed)
+
+    def counting(self):
+        """A context manager patching ``torch.Tensor``'s read methods to count the reads inside the hooks, by step
+        (``self.step``, set by :class:`StepCounter`)."""
+        meter = self
+
+        class Patch:
+            def __enter__(self):
+                self.saved = {name: getattr(torch.Tensor, name) for name in _READS}
+                for name, original in self.saved.items():
+
+                    def read(tensor, *args, original=original):
+                        if meter._inside:
+                            meter.reads[meter.step] = meter.reads.get(meter.step, 0) + 1
+                        return original(tensor, *args)
+
+                    setattr(torch.Tensor, name, read)
+
+            def __exit__(self, *exc):
+                for name, original in self.saved.items():
+                    setattr(torch.Tensor, name, original)
+
+        return Patch()
+
+
+class StepCounter(pl.Callback):
+    """Listed first: tells the meter which step the following hooks belong to."""
+
+    def __init__(self, meter: HookMeter) -> None:
+        self.meter = meter
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.meter.step = trainer.global_step
+
+
+def hook_seconds(kind: str, steps: int, nlm: bool) -> float:
+    """Seconds a step inside the monitor's hooks, every step logged, with or without the nlm terms."""
+    monitor = GradientSpikeMonitor(on_alert="ignore", every_n_steps=1)
+    meter = HookMeter(monitor)
+    original = _grad_read._nlm_terms
+    if not nlm:
+        _grad_read._nlm_terms = lambda *args: None
+    try:
+        make_trainer(None, [monitor], max_steps=steps).fit(Workload(kind))
+    finally:
+        _grad_read._nlm_terms = original
+    return meter.seconds / steps
+
+
+def host_reads(steps: int = 60, every: int = 10, nlm: bool = True) -> dict[str, list[int]]:
+    """Host reads per step on the accelerator path (forced on the CPU), logged steps and the others."""
+    original = _grad_read._nlm_terms
+    if not nlm:
+        _grad_read._nlm_terms = lambda *args: None
+    try:
+        return _host_reads(steps, every)
+    finally:
+        _grad_read._nlm_terms = original
+
+
+def _host_reads(steps: int, every: int) -> dict[str, list[int]]:
+    monitor = GradientSpikeMonitor(on_alert="ignore", every_n_steps=every)
+    monitor._defer = True
+    meter = HookMeter(monitor)
+    meter.step = -1
+    with meter.counting():
+        make_trainer(None, [StepCounter(meter), monitor], max_steps=steps).fit(Workload("mlp"))
+    logged = sorted({meter.reads.get(s, 0) for s in range(steps) if (s + 1) % every == 0})
+    other = sorted({meter.reads.get(s, 0) for s in range(steps) if (s + 1) % every})
+    return {"logged": logged, "other": other}
+
+
+def hooks_table(steps: int, repeats: int, kinds: list[str]) -> None:
+    print(
+        "| workload | parameters | tensors | hooks, nlm stubbed (ms/step) | hooks, with nlm (ms/step) | nlm (ms/logged step) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for kind in kinds:
+        off, on, diffs = [], [], []
+        for repeat in range(repeats):
+            order = (False, True) if repeat % 2 == 0 else (True, False)
+            times = {flag: hook_seconds(kind, steps, flag) for flag in order}
+            off.append(times[False])
+            on.append(times[True])
+            diffs.append(times[True] - times[False])
+        params = list(Workload(kind).parameters())
+        print(
+            f"| {kind} | {sum(p.numel() for p in params):,} | {len(params)} | {statistics.median(off) * 1e3:.3f} | "
+            f"{statistics.median(on) * 1e3:.3f} | {statistics.median(diffs) * 1e3:+.3f} |"
+        )
+    for nlm in (False, True):
+        reads = host_reads(nlm=nlm)
+        print(
+            f"\nhost reads inside the hooks per step, accelerator path forced on the CPU (mlp, every_n_steps=10, "
+            f"nlm {'on' if nlm else 'stubbed'}): logged steps {reads['logged']}, other steps {reads['other']}"
+        )
 
 
 class LossRecorder(pl.Callback):
@@ -143,8 +264,7 @@ class LossRecorder(pl.Callback):
 
 
 def divergence_scenarios() -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.helpers.real_models import HFGPT2, DemoTransformer, NanoGPT, make_trainer
+    from tests.helpers.real_models import HFGPT2, DemoTransformer, NanoGPT
 
     data = {"batch_size": 16, "num_windows": 1249}  # 78 batches of 16, then one of 1 sample
     scenarios = [
@@ -172,17 +292,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--divergence", action="store_true", help="the divergence scenarios instead of timings")
+    parser.add_argument("--hooks", action="store_true", help="the gradient part's own hook time and host reads")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workloads", default="mlp,cnn,transformer", help="comma-separated: mlp, cnn, transformer")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.divergence:
         divergence_scenarios()
+        return
+    if args.hooks:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x {args.repeats}\n")
+        hooks_table(args.steps, args.repeats, args.workloads.split(","))
         return
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x {args.repeats} repeats\n"
     )
     print("| workload | parameters | step without (ms) | step with (ms) | overhead (median of paired ratios) |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for kind in ("mlp", "cnn", "transformer"):
+    for kind in args.workloads.split(","):
         without, with_, ratios = [], [], []
         for repeat in range(args.repeats):
             order = (False, True) if repeat % 2 == 0 else (True, False)
