@@ -66,8 +66,8 @@ class _GradReading:
         if names is not stream.resolved and names != stream.resolved:
             self._resolve_groups(stream, names, grads[0])
         per_tensor = torch._foreach_norm(grads, 2, **stream.norm_dtype)  # one fused pass
-        # logged steps only (sharded strategies: not yet, see the class docstring): stays on the device
-        nlm = _nlm_terms(grads, params, stream.norm_dtype) if record.logged and not self._sharded else None
+        # logged steps only: stays on the device (sharded: the shards' terms add up, reduced with the squares)
+        nlm = _nlm_terms(grads, params, stream.norm_dtype) if record.logged else None
         now = (self._host and not self._defer) or self.clip
         if now and self._host and not self._sharded and len(per_tensor) <= 12:
             # CPU, few tensors: plain floats (each scalar tensor op costs ~5 us there; for 4 tensors this is 1.6 us
@@ -75,7 +75,11 @@ class _GradReading:
             squares: list[float] | Tensor = [float(v) ** 2 for v in per_tensor]
         else:
             squares = torch.stack(per_tensor).double() ** 2
-            if self._sharded:  # each rank holds a shard of every gradient: the squares of the shards add up
+            if self._sharded and nlm is not None:  # shards' squares, dots and parameter squares all add up: one
+                # collective for the three (n squares, then <g, theta>, ||theta||^2)
+                both = distributed.all_reduce_sum(torch.cat([squares, nlm]))
+                squares, nlm = both[:-2], both[-2:]
+            elif self._sharded:  # each rank holds a shard of every gradient: the squares of the shards add up
                 squares = distributed.all_reduce_sum(squares)
         read = _Read(index, squares, nlm=nlm)
         record.reads.append(read)

@@ -62,8 +62,9 @@ class GradientSpikeMonitor(_GradAlerts, _GradReading, _GradState, LandscapeCallb
           only scales the logits: a value near 1 means the step mostly grows the weights along themselves, the
           precursor of softmax collapse (Prieto et al.); near 0 the update turns the weights; negative, it
           shrinks them (weight decay winning). 0 when the gradient or the parameters are zero, NaN when the
-          gradient is not finite, absent at GradScaler overflow steps and under sharded strategies (FSDP,
-          DeepSpeed: the shard-wise terms would need a collective of their own; not done yet).
+          gradient is not finite, absent at GradScaler overflow steps. Under sharded strategies (FSDP, DeepSpeed)
+          the shards' dot products and parameter squares are summed in the same collective as the gradient
+          squares (n + 2 values on a logged step instead of n).
         - ``p/grad/level``, ``p/grad/rise``; ``p/loss/level``, ``p/loss/rise``: the divergence rule's slow level and
           its ratio to the recent best.
         - ``p/loss/value``, ``p/loss/zscore``, ``p/loss/spike`` (0/1), when ``watch_loss``.

@@ -167,13 +167,8 @@ def test_nlm_alignment_is_nan_for_a_nan_gradient_and_zero_for_a_zero_one():
     assert _alignment((-6.0, 4.0), 3.0) == 1.0  # -(-6) / (3 * 2)
 
 
-def test_nlm_alignment_is_not_logged_under_sharded_strategies(tmp_path, monkeypatch):
-    import lightning_landscape.callbacks.grad_spikes as module
-
-    monkeypatch.setattr(module, "is_sharded", lambda strategy: True)
-    monitor = GradientSpikeMonitor(warmup_steps=2)
-    make_trainer(tmp_path, [monitor], max_steps=2).fit(ClassifierModule(batchnorm=False))
-    assert "landscape/grad/norm" in monitor.last_metrics and KEY not in monitor.last_metrics
+# Sharded strategies: the shards' terms are reduced with the gradient squares
+# (tests/callbacks/test_sharded.py::test_sharded_nlm_alignment_equals_the_unsharded_value).
 
 
 def test_nlm_alignment_leaves_training_bitwise_unchanged(tmp_path):
