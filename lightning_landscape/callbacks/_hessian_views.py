@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_landscape import tensorboard as tb
 from lightning_landscape.core import distributed
@@ -197,12 +197,8 @@ class HessianViews:
         def loss_at() -> float:
             if recompute:
                 recompute_batchnorm(pl_module, batches, loss_fn)
-                if trainer.world_size > 1:
-                    # every rank re-estimated on its own slice: the mean over ranks is the mean over all batches
-                    for layer in pl_module.modules():
-                        if isinstance(layer, nn.modules.batchnorm._NormBase) and layer.track_running_stats:
-                            distributed.all_reduce_mean(layer.running_mean)
-                            distributed.all_reduce_mean(layer.running_var)
+                if trainer.world_size > 1:  # every rank re-estimated on its own slice
+                    distributed.average_batchnorm_statistics(pl_module)
             with operator_mode(pl_module, monitor.mode):
                 totals = probe_set_totals(
                     pl_module, loss_fn, batches, seed=monitor.seed, batch_size_fn=monitor.batch_size_fn

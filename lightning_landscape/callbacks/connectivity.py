@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_landscape import tensorboard as tb
 from lightning_landscape.callbacks._base import LandscapeCallback
@@ -212,12 +212,8 @@ class ModeConnectivityMonitor(LandscapeCallback):
         with loaded_state(pl_module, state):
             if self.bn_policy == "recompute":
                 recompute_batchnorm(pl_module, batches, loss_fn)
-                if trainer.world_size > 1:
-                    # every rank re-estimated on its own slice: the mean over ranks is the mean over all batches
-                    for layer in pl_module.modules():
-                        if isinstance(layer, nn.modules.batchnorm._NormBase) and layer.track_running_stats:
-                            distributed.all_reduce_mean(layer.running_mean)
-                            distributed.all_reduce_mean(layer.running_var)
+                if trainer.world_size > 1:  # every rank re-estimated on its own slice
+                    distributed.average_batchnorm_statistics(pl_module)
             with operator_mode(pl_module, self.mode):
                 totals = probe_set_totals(
                     pl_module,

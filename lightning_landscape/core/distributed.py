@@ -45,6 +45,18 @@ def all_reduce_mean(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def average_batchnorm_statistics(module: torch.nn.Module) -> None:
+    """In place: every BatchNorm running mean and variance of ``module`` averaged over the ranks (no-op without a
+    process group). After each rank re-estimated them on its own probe slice of equal size, the mean over ranks is
+    the estimate over all batches (the interpolation path and the Hessian-axes surface both need it)."""
+    if not is_distributed():
+        return
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._NormBase) and layer.track_running_stats:
+            all_reduce_mean(layer.running_mean)
+            all_reduce_mean(layer.running_var)
+
+
 def all_reduce_max(tensor: Tensor) -> Tensor:
     """Element-wise maximum of ``tensor`` over ranks, in place, returned (unchanged in one process)."""
     if is_distributed():
