@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lightning_landscape import tensorboard as tb
 from lightning_landscape.core import distributed
-from lightning_landscape.core._validation import check_bool, check_choice, check_float, check_int
+from lightning_landscape.core._validation import check_bool, check_choice, check_int, check_optional_float
 from lightning_landscape.core.hvp import operator_mode
 from lightning_landscape.core.interpolation import has_batchnorm, probe_set_totals, recompute_batchnorm
 from lightning_landscape.core.lanczos import lanczos
@@ -55,11 +55,7 @@ class HessianViews:
         self.surface_grid = check_int("surface_grid", surface_grid, minimum=3)
         if self.surface_grid % 2 == 0:
             raise ValueError(f"`surface_grid` must be odd (theta itself is the centre point), got {surface_grid}.")
-        self.surface_radius = (
-            None
-            if surface_radius is None
-            else check_float("surface_radius", surface_radius, minimum=0.0, strict_minimum=True)
-        )
+        self.surface_radius = check_optional_float("surface_radius", surface_radius, minimum=0.0, strict_minimum=True)
         self.surface_bn_policy = check_choice("surface_bn_policy", surface_bn_policy, SURFACE_BN_POLICIES)
         if self.surface and importlib.util.find_spec("matplotlib") is None:
             raise ImportError(

@@ -30,7 +30,7 @@ from lightning_landscape.callbacks._grad_read import (
 )
 from lightning_landscape.callbacks._grad_records import _LOGGED, _READ, _SKIPPED, _GradState, _Step
 from lightning_landscape.core import distributed  # noqa: F401  (tests patch `grad_spikes.distributed`)
-from lightning_landscape.core._validation import check_bool, check_choice, check_float, check_int
+from lightning_landscape.core._validation import check_bool, check_choice, check_float, check_int, check_optional_float
 from lightning_landscape.core.spikes import SPIKE_UPDATES
 
 #: Base-class arguments that do not apply to this monitor, with the base's defaults (accepted only at these).
@@ -203,19 +203,13 @@ class GradientSpikeMonitor(_GradAlerts, _GradReading, _GradState, LandscapeCallb
         self.watch_loss = check_bool("watch_loss", watch_loss)
         self.loss_log_scale = check_bool("loss_log_scale", loss_log_scale)
         self.track_update = check_bool("track_update", track_update)
-        self.growth_z = (
-            None if growth_z is None else check_float("growth_z", growth_z, minimum=0.0, strict_minimum=True)
-        )
+        self.growth_z = check_optional_float("growth_z", growth_z, minimum=0.0, strict_minimum=True)
         self.growth_patience = check_int("growth_patience", growth_patience, minimum=1)
-        self.divergence_ratio = (
-            None
-            if divergence_ratio is None
-            else check_float("divergence_ratio", divergence_ratio, minimum=1.0, strict_minimum=True)
+        self.divergence_ratio = check_optional_float(
+            "divergence_ratio", divergence_ratio, minimum=1.0, strict_minimum=True
         )
-        self.grad_divergence_ratio = (
-            None
-            if grad_divergence_ratio is None
-            else check_float("grad_divergence_ratio", grad_divergence_ratio, minimum=1.0, strict_minimum=True)
+        self.grad_divergence_ratio = check_optional_float(
+            "grad_divergence_ratio", grad_divergence_ratio, minimum=1.0, strict_minimum=True
         )
         self.divergence_steps = check_float("divergence_steps", divergence_steps, minimum=1.0)
         self.divergence_horizon = check_int("divergence_horizon", divergence_horizon, minimum=1)

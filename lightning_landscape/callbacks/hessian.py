@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,7 +14,7 @@ from lightning_landscape.callbacks._base import LandscapeCallback
 from lightning_landscape.callbacks._hessian_stability import _EdgeOfStability
 from lightning_landscape.callbacks._hessian_views import HessianViews
 from lightning_landscape.core import distributed
-from lightning_landscape.core._validation import check_bool, check_choice, check_float, check_int
+from lightning_landscape.core._validation import check_bool, check_choice, check_float, check_int, check_regex
 from lightning_landscape.core.alerts import ConsecutiveAboveRule, RelativeJumpRule
 from lightning_landscape.core.density import slq_density
 from lightning_landscape.core.hvp import BACKENDS, HessianOperator, operator_mode
@@ -197,11 +196,7 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
                 f"`top_k` must be <= `max_iter` ({self.max_iter}: Lanczos needs at least one product per "
                 f"eigenvalue), got {self.top_k}."
             )
-        if isinstance(params, str):
-            try:
-                re.compile(params)
-            except re.error as err:
-                raise ValueError(f"`params` must be a valid regular expression, got {params!r} ({err}).") from err
+        check_regex("params", params)
         self.trace_matvecs = check_int("trace_matvecs", trace_matvecs, minimum=3)
         self.density_runs = check_int("density_runs", density_runs, minimum=1)
         self.density_steps = check_int("density_steps", density_steps, minimum=2)

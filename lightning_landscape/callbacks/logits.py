@@ -17,7 +17,7 @@ from lightning_landscape.callbacks._logit_alerts import _LogitAlerts
 from lightning_landscape.callbacks._logit_capture import _Armed
 from lightning_landscape.callbacks._logit_modules import _attention_filter, _eager_stance, _is_compiled, _pick, _select
 from lightning_landscape.callbacks._logit_read import _LogitReadout
-from lightning_landscape.core._validation import check_float, check_int
+from lightning_landscape.core._validation import check_float, check_int, check_optional_float
 from lightning_landscape.core.hvp import operator_mode, seeded_rng
 
 
@@ -154,20 +154,14 @@ class LogitMonitor(_LogitReadout, _LogitAlerts, LandscapeCallback):
         self.output_module = output_module
         self.alignment = _select(alignment, "alignment")
         self.attention_logit_threshold = check_float("attention_logit_threshold", attention_logit_threshold)
-        self.attention_growth_factor = (
-            None
-            if attention_growth_factor is None
-            else check_float("attention_growth_factor", attention_growth_factor, minimum=1.0)
+        self.attention_growth_factor = check_optional_float(
+            "attention_growth_factor", attention_growth_factor, minimum=1.0
         )
-        self.log_partition_drift = (
-            None
-            if log_partition_drift is None
-            else check_float("log_partition_drift", log_partition_drift, minimum=0.0, strict_minimum=True)
+        self.log_partition_drift = check_optional_float(
+            "log_partition_drift", log_partition_drift, minimum=0.0, strict_minimum=True
         )
-        self.softmax_collapse_fraction = (
-            None
-            if softmax_collapse_fraction is None
-            else check_float("softmax_collapse_fraction", softmax_collapse_fraction, minimum=0.0, maximum=0.999999)
+        self.softmax_collapse_fraction = check_optional_float(
+            "softmax_collapse_fraction", softmax_collapse_fraction, minimum=0.0, maximum=0.999999
         )
         self.alignment_threshold = check_float("alignment_threshold", alignment_threshold, minimum=0.5, maximum=1.0)
         self.power_iterations = check_int("power_iterations", power_iterations, minimum=1)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from lightning_landscape.callbacks._base import LandscapeCallback
 from lightning_landscape.core import distributed
-from lightning_landscape.core._validation import check_bool, check_float, check_int
+from lightning_landscape.core._validation import check_bool, check_float, check_int, check_optional_float, check_regex
 from lightning_landscape.core.alerts import Alert
 from lightning_landscape.core.hvp import operator_mode
 from lightning_landscape.core.interpolation import seeded_batches
@@ -136,11 +136,7 @@ class EffectiveRankMonitor(LandscapeCallback):
             raise TypeError(
                 f"`modules` must be None, a regex, a list of module names or module type(s), got {modules!r}."
             )
-        if isinstance(modules, str):
-            try:
-                re.compile(modules)
-            except re.error as err:
-                raise ValueError(f"`modules` must be a valid regular expression, got {modules!r}.") from err
+        check_regex("modules", modules)
         self.modules = modules
         self.weights = check_bool("weights", weights)
         self.max_width = check_int("max_width", max_width, minimum=1)
@@ -152,11 +148,7 @@ class EffectiveRankMonitor(LandscapeCallback):
             "collapse_fraction", collapse_fraction, minimum=0.0, maximum=1.0, strict_minimum=True
         )
         self.collapse_window = check_int("collapse_window", collapse_window, minimum=2)
-        self.collapse_floor = (
-            None
-            if collapse_floor is None
-            else check_float("collapse_floor", collapse_floor, minimum=0.0, strict_minimum=True)
-        )
+        self.collapse_floor = check_optional_float("collapse_floor", collapse_floor, minimum=0.0, strict_minimum=True)
         self._rules: dict[str, RankCollapseRule] = {}
 
     def _state_key_fields(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -48,6 +49,21 @@ def check_float(
             raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}.")
     if maximum is not None and value > maximum:
         raise ValueError(f"`{name}` must be <= {maximum}, got {value!r}.")
+    return value
+
+
+def check_optional_float(name: str, value: Any, **bounds: Any) -> float | None:
+    """``None`` (the option is off) or :func:`check_float` of ``value`` with the same bounds."""
+    return None if value is None else check_float(name, value, **bounds)
+
+
+def check_regex(name: str, value: Any) -> Any:
+    """``value`` unchanged; a string must compile as a regular expression (the message names ``name``)."""
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"`{name}` must be a valid regular expression, got {value!r} ({err}).") from err
     return value
 
 
