@@ -164,12 +164,17 @@ def run_arm(weight_decay: float, steps: int, every: int, threshold: float, **mod
     started = time.perf_counter()
     trainer.fit(model)
     seconds = time.perf_counter() - started
+    # the gradient monitor logs on Lightning's logging steps, which need not be the recorder's: each row takes the
+    # latest nlm_alignment logged at or before its step
+    nlm_steps = sorted(
+        (s, v) for s, logged in logger.metrics.items() for k, v in logged.items() if k.endswith("/" + NLM)
+    )
     rows = {}
     for step, row in sorted(recorder.rows.items()):
         logged = logger.metrics.get(step, {})
         row = dict(row)
-        for name, suffix in (("collapse", COLLAPSE), ("nlm_alignment", NLM)):
-            row[name] = next((v for k, v in logged.items() if k.endswith(suffix)), None)
+        row["collapse"] = next((v for k, v in logged.items() if k.endswith(COLLAPSE)), None)
+        row["nlm_alignment"] = next((v for s, v in reversed(nlm_steps) if s <= step), None)
         rows[step] = row
     first: dict[str, int] = {}
     for alert in alerts:
