@@ -255,10 +255,21 @@ MEASURED_COSTS = {
 
 def simulated_schedule(kinds: list[str], steps: int) -> None:
     """Table 4: LandscapeMonitor() at its defaults on a fake clock with MEASURED_COSTS (see the module docstring)."""
-    from lightning_landscape.callbacks import _base
-    from lightning_landscape.callbacks import grad_spikes as grad_spikes_module
-    from lightning_landscape.core import budget as budget_module
+    import importlib
+
     from tests.helpers.lightning import ClassifierModule
+
+    # every module that reads the wall clock for the ledger (measurements, per-step hooks, the ledger itself)
+    clocked = [
+        importlib.import_module(f"lightning_landscape.{name}")
+        for name in (
+            "callbacks._measure",
+            "callbacks.grad_spikes",
+            "callbacks.logits",
+            "callbacks._logit_capture",
+            "core.budget",
+        )
+    ]
 
     step_seconds = 0.01
 
@@ -274,14 +285,16 @@ def simulated_schedule(kinds: list[str], steps: int) -> None:
 
     print(f"\n## Simulated: LandscapeMonitor() defaults over {steps} steps on a fake clock, measured costs\n")
     print(
-        "| workload | Hessian cold / warm (steps) | sharpness at steps | points | largest gap | rank at | barrier at | ledger |"
+        "| workload | Hessian cold / warm (steps) | sharpness at steps | points | largest gap | rank at | barrier at | ledger "
+        "| first points, steps (Hessian / rank / barrier / logits) |"
     )
-    print("| --- | --- | --- | ---: | ---: | --- | --- | ---: |")
+    print("| --- | --- | --- | ---: | ---: | --- | --- | ---: | --- |")
     for kind in kinds:
         costs = MEASURED_COSTS[kind]
         clock = FakeClock()
-        saved = (_base.time, budget_module.time, grad_spikes_module.time)
-        _base.time = budget_module.time = grad_spikes_module.time = clock
+        saved = [module.time for module in clocked]
+        for module in clocked:
+            module.time = clock
         try:
             monitor = LandscapeMonitor(on_alert="ignore")
             measured: dict[str, list[int]] = {name: [] for name in ("hessian", "rank", "connectivity", "logits")}
@@ -323,15 +336,21 @@ def simulated_schedule(kinds: list[str], steps: int) -> None:
             )
             trainer.fit(ClassifierModule())
             ledger = monitor.budget.overhead()  # on the fake clock
+            # what each part charged as first points (paid by the advance, repaid from its own share)
+            firsts = " / ".join(
+                f"{monitor.budget.first_cost_by_owner.get(id(monitor.parts[n]), 0.0) / step_seconds:.1f}"
+                for n in ("hessian", "rank", "connectivity", "logits")
+            )
         finally:
-            _base.time, budget_module.time, grad_spikes_module.time = saved
+            for module, original_time in zip(clocked, saved, strict=True):
+                module.time = original_time
         sharp = measured["hessian"]
         gaps = [b - a for a, b in zip([0, *sharp], [*sharp, steps], strict=True)]
         first, warm = costs["hessian"]
         print(
             f"| {kind} | {first:g} / {min(warm):g}-{max(warm):g} | {', '.join(map(str, sharp))} | {len(sharp)} | "
             f"{max(gaps)} | {', '.join(map(str, measured['rank']))} | "
-            f"{', '.join(map(str, measured['connectivity']))} | {ledger:.2%} |",
+            f"{', '.join(map(str, measured['connectivity']))} | {ledger:.2%} | {firsts} |",
             flush=True,
         )
 
