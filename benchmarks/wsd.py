@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))  # the real models live with the tests
 
 from lightning_landscape import HessianMonitor, LandscapeWarning  # noqa: E402
 from lightning_landscape import tensorboard as tb  # noqa: E402
+from lightning_landscape.callbacks._hessian_views import surface_figure  # noqa: E402
 from tests.helpers.real_models import NanoGPT, lm_loss_fn  # noqa: E402
 
 
@@ -188,15 +189,7 @@ def main() -> None:
     print(f"\nmedian measurement seconds: {', '.join(f'{k} {v:.2f} s' for k, v in timing.items())}")
     if args.save_surface is not None and surfaces.seen:
         step, surface, eig = min(surfaces.seen, key=lambda item: abs(item[0] - measurements[stable_index]))
-        figure = tb.surface_figure(
-            surface.alphas.tolist(),
-            surface.betas.tolist(),
-            surface.losses.tolist(),
-            xlabel=f"a along v1 (lambda_1 = {eig[0]:.4g})",
-            ylabel=f"b along v2 (lambda_2 = {eig[1]:.4g})",
-            title=f"nanoGPT char model, WSD stable phase, step {step}",
-            curvature=eig[0],
-        )
+        figure = surface_figure(surface, eig, f"nanoGPT char model, WSD stable phase, step {step}")
         args.save_surface.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(args.save_surface)
         tb.pyplot().close(figure)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_landscape import tensorboard as tb
+from lightning_landscape.callbacks._schedule import is_logging_step
 from lightning_landscape.core import distributed
 from lightning_landscape.core._validation import check_bool, check_choice, check_int, check_optional_float
 from lightning_landscape.core.hvp import operator_mode
@@ -89,8 +91,8 @@ class HessianViews:
         """On a logging step, copy the monitored parameters to the CPU (once per optimizer step)."""
         if not self.update_top_fraction or self._snapshot_step == trainer.global_step:
             return
-        if (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) != 0:
-            return  # Lightning's rule for the steps whose metrics it logs
+        if not is_logging_step(trainer.global_step, trainer.log_every_n_steps):
+            return
         vectors = self._top_vectors(monitor)
         if vectors is None:
             return  # no measurement yet
@@ -231,17 +233,22 @@ class HessianViews:
             }
         )
         if trainer.is_global_zero and any(True for _ in tb._writers(trainer)):
-            figure = tb.surface_figure(
-                surface.alphas.tolist(),
-                surface.betas.tolist(),
-                surface.losses.tolist(),
-                xlabel=f"a along v1 (lambda_1 = {eigenvalues[0]:.4g})",
-                ylabel=f"b along v2 (lambda_2 = {eigenvalues[1]:.4g})",
-                title=f"step {step}: loss at theta + a v1 + b v2",
-                curvature=eigenvalues[0],
-            )
+            figure = surface_figure(surface, eigenvalues, f"step {step}: loss at theta + a v1 + b v2")
             tb.log_figure(trainer, monitor.key("surface"), figure, step)
         return out
 
 
-__all__ = ["SURFACE_BN_POLICIES", "HessianViews"]
+def surface_figure(surface: Surface, eigenvalues: Sequence[float], title: str) -> Any:
+    """The matplotlib figure of ``surface`` with the eigenvalues on its axes (the TensorBoard image's drawing)."""
+    return tb.surface_figure(
+        surface.alphas.tolist(),
+        surface.betas.tolist(),
+        surface.losses.tolist(),
+        xlabel=f"a along v1 (lambda_1 = {eigenvalues[0]:.4g})",
+        ylabel=f"b along v2 (lambda_2 = {eigenvalues[1]:.4g})",
+        title=title,
+        curvature=eigenvalues[0],
+    )
+
+
+__all__ = ["SURFACE_BN_POLICIES", "HessianViews", "surface_figure"]

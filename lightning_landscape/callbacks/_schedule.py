@@ -20,6 +20,12 @@ if TYPE_CHECKING:
     from lightning_landscape.callbacks._base import LandscapeCallback
 
 
+def is_logging_step(step: int, every: int) -> bool:
+    """Lightning's convention for the steps whose metrics it writes: ``self.log`` lands at steps 9, 19, ... for
+    ``log_every_n_steps=10`` (``step`` counted from 0)."""
+    return (step + 1) % max(1, every) == 0
+
+
 def planned_end(trainer: pl.Trainer) -> float | None:
     """Budget mode's plan: the optimizer step at which this fit ends (``max_steps`` or the end of ``max_epochs``,
     whichever comes first), ``None`` or ``inf`` when the Trainer does not know it."""

@@ -29,6 +29,7 @@ from lightning_landscape.callbacks._grad_read import (
     _scaler,
 )
 from lightning_landscape.callbacks._grad_records import _LOGGED, _READ, _SKIPPED, _GradState, _Step
+from lightning_landscape.callbacks._schedule import is_logging_step
 from lightning_landscape.core import distributed  # noqa: F401  (tests patch `grad_spikes.distributed`)
 from lightning_landscape.core._validation import check_bool, check_choice, check_float, check_int, check_optional_float
 from lightning_landscape.core.spikes import SPIKE_UPDATES
@@ -298,8 +299,7 @@ class GradientSpikeMonitor(_GradAlerts, _GradReading, _GradState, LandscapeCallb
         return self._every or max(1, trainer.log_every_n_steps)
 
     def _is_logged_step(self, trainer: pl.Trainer, step: int) -> bool:
-        # Lightning's convention (`self.log` lands at steps 9, 19, ... for log_every_n_steps=10)
-        return (step + 1) % self._every_n(trainer) == 0
+        return is_logging_step(step, self._every_n(trainer))
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
