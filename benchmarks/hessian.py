@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 
@@ -33,6 +34,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from _data import digits_tensors
 
 from lightning_landscape.core.hvp import HessianOperator, operator_mode
+
+
+class StepClock(pl.Callback):
+    """Host time of each training step (from batch start to batch end), to express costs in training steps."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.times.append(time.perf_counter() - self.start)
 
 
 def mlp(width: int, depth: int) -> nn.Module:
@@ -246,22 +260,11 @@ def cost(steps: int, every: int, kinds: list[str]) -> None:
     default HessianMonitor arguments as the bundle configures them, every ``every`` steps), counted in HVPs (the
     deterministic part) and in seconds over the median unmonitored training step. Runs on whatever code is first on
     PYTHONPATH, so the same command gives "before" (PYTHONPATH=/work/main) and "after"."""
-    import lightning.pytorch as pl
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from grad_spikes import Workload
 
     from lightning_landscape import HessianMonitor
-
-    class StepClock(pl.Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.times.append(time.perf_counter() - self.start)
 
     print("| workload | measurement | HVPs | preconditioned HVPs | seconds | steps (seconds / median step) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
@@ -304,8 +307,6 @@ def bundle_cost(steps: int, every: int, kinds: list[str]) -> None:
     over the median unmonitored step of the same run) and how much of it the products and the gradient graph take."""
     import collections
 
-    import lightning.pytorch as pl
-
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from overhead import make_workload
 
@@ -327,16 +328,6 @@ def bundle_cost(steps: int, every: int, kinds: list[str]) -> None:
 
     timed(HessianOperator, "matvec", "products")
     timed(HessianOperator, "_gradients", "graph")
-
-    class StepClock(pl.Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.times.append(time.perf_counter() - self.start)
 
     print("| workload | step | HVPs | raw | cost (steps) | of which products | of which gradient graph |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
