@@ -52,3 +52,21 @@ def test_manual_optimization_without_loss_fn_fails_at_setup():
     with pytest.raises((TypeError, ValueError, RuntimeError), match="loss_fn"):
         fit(CountingGAN, [LandscapeMonitor()], max_steps=30)
     assert CountingGAN.steps_run == 0, f"the error came after {CountingGAN.steps_run} training steps"
+
+
+VIEW_KEYS = (
+    "landscape/hessian/update_top_fraction",
+    "landscape/hessian/surface_loss",
+    "landscape/hessian/surface_curvature_v1",
+    "landscape/grad/nlm_alignment",
+)
+
+
+@pytest.mark.parametrize("name", ["nanogpt", "hf_gpt2_sdpa", "lightning_demo_transformer"])
+def test_opt_in_hessian_views_on_real_models(name):
+    """The 2026-12-02 features on third-party model code: the Hessian-axes surface and update_top_fraction (opt-in)
+    and the gradient monitor's nlm_alignment are logged and finite, no alert fires, training is bitwise unchanged."""
+    make_model = MODELS[name][0]
+    views = {"every_n_steps": 10, "raw_sharpness_every": 1, "surface": True, "surface_every": 1}
+    views["update_top_fraction"] = True
+    check(make_model, VIEW_KEYS, lambda: monitor(hessian=views))
