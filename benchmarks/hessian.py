@@ -15,6 +15,7 @@ column is skipped.
     python benchmarks/hessian.py --part bundle --every 200 --steps 1001 --kinds mlp,cnn,transformer,nanogpt
                                                # part 4: as LandscapeMonitor configures it (one probe batch),
                                                # where the time goes: products, gradient graph, the rest
+    python benchmarks/hessian.py --part bundle --probe-fractions 1,0.5 --tols 1e-3,1e-2 ...   # variants
 """
 
 from __future__ import annotations
@@ -301,7 +302,7 @@ def cost(steps: int, every: int, kinds: list[str]) -> None:
             )
 
 
-def bundle_cost(steps: int, every: int, kinds: list[str]) -> None:
+def bundle_cost(steps: int, every: int, kinds: list[str], fractions: list[float], tols: list[float]) -> None:
     """Part 4: a HessianMonitor measurement as LandscapeMonitor configures it (one probe batch, AdamW), every
     ``every`` steps, on grad_spikes.py's workloads and overhead.py's nanoGPT: HVPs, cost in training steps (seconds
     over the median unmonitored step of the same run) and how much of it the products and the gradient graph take."""
@@ -329,12 +330,23 @@ def bundle_cost(steps: int, every: int, kinds: list[str]) -> None:
     timed(HessianOperator, "matvec", "products")
     timed(HessianOperator, "_gradients", "graph")
 
-    print("| workload | step | HVPs | raw | cost (steps) | of which products | of which gradient graph |")
-    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
-    for kind in kinds:
+    print(
+        "| workload | probe_fraction | tol | step | HVPs | raw | cost (steps) | of which products "
+        "| of which gradient graph | eos_sharpness |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+    variants = [(kind, f, t) for kind in kinds for f in fractions for t in tols]
+    for kind, fraction, tol in variants:
         pl.seed_everything(0, verbose=False)
         clock = StepClock()
-        monitor = HessianMonitor(every_n_steps=every, num_probe_batches=1, max_overhead=None, on_alert="ignore")
+        monitor = HessianMonitor(
+            every_n_steps=every,
+            num_probe_batches=1,
+            max_overhead=None,
+            on_alert="ignore",
+            probe_fraction=fraction,
+            tol=tol,
+        )
         rows: list[tuple[int, dict, dict]] = []
         original = monitor.log_metrics
 
@@ -359,9 +371,10 @@ def bundle_cost(steps: int, every: int, kinds: list[str]) -> None:
         for step, metrics, parts in rows:
             seconds = metrics.get("landscape/hessian/seconds", float("nan"))
             print(
-                f"| {kind} | {step} | {metrics.get('landscape/hessian/hvps', float('nan')):.0f} | "
-                f"{'yes' if 'landscape/sharpness' in metrics else 'no'} | {seconds / step_s:.1f} | "
-                f"{parts.get('products', 0.0) / step_s:.1f} | {parts.get('graph', 0.0) / step_s:.1f} |",
+                f"| {kind} | {fraction:g} | {tol:g} | {step} | {metrics.get('landscape/hessian/hvps', float('nan')):.0f} "
+                f"| {'yes' if 'landscape/sharpness' in metrics else 'no'} | {seconds / step_s:.1f} | "
+                f"{parts.get('products', 0.0) / step_s:.1f} | {parts.get('graph', 0.0) / step_s:.1f} | "
+                f"{metrics.get('landscape/hessian/eos_sharpness', float('nan')):.4g} |",
                 flush=True,
             )
 
@@ -373,8 +386,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=41, help="part cost: training steps")
     parser.add_argument("--every", type=int, default=10, help="part cost: measurement cadence")
     parser.add_argument("--kinds", default="mlp,cnn,transformer", help="part cost: workloads")
+    parser.add_argument("--probe-fractions", default="1", help="part bundle: HessianMonitor probe_fraction values")
+    parser.add_argument("--tols", default="1e-3", help="part bundle: HessianMonitor tol values")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.part in ("1", "all"):
         part1(args.repeats)
@@ -383,7 +399,8 @@ def main() -> None:
     if args.part == "cost":
         cost(args.steps, args.every, args.kinds.split(","))
     if args.part == "bundle":
-        bundle_cost(args.steps, args.every, args.kinds.split(","))
+        fractions = [float(f) for f in args.probe_fractions.split(",")]
+        bundle_cost(args.steps, args.every, args.kinds.split(","), fractions, [float(t) for t in args.tols.split(",")])
 
 
 if __name__ == "__main__":

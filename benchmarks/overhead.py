@@ -171,62 +171,69 @@ class LoggedSteps:
         return record
 
 
+def schedule_row(kind: str, steps: int, monitor: LandscapeMonitor, logged: LoggedSteps) -> str:
+    """One row of table 3 from a finished run of ``monitor``."""
+    ledger = monitor.budget
+    training = ledger.training_time()
+    shares = " / ".join(
+        f"{(ledger.cost_by_owner.get(id(monitor.parts[n]), 0.0) + ledger.first_cost_by_owner.get(id(monitor.parts[n]), 0.0)) / training:.2%}"
+        for n in ("hessian", "rank", "connectivity", "logits")
+    )
+    firsts = sum(ledger.first_cost_by_owner.values()) / training
+    sharp = logged.steps["hessian"]
+    gaps = [b - a for a, b in zip([0, *sharp], [*sharp, steps], strict=True)]
+
+    def short(values: list[int]) -> str:
+        return ", ".join(map(str, values)) if len(values) <= 12 else ", ".join(map(str, values[:12])) + ", ..."
+
+    return (
+        f"| {kind} | {training / steps * 1e3:.1f} | {short(sharp)} | {max(gaps)} | {short(logged.steps['rank'])} "
+        f"| {short(logged.steps['connectivity'])} | {len(logged.steps['logits'])} | {ledger.overhead():.2%} "
+        f"| {shares} | {firsts:.2%} | {monitor.parts['grad_spikes'].stride} |"
+    )
+
+
 def schedule_table(kinds: list[str], steps: int, repeats: int, root: str) -> None:
-    """Table 3: what LandscapeMonitor() at its defaults logs, and when, within its ledger; then A/B wall time."""
-    print(f"\n## LandscapeMonitor() at its defaults over {steps} steps\n")
-    print(
+    """Table 3: what LandscapeMonitor() at its defaults logs, and when, within its ledger; then A/B wall time.
+
+    With ``repeats`` above 0 the schedule rows are those of the A/B's own monitored runs (one per repeat, the
+    runs of a repeat interleaved, the order alternating); with 0, one monitored run per workload."""
+    schedule = [f"\n## LandscapeMonitor() at its defaults over {steps} steps\n"]
+    schedule.append(
         "| workload | step (ms) | sharpness at steps | largest gap | rank at steps | barrier at steps | logits points "
         "| ledger | of which Hessian / rank / barrier / logits | of which first points | gradient stride |"
     )
-    print("| --- | ---: | --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: |")
-    for kind in kinds:
-        monitor = LandscapeMonitor(on_alert="ignore")
-        logged = LoggedSteps(monitor)
-        seconds = fit(kind, steps, [monitor], root)
-        ledger = monitor.budget
-        training = ledger.training_time()
-        shares = " / ".join(
-            f"{(ledger.cost_by_owner.get(id(monitor.parts[n]), 0.0) + ledger.first_cost_by_owner.get(id(monitor.parts[n]), 0.0)) / training:.2%}"
-            for n in ("hessian", "rank", "connectivity", "logits")
-        )
-        firsts = sum(ledger.first_cost_by_owner.values()) / training
-        sharp = logged.steps["hessian"]
-        gaps = [b - a for a, b in zip([0, *sharp], [*sharp, steps], strict=True)]
-
-        def short(values: list[int]) -> str:
-            return ", ".join(map(str, values)) if len(values) <= 12 else ", ".join(map(str, values[:12])) + ", ..."
-
-        print(
-            f"| {kind} | {training / steps * 1e3:.1f} | {short(sharp)} | {max(gaps)} | {short(logged.steps['rank'])} "
-            f"| {short(logged.steps['connectivity'])} | {len(logged.steps['logits'])} | {ledger.overhead():.2%} "
-            f"| {shares} | {firsts:.2%} | {monitor.parts['grad_spikes'].stride} |",
-            flush=True,
-        )
-        del seconds
-    if repeats <= 0:
-        return
-    print(f"\n## A/B wall time of LandscapeMonitor() over {steps} steps (interleaved, median of {repeats})\n")
-    print("| workload | without (s) | with (s) | overhead (wall) | overhead (CPU time) | ledger |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    schedule.append("| --- | ---: | --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: |")
+    ab = [f"\n## A/B wall time of LandscapeMonitor() over {steps} steps (interleaved, median of {repeats})\n"]
+    ab.append("| workload | without (s) | with (s) | overhead (wall) | overhead (CPU time) | ledger |")
+    ab.append("| --- | ---: | ---: | ---: | ---: | ---: |")
     for kind in kinds:
         times: dict[bool, list[float]] = {False: [], True: []}
         cpu: dict[bool, list[float]] = {False: [], True: []}
         ledgers = []
-        for repeat in range(repeats):
-            for monitored in (False, True) if repeat % 2 == 0 else (True, False):
-                callbacks = [LandscapeMonitor(on_alert="ignore")] if monitored else []
-                times[monitored].append(fit(kind, steps, callbacks, root))
+        for repeat in range(max(1, repeats)):
+            arms = (True,) if repeats <= 0 else ((False, True) if repeat % 2 == 0 else (True, False))
+            for monitored in arms:
+                monitor = LandscapeMonitor(on_alert="ignore")
+                logged = LoggedSteps(monitor)
+                times[monitored].append(fit(kind, steps, [monitor] if monitored else [], root))
                 cpu[monitored].append(CPU_SECONDS[-1])
                 if monitored:
-                    ledgers.append(callbacks[0].budget.overhead())
-        ratios = [w / wo - 1 for w, wo in zip(times[True], times[False], strict=True)]
-        cpu_ratios = [w / wo - 1 for w, wo in zip(cpu[True], cpu[False], strict=True)]
-        print(
-            f"| {kind} | {statistics.median(times[False]):.1f} | {statistics.median(times[True]):.1f} | "
-            f"{statistics.median(ratios):+.1%} | {statistics.median(cpu_ratios):+.1%} | "
-            f"{statistics.median(ledgers):.2%} |",
-            flush=True,
-        )
+                    ledgers.append(monitor.budget.overhead())
+                    schedule.append(schedule_row(kind, steps, monitor, logged))
+                    print(schedule[-1], flush=True)
+        if repeats > 0:
+            ratios = [w / wo - 1 for w, wo in zip(times[True], times[False], strict=True)]
+            cpu_ratios = [w / wo - 1 for w, wo in zip(cpu[True], cpu[False], strict=True)]
+            ab.append(
+                f"| {kind} | {statistics.median(times[False]):.1f} | {statistics.median(times[True]):.1f} | "
+                f"{statistics.median(ratios):+.1%} | {statistics.median(cpu_ratios):+.1%} | "
+                f"{statistics.median(ledgers):.2%} |"
+            )
+            print(ab[-1], flush=True)
+    print("\n".join(schedule))
+    if repeats > 0:
+        print("\n".join(ab))
 
 
 #: Measured cost of one measurement, in training steps, as LandscapeMonitor() configures each part (one probe
@@ -366,11 +373,12 @@ def main() -> None:
         "--schedule", action="store_true", help="only table 3 (--steps, default 3000; --repeats 0: no A/B)"
     )
     parser.add_argument("--simulate", action="store_true", help="only table 4 (fake clock, MEASURED_COSTS)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
     if args.simulate:
         simulated_schedule(args.workloads, args.steps or 3000)
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     root = tempfile.mkdtemp(prefix="overhead-")
     repeats = 1 if args.quick else args.repeats
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {repeats} repeats, logs in {root}\n")

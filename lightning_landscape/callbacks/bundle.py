@@ -29,6 +29,12 @@ DEFAULT_EVERY = {"hessian": 200, "rank": 200, "connectivity": 200, "logits": 10}
 #: on the CNN and the transformer, see benchmarks/RESULTS.md), four for the rank (a rank needs more samples than
 #: features: 4 x 64 examples for a 256-wide layer), one for the logits (every few steps).
 DEFAULT_PROBE_BATCHES = {"hessian": 1, "rank": 4, "connectivity": 1, "logits": 1}
+#: Other arguments the bundle gives a part unless its dict sets them. The Hessian measures on the first half of its
+#: probe batch, which halves a product's cost, and stops at a 1% eigenvalue bound instead of 0.1% (measured, the
+#: values then differed from tol 1e-3 by at most 3e-4 relative, in 20% fewer products): its warm measurement was
+#: 9-27 training steps on the transformers at tol 1e-3 on a whole batch, more than the Hessian's share of a 500-step
+#: window at 5% (~17 steps), and is 3.5-11 now (benchmarks/RESULTS.md, issue 16).
+DEFAULT_ARGUMENTS: dict[str, dict[str, Any]] = {"hessian": {"probe_fraction": 0.5, "tol": 1e-2}}
 #: Share of the bundle's budget the gradient monitor's every-step reads may take (see GradientSpikeMonitor.stride).
 GRAD_SPIKES_SHARE = 0.1
 #: Weights of the periodic parts in the rest of the budget (``1 - GRAD_SPIKES_SHARE`` when the gradient monitor is
@@ -62,6 +68,7 @@ def _build(name: str, setting: Any, shared: dict[str, Any], probe: dict[str, Any
             arguments["num_probe_batches"] = DEFAULT_PROBE_BATCHES[name]  # see there; logits always reads one
     if name in DEFAULT_EVERY:
         arguments["every_n_steps"] = DEFAULT_EVERY[name]
+    arguments.update(DEFAULT_ARGUMENTS.get(name, {}))
     arguments.update(setting if isinstance(setting, dict) else {})
     for own in ("rollback_every_n_steps", "max_rollbacks", "rollback_lr_factor"):
         if own in arguments:

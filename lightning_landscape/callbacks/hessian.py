@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ from lightning_landscape.core.alerts import ConsecutiveAboveRule, RelativeJumpRu
 from lightning_landscape.core.density import slq_density
 from lightning_landscape.core.hvp import BACKENDS, HessianOperator, operator_mode
 from lightning_landscape.core.lanczos import lanczos
+from lightning_landscape.core.modes import default_batch_size, leading_samples
 from lightning_landscape.core.params import ParamSelector, select_parameters, top_level_blocks
 from lightning_landscape.core.trace import hutchpp_trace
 
@@ -135,6 +137,11 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
             distance at which the quadratic model along ``v1`` doubles the probe loss, ``sqrt(2 L / lambda_1)``.
         surface_bn_policy: eval mode: ``"recompute"`` re-estimates BatchNorm statistics over the probe set at every
             grid point (as ModeConnectivityMonitor does), ``"keep"`` keeps the current running statistics.
+        probe_fraction: the operator's data is the first ``ceil(probe_fraction * n)`` samples of each of its
+            ``num_probe_batches`` probe batches of ``n`` samples (every tensor with that leading dimension is cut,
+            :func:`~lightning_landscape.core.modes.leading_samples`; a batch with no such tensor is used whole,
+            with a warning). A product costs about its share of a full batch's; the operator is then a smaller
+            batch's Hessian, fixed for the run like the probe set. ``LandscapeMonitor`` uses 0.5.
         **kwargs: the shared arguments of :class:`~lightning_landscape.callbacks._base.LandscapeCallback`
             (``every_n_steps``, ``loss_fn``, ``num_probe_batches``, ``on_alert``, ``prefix``, ...).
 
@@ -178,6 +185,7 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
         surface_grid: int = 9,
         surface_radius: float | None = None,
         surface_bn_policy: str = "recompute",
+        probe_fraction: float = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(mode=mode, **kwargs)
@@ -214,6 +222,9 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
         if batch_size_fn is not None and not callable(batch_size_fn):
             raise TypeError(f"`batch_size_fn` must be None or a callable batch -> int, got {batch_size_fn!r}.")
         self.batch_size_fn = batch_size_fn
+        self.probe_fraction = check_float(
+            "probe_fraction", probe_fraction, minimum=0.0, maximum=1.0, strict_minimum=True
+        )
         # Warm-start vectors (on CPU between measurements): "top" for H, "precond" for Adam's form, "block/<name>".
         self._warm: dict[str, Tensor] = {}
         self._growth_key = ""
@@ -308,9 +319,28 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
         self._warm[key] = vectors.to("cpu", copy=True)
         return result
 
+    def _operator_batches(self, batches: list[Any]) -> list[Any]:
+        """The probe batches cut to ``probe_fraction`` of their samples (views; the probe set itself is unchanged)."""
+        if self.probe_fraction >= 1.0:
+            return batches
+        size_fn = self.batch_size_fn or default_batch_size
+        out = []
+        for batch in batches:
+            size = int(size_fn(batch))
+            cut, done = leading_samples(batch, max(1, math.ceil(self.probe_fraction * size)), size)
+            if not done and size > 1:
+                self._warn_once(
+                    "uncut-probe",
+                    f"HessianMonitor: probe_fraction={self.probe_fraction} found no tensor of leading dimension "
+                    f"{size} to cut in a {type(batch).__name__} batch; that batch is used whole.",
+                )
+            out.append(cut)
+        return out
+
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], step: int
     ) -> dict[str, float]:
+        batches = self._operator_batches(batches)
         params = select_parameters(pl_module, self.params)
         dtype = next(iter(params.values())).dtype
         if dtype in (torch.bfloat16, torch.float16):

@@ -42,6 +42,36 @@ def default_batch_size(batch: Any) -> int:
     )
 
 
+def leading_samples(batch: Any, count: int, batch_size: int) -> tuple[Any, bool]:
+    """``batch`` cut to its first ``count`` samples: every tensor whose leading dimension is ``batch_size`` keeps
+    its first ``count`` rows (a view, no copy); tuples, lists, named tuples and mappings (``BatchEncoding``
+    included) are rebuilt around the cut tensors; other leaves (strings, scalars, tensors of another length) are
+    kept as they are. Returns ``(cut batch, whether any tensor was cut)``; nothing is cut when ``count >=
+    batch_size``.
+    """
+    if count >= batch_size:
+        return batch, False
+    if isinstance(batch, Tensor):
+        if batch.dim() > 0 and batch.shape[0] == batch_size:
+            return batch[:count], True
+        return batch, False
+    if isinstance(batch, Mapping):
+        pairs = {key: leading_samples(value, count, batch_size) for key, value in batch.items()}
+        items = {key: value for key, (value, _) in pairs.items()}
+        try:
+            rebuilt = type(batch)(items)
+        except Exception:  # a mapping type that cannot be built from a dict: a plain dict holds the same items
+            rebuilt = items
+        return rebuilt, any(cut for _, cut in pairs.values())
+    if isinstance(batch, list | tuple):
+        pairs = [leading_samples(item, count, batch_size) for item in batch]
+        items = [value for value, _ in pairs]
+        named = isinstance(batch, tuple) and hasattr(batch, "_fields")
+        rebuilt = type(batch)(*items) if named else type(batch)(items)
+        return rebuilt, any(cut for _, cut in pairs)
+    return batch, False
+
+
 def _norm_layers(module: nn.Module) -> list[nn.modules.batchnorm._NormBase]:
     """Normalisation layers with running statistics (the one definition; core.interpolation uses it too)."""
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
@@ -93,4 +123,4 @@ def seeded_rng(device: torch.device, seed: int) -> Iterator[None]:
         yield
 
 
-__all__ = ["MODES", "default_batch_size", "operator_mode", "seeded_rng"]
+__all__ = ["MODES", "default_batch_size", "leading_samples", "operator_mode", "seeded_rng"]
