@@ -189,7 +189,8 @@ def schedule_row(kind: str, steps: int, monitor: LandscapeMonitor, logged: Logge
     return (
         f"| {kind} | {training / steps * 1e3:.1f} | {short(sharp)} | {max(gaps)} | {short(logged.steps['rank'])} "
         f"| {short(logged.steps['connectivity'])} | {len(logged.steps['logits'])} | {ledger.overhead():.2%} "
-        f"| {shares} | {firsts:.2%} | {monitor.parts['grad_spikes'].stride} |"
+        f"| {shares} | {firsts:.2%} | {monitor.parts['grad_spikes'].stride} "
+        f"| {monitor.parts['hessian']._probe_fraction.value} |"
     )
 
 
@@ -201,9 +202,10 @@ def schedule_table(kinds: list[str], steps: int, repeats: int, root: str) -> Non
     schedule = [f"\n## LandscapeMonitor() at its defaults over {steps} steps\n"]
     schedule.append(
         "| workload | step (ms) | sharpness at steps | largest gap | rank at steps | barrier at steps | logits points "
-        "| ledger | of which Hessian / rank / barrier / logits | of which first points | gradient stride |"
+        "| ledger | of which Hessian / rank / barrier / logits | of which first points | gradient stride "
+        "| Hessian probe_fraction |"
     )
-    schedule.append("| --- | ---: | --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: |")
+    schedule.append("| --- | ---: | --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: |")
     ab = [f"\n## A/B wall time of LandscapeMonitor() over {steps} steps (interleaved, median of {repeats})\n"]
     ab.append("| workload | without (s) | with (s) | overhead (wall) | overhead (CPU time) | ledger |")
     ab.append("| --- | ---: | ---: | ---: | ---: | ---: |")

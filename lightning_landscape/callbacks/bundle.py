@@ -29,12 +29,13 @@ DEFAULT_EVERY = {"hessian": 200, "rank": 200, "connectivity": 200, "logits": 10}
 #: on the CNN and the transformer, see benchmarks/RESULTS.md), four for the rank (a rank needs more samples than
 #: features: 4 x 64 examples for a 256-wide layer), one for the logits (every few steps).
 DEFAULT_PROBE_BATCHES = {"hessian": 1, "rank": 4, "connectivity": 1, "logits": 1}
-#: Other arguments the bundle gives a part unless its dict sets them. The Hessian measures on the first half of its
-#: probe batch, which halves a product's cost, and stops at a 1% eigenvalue bound instead of 0.1% (measured, the
-#: values then differed from tol 1e-3 by at most 3e-4 relative, in 20% fewer products): its warm measurement was
-#: 9-27 training steps on the transformers at tol 1e-3 on a whole batch, more than the Hessian's share of a 500-step
-#: window at 5% (~17 steps), and is 3.5-11 now (benchmarks/RESULTS.md, issue 16).
-DEFAULT_ARGUMENTS: dict[str, dict[str, Any]] = {"hessian": {"probe_fraction": 0.5, "tol": 1e-2}}
+#: Other arguments the bundle gives a part unless its dict sets them. The Hessian stops at a 1% eigenvalue bound
+#: instead of 0.1% (measured, the values then differed from tol 1e-3 by at most 3e-4 relative, in ~20% fewer
+#: products), and sizes its operator to the budget (``probe_fraction="auto"``: half a batch where a whole one does
+#: not fit its share of 500 steps, see callbacks/_hessian_probe.py): a warm measurement on a whole batch at tol 1e-3
+#: was 9-27 training steps on the transformers, more than the Hessian's share of a 500-step window at 5% (~17
+#: steps), and 3.5-11 on half a batch at tol 1e-2 (benchmarks/RESULTS.md, issue 16).
+DEFAULT_ARGUMENTS: dict[str, dict[str, Any]] = {"hessian": {"probe_fraction": "auto", "tol": 1e-2}}
 #: Share of the bundle's budget the gradient monitor's every-step reads may take (see GradientSpikeMonitor.stride).
 GRAD_SPIKES_SHARE = 0.1
 #: Weights of the periodic parts in the rest of the budget (``1 - GRAD_SPIKES_SHARE`` when the gradient monitor is

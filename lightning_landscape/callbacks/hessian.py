@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,6 +11,7 @@ from torch import Tensor
 
 from lightning_landscape import tensorboard as tb
 from lightning_landscape.callbacks._base import LandscapeCallback
+from lightning_landscape.callbacks._hessian_probe import ProbeFraction
 from lightning_landscape.callbacks._hessian_stability import _EdgeOfStability
 from lightning_landscape.callbacks._hessian_views import HessianViews
 from lightning_landscape.core import distributed
@@ -20,7 +20,6 @@ from lightning_landscape.core.alerts import ConsecutiveAboveRule, RelativeJumpRu
 from lightning_landscape.core.density import slq_density
 from lightning_landscape.core.hvp import BACKENDS, HessianOperator, operator_mode
 from lightning_landscape.core.lanczos import lanczos
-from lightning_landscape.core.modes import default_batch_size, leading_samples
 from lightning_landscape.core.params import ParamSelector, select_parameters, top_level_blocks
 from lightning_landscape.core.trace import hutchpp_trace
 
@@ -40,6 +39,7 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
         - ``p/hessian/lambda_min``: smallest eigenvalue (negative curvature), when ``lambda_min=True``.
         - ``p/hessian/converged``: 1 if every requested pair met the residual rule.
         - ``p/hessian/hvps``: Hessian-vector products this measurement cost (all parts together).
+        - ``p/hessian/probe_fraction``: the share of each probe batch the operator uses (``probe_fraction``).
         - ``p/hessian/trace``, ``p/hessian/trace_stderr``: Hutch++ estimate, when ``trace=True``.
         - ``p/hessian/density``: TensorBoard histogram of the SLQ spectral density, when ``density=True``.
         - ``p/hessian/eos_ratio``: ``p/hessian/eos_sharpness`` over ``p/hessian/stability_threshold``, with
@@ -140,8 +140,12 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
         probe_fraction: the operator's data is the first ``ceil(probe_fraction * n)`` samples of each of its
             ``num_probe_batches`` probe batches of ``n`` samples (every tensor with that leading dimension is cut,
             :func:`~lightning_landscape.core.modes.leading_samples`; a batch with no such tensor is used whole,
-            with a warning). A product costs about its share of a full batch's; the operator is then a smaller
-            batch's Hessian, fixed for the run like the probe set. ``LandscapeMonitor`` uses 0.5.
+            with a warning). A product costs about that share of a whole batch's; the operator is then a smaller
+            batch's Hessian (its sharpness is biased upward), fixed for the run like the probe set. ``"auto"``
+            (``LandscapeMonitor``'s default): in budget mode, 1, 1/2 or 1/4, the largest whose predicted warm
+            measurement fits this monitor's share of 500 steps, decided once from two timed products at the first
+            measurement (:mod:`~lightning_landscape.callbacks._hessian_probe`); logged as
+            ``p/hessian/probe_fraction``.
         **kwargs: the shared arguments of :class:`~lightning_landscape.callbacks._base.LandscapeCallback`
             (``every_n_steps``, ``loss_fn``, ``num_probe_batches``, ``on_alert``, ``prefix``, ...).
 
@@ -185,7 +189,7 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
         surface_grid: int = 9,
         surface_radius: float | None = None,
         surface_bn_policy: str = "recompute",
-        probe_fraction: float = 1.0,
+        probe_fraction: float | str = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(mode=mode, **kwargs)
@@ -222,9 +226,9 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
         if batch_size_fn is not None and not callable(batch_size_fn):
             raise TypeError(f"`batch_size_fn` must be None or a callable batch -> int, got {batch_size_fn!r}.")
         self.batch_size_fn = batch_size_fn
-        self.probe_fraction = check_float(
-            "probe_fraction", probe_fraction, minimum=0.0, maximum=1.0, strict_minimum=True
-        )
+        self._probe_fraction = ProbeFraction(probe_fraction)
+        #: The setting: a number, or ``"auto"`` (the fraction in use is logged as ``{p}/hessian/probe_fraction``).
+        self.probe_fraction = self._probe_fraction.setting
         # Warm-start vectors (on CPU between measurements): "top" for H, "precond" for Adam's form, "block/<name>".
         self._warm: dict[str, Tensor] = {}
         self._growth_key = ""
@@ -268,6 +272,7 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
             "measured": self._measured,
             "since_raw": self._since_raw,
             "surface": {"seen": self._views._surfaces, "due": self._views._surface_due},
+            "probe_fraction": self._probe_fraction.state_dict(),
         }
 
     def _load_monitor_state_dict(self, state: dict[str, Any]) -> None:
@@ -281,6 +286,7 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
         surface = state.get("surface", {})  # absent before the surface existed: its cadence restarts
         self._views._surfaces = int(surface.get("seen", 0))
         self._views._surface_due = bool(surface.get("due", False))
+        self._probe_fraction.load_state_dict(state.get("probe_fraction", {}))
 
     # ----------------------------------------------------------------------------------------------- measure
     def _operator(
@@ -319,29 +325,11 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
         self._warm[key] = vectors.to("cpu", copy=True)
         return result
 
-    def _operator_batches(self, batches: list[Any]) -> list[Any]:
-        """The probe batches cut to ``probe_fraction`` of their samples (views; the probe set itself is unchanged)."""
-        if self.probe_fraction >= 1.0:
-            return batches
-        size_fn = self.batch_size_fn or default_batch_size
-        out = []
-        for batch in batches:
-            size = int(size_fn(batch))
-            cut, done = leading_samples(batch, max(1, math.ceil(self.probe_fraction * size)), size)
-            if not done and size > 1:
-                self._warn_once(
-                    "uncut-probe",
-                    f"HessianMonitor: probe_fraction={self.probe_fraction} found no tensor of leading dimension "
-                    f"{size} to cut in a {type(batch).__name__} batch; that batch is used whole.",
-                )
-            out.append(cut)
-        return out
-
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], step: int
     ) -> dict[str, float]:
-        batches = self._operator_batches(batches)
         params = select_parameters(pl_module, self.params)
+        batches, hvps = self._probe_fraction.batches(self, trainer, pl_module, batches, params, step)
         dtype = next(iter(params.values())).dtype
         if dtype in (torch.bfloat16, torch.float16):
             self._warn_once(
@@ -352,8 +340,7 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
             )
         # Identically seeded on every rank, so every rank draws the same start vectors and runs the same Lanczos.
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        metrics: dict[str, float] = {}
-        hvps = 0
+        metrics: dict[str, float] = {self.key("probe_fraction"): self._probe_fraction.value}
         stability = self._stability(trainer, params)
         # Under a preconditioned optimizer the preconditioned sharpness decides stability; the Hessian's own
         # spectrum is measured on every `raw_sharpness_every`-th measurement only (and whenever no preconditioned
@@ -415,9 +402,18 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
             mode = "running BatchNorm statistics, dropout off"
         else:
             mode = "batch statistics, BatchNorm buffers untouched, dropout masks fixed by seed"
+        fraction = self._probe_fraction
+        cut = "" if fraction.value >= 1.0 else f"the first {fraction.value:g} of each of "
+        if fraction.setting == "auto":
+            predicted = fraction.predicted_steps
+            cut += (
+                f"(probe_fraction='auto' chose {fraction.value:g}"
+                + ("" if predicted is None else f": a whole-batch warm measurement predicted at {predicted:.1f} steps")
+                + ") "
+            )
         return (
-            f"Hessian of the mean loss over {op.num_samples} examples in {num_batches} probe batch(es) per process "
-            f"(the first training batches seen, fixed for the whole run), weighted by batch size; {selection} "
+            f"Hessian of the mean loss over {op.num_samples} examples in {cut}{num_batches} probe batch(es) per "
+            f"process (the first training batches seen, fixed for the whole run), weighted by batch size; {selection} "
             f"({op.shape[0]} values, {op.dtype}); mode={self.mode!r} ({mode}); backend={op.backend!r}; "
             f"Lanczos tol={self.tol} relative to the sharpness."
         )

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_landscape import HessianMonitor, LandscapeMonitor, LandscapeWarning
+from lightning_landscape.callbacks import _hessian_probe
 from lightning_landscape.core.hvp import operator_mode
 from lightning_landscape.core.modes import leading_samples
 from lightning_landscape.core.reference import dense_eigvalsh, dense_hessian
@@ -101,15 +102,68 @@ def test_an_uncuttable_batch_is_used_whole_with_one_warning(tmp_path):
     assert "landscape/sharpness" in monitor.last_metrics
 
 
-@pytest.mark.parametrize("value", [0.0, -0.5, 1.5, float("nan")])
+@pytest.mark.parametrize("value", [0.0, -0.5, 1.5, float("nan"), "half"])
 def test_probe_fraction_out_of_range_is_refused_at_construction(value):
     with pytest.raises(ValueError, match="probe_fraction"):
         HessianMonitor(probe_fraction=value)
 
 
-def test_landscape_monitor_measures_the_hessian_on_half_a_batch_at_tol_1e_2_unless_told():
+def test_landscape_monitor_sizes_the_hessian_probe_to_the_budget_at_tol_1e_2_unless_told():
     default = LandscapeMonitor().parts["hessian"]
-    assert (default.probe_fraction, default.tol) == (0.5, 1e-2)
+    assert (default.probe_fraction, default.tol) == ("auto", 1e-2)
     told = LandscapeMonitor(hessian={"probe_fraction": 1.0, "tol": 1e-3}).parts["hessian"]
     assert (told.probe_fraction, told.tol) == (1.0, 1e-3)
     assert HessianMonitor().probe_fraction == 1.0  # the monitor alone keeps the whole probe set
+
+
+# ---------------------------------------------------------------------------------------------------- "auto"
+def _auto_run(tmp_path, monkeypatch, target_steps, max_overhead=1.0, steps=12, every=11):
+    monkeypatch.setattr(_hessian_probe, "AUTO_TARGET_STEPS", target_steps)
+    recorder = StateRecorder()
+    monitor = HessianMonitor(
+        every_n_steps=every,
+        num_probe_batches=1,
+        loss_fn=loss_of,
+        tol=1e-10,
+        probe_fraction="auto",
+        max_overhead=max_overhead,
+    )
+    monitor.first_cost_steps = 0.01  # measure as soon as 10 steps are timed
+    make_trainer(tmp_path, [recorder, monitor], max_steps=steps, precision="64-true").fit(_model())
+    return monitor, recorder
+
+
+def _dense_top_on(recorder, step, batches):
+    model = _model()
+    model.load_state_dict(recorder.states[step])
+    with operator_mode(model, "eval"):
+        return float(dense_eigvalsh(dense_hessian(model, loss_of, batches))[0])
+
+
+@pytest.mark.parametrize(("target_steps", "fraction", "samples"), [(10**9, 1.0, 8), (0, 0.25, 2)])
+def test_auto_picks_the_largest_fraction_that_fits_and_measures_on_it(
+    tmp_path, monkeypatch, target_steps, fraction, samples
+):
+    monitor, recorder = _auto_run(tmp_path, monkeypatch, target_steps)
+    logged = monitor.last_metrics
+    assert logged["landscape/hessian/probe_fraction"] == fraction
+    step = monitor.schedule.last_measured_step  # the budget waits for 10 timed steps
+    probe = [(x[:samples], y[:samples]) for x, y in monitor._probe]
+    assert logged["landscape/sharpness"] == pytest.approx(_dense_top_on(recorder, step, probe), rel=1e-6)
+    assert monitor.state_dict()["monitor"]["probe_fraction"]["value"] == fraction
+
+
+def test_auto_keeps_the_whole_batch_outside_budget_mode(tmp_path, monkeypatch):
+    monitor, _ = _auto_run(tmp_path, monkeypatch, 0, max_overhead=None, steps=2)
+    assert monitor.last_metrics["landscape/hessian/probe_fraction"] == 1.0
+
+
+def test_auto_decides_once_and_a_resumed_run_keeps_the_choice(tmp_path, monkeypatch):
+    monitor, _ = _auto_run(tmp_path, monkeypatch, 0, max_overhead=1.0, steps=60, every=5)
+    assert monitor.num_measurements >= 2 and monitor.last_metrics["landscape/hessian/probe_fraction"] == 0.25
+    resumed = HessianMonitor(probe_fraction="auto")
+    resumed.load_state_dict(monitor.state_dict())
+    assert resumed._probe_fraction.value == 0.25
+    fixed = HessianMonitor(probe_fraction=0.5)
+    fixed.load_state_dict(monitor.state_dict())  # an explicit number wins over a checkpoint's automatic choice
+    assert fixed._probe_fraction.value == 0.5
