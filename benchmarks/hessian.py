@@ -16,6 +16,8 @@ column is skipped.
                                                # part 4: as LandscapeMonitor configures it (one probe batch),
                                                # where the time goes: products, gradient graph, the rest
     python benchmarks/hessian.py --part bundle --probe-fractions 1,0.5 --tols 1e-3,1e-2 ...   # variants
+    python benchmarks/hessian.py --part probe --steps 300 --kinds transformer,nanogpt --threads 1
+                                               # part 5: sharpness of half / quarter batches against whole ones
 """
 
 from __future__ import annotations
@@ -379,10 +381,86 @@ def bundle_cost(steps: int, every: int, kinds: list[str], fractions: list[float]
             )
 
 
+def probe_size(steps: int, kinds: list[str]) -> None:
+    """Part 5: the sharpness (Adam-preconditioned and raw) of a whole probe batch against its halves and quarters,
+    a second batch and four batches, after ``steps`` AdamW steps: the bias of a smaller operator against the
+    spread between batches. Cold top-1 Lanczos at tol 1e-3 and 1e-2 (products, cost in training steps)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from overhead import make_workload
+
+    from lightning_landscape.core.lanczos import lanczos
+    from lightning_landscape.core.modes import default_batch_size, leading_samples
+    from lightning_landscape.core.params import select_parameters
+    from lightning_landscape.core.scaled import DiagonalScaledOperator
+    from lightning_landscape.core.stability import stability_scale, stability_threshold
+
+    print("| workload | probe | preconditioned @1e-3 (HVPs, steps) | @1e-2 | raw @1e-3 | @1e-2 |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for kind in kinds:
+        pl.seed_everything(0, verbose=False)
+        model = make_workload(kind)
+        clock = StepClock()
+        trainer = pl.Trainer(
+            max_steps=steps,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[clock],
+        )
+        trainer.fit(model)
+        step_s = statistics.median(clock.times)
+        loaded = iter(model.train_dataloader())
+        batches = [next(loaded) for _ in range(4)]
+        n = default_batch_size(batches[0])
+
+        def rows(batch, lo, hi):  # samples lo..hi of one batch (views)
+            cut = leading_samples(batch, hi, n)[0]
+            return cut if lo == 0 else _tail(cut, lo, hi)
+
+        probes = {
+            "first quarter": [rows(batches[0], 0, n // 4)],
+            "second quarter": [rows(batches[0], n // 4, n // 2)],
+            "first half": [rows(batches[0], 0, n // 2)],
+            "second half": [rows(batches[0], n // 2, n)],
+            "batch 1 (whole)": [batches[0]],
+            "batch 2 (whole)": [batches[1]],
+            "batches 1-4": batches,
+        }
+        params = select_parameters(model, None)
+        optimizer = trainer.optimizers[0]
+        scale = stability_scale(optimizer, params, stability_threshold(optimizer, params))
+        # NanoGPT's training_step logs (not allowed outside the loop); the Workload's does not
+        loss_fn = (lambda m, b: m.lm_loss(b)) if hasattr(model, "lm_loss") else (lambda m, b: m.training_step(b, 0))
+        model.eval()
+        for name, probe in probes.items():
+            op = HessianOperator(model, loss_fn, probe, params=params, backend="graph")
+            cells = []
+            for operator in (DiagonalScaledOperator(op, scale), op):
+                for tol in (1e-3, 1e-2):
+                    started = time.perf_counter()
+                    result = lanczos(operator, 1, tol=tol, generator=torch.Generator().manual_seed(1))
+                    seconds = time.perf_counter() - started
+                    cells.append(f"{float(result.eigenvalues[0]):.4g} ({result.num_matvecs}, {seconds / step_s:.1f})")
+            print(f"| {kind} | {name} | {' | '.join(cells)} |", flush=True)
+
+
+def _tail(batch, lo: int, hi: int):
+    """Samples ``lo..hi`` of a batch already cut to ``hi`` samples (every tensor of leading dimension ``hi``)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[lo:hi] if batch.dim() > 0 and batch.shape[0] == hi else batch
+    if isinstance(batch, list | tuple):
+        return type(batch)(_tail(item, lo, hi) for item in batch)
+    if isinstance(batch, dict):
+        return {key: _tail(value, lo, hi) for key, value in batch.items()}
+    return batch
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--part", choices=["1", "2", "cost", "bundle", "all"], default="all")
+    parser.add_argument("--part", choices=["1", "2", "cost", "bundle", "probe", "all"], default="all")
     parser.add_argument("--steps", type=int, default=41, help="part cost: training steps")
     parser.add_argument("--every", type=int, default=10, help="part cost: measurement cadence")
     parser.add_argument("--kinds", default="mlp,cnn,transformer", help="part cost: workloads")
@@ -398,6 +476,8 @@ def main() -> None:
         part2()
     if args.part == "cost":
         cost(args.steps, args.every, args.kinds.split(","))
+    if args.part == "probe":
+        probe_size(args.steps, args.kinds.split(","))
     if args.part == "bundle":
         fractions = [float(f) for f in args.probe_fractions.split(",")]
         bundle_cost(args.steps, args.every, args.kinds.split(","), fractions, [float(t) for t in args.tols.split(",")])

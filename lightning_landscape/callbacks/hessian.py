@@ -90,13 +90,15 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
 
     Cost per measurement: Lanczos HVPs (typically 5-20 cold, a handful warm-started, at most ``max_iter``), plus
     ``trace_matvecs``, ``density_runs * density_steps``, one top-1 Lanczos per block; under Adam one top-1 Lanczos
-    of the preconditioned operator, the raw one every ``raw_sharpness_every`` measurements. As LandscapeMonitor
-    configures it (one probe batch, AdamW, every 200 steps), warm measurements cost 3-9 HVPs (8-16 training steps)
-    on the MLP workload, 2-7 (4-12) on the CNN, 3-10 (15-37) on the character transformer and 5-8 (15-30) on
-    nanoGPT (``benchmarks/overhead.py``, notes/curv.md); on the transformers the preconditioned top eigenvector
-    moves so much between measurements that a warm start saves almost nothing (its first Rayleigh quotient is
-    ~100% off). One HVP is one backward pass through the probe batch's gradient graph: 1.3-2.4 training steps on
-    CPU (``backend="graph"``; the graph itself costs one more).
+    of the preconditioned operator, the raw one every ``raw_sharpness_every`` measurements. One HVP is one backward
+    pass through the probe batch's gradient graph: 1.3-2.4 training steps on CPU for a whole training batch
+    (``backend="graph"``; the graph itself costs one more), about half that on half a batch (``probe_fraction``).
+    As LandscapeMonitor configures it (one probe batch, AdamW, every 200 steps, tol 1e-2, ``probe_fraction="auto"``:
+    the whole batch on the digits MLP and CNN, half on the transformers), warm measurements cost 2-8 HVPs (4.6-13
+    training steps) on the MLP, 2-6 (4.7-15) on the CNN, 3-10 (3.5-11) on the character transformer and 4-8
+    (5.8-10) on nanoGPT; at tol 1e-3 on whole batches they cost 8-15, 4-14, 9-27 and 12-21 steps
+    (``benchmarks/hessian.py --part bundle``, RESULTS.md). On the transformers the preconditioned top eigenvector
+    moves so much between measurements that a warm start saves little.
 
     Args:
         top_k: number of top eigenvalues.

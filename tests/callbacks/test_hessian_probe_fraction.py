@@ -1,6 +1,7 @@
 """HessianMonitor(probe_fraction=...): the operator on the first samples of each probe batch (issue 16)."""
 
 import collections
+import types
 import warnings
 
 import numpy as np
@@ -167,3 +168,49 @@ def test_auto_decides_once_and_a_resumed_run_keeps_the_choice(tmp_path, monkeypa
     fixed = HessianMonitor(probe_fraction=0.5)
     fixed.load_state_dict(monitor.state_dict())  # an explicit number wins over a checkpoint's automatic choice
     assert fixed._probe_fraction.value == 0.5
+
+
+class _Clock:
+    now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+class _TimedOperator:
+    """A stand-in operator whose products take ``first`` then ``later`` seconds on a fake clock."""
+
+    def __init__(self, clock, first, later):
+        self.clock, self.costs = clock, [first, later]
+        self.shape, self.device, self.dtype, self.num_matvecs = (3, 3), torch.device("cpu"), torch.float64, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __matmul__(self, vector):
+        self.clock.now += self.costs[min(self.num_matvecs, 1)]
+        self.num_matvecs += 1
+        return vector
+
+
+@pytest.mark.parametrize(
+    ("later", "expected"),
+    [(0.01, 1.0), (0.02, 0.5), (0.05, 0.25), (1.0, 0.25)],
+)
+def test_auto_rule_is_the_largest_fraction_whose_predicted_warm_cost_fits_the_headroom(monkeypatch, later, expected):
+    # window = AUTO_HEADROOM * share * max_overhead * AUTO_TARGET_STEPS * step = 0.5 * 0.8 * 0.05 * 500 * 0.01 = 0.1 s;
+    # predicted warm cost = first + (AUTO_WARM_PRODUCTS - 1) * later = 0.03 + 7 * later, times the fraction
+    clock = _Clock()
+    monkeypatch.setattr(_hessian_probe, "time", clock)
+    budget = types.SimpleNamespace(max_overhead=0.05, seconds_per_step=lambda step: 0.01)
+    operator = _TimedOperator(clock, 0.03, later)
+    monitor = types.SimpleNamespace(
+        budget=budget, budget_share=0.8, mode="eval", seed=0, _operator=lambda *args: operator
+    )
+    fraction, spent = _hessian_probe.ProbeFraction("auto")._decide(
+        monitor, types.SimpleNamespace(world_size=1), ClassifierModule(), [], {}, 0
+    )
+    assert (fraction, spent) == (expected, 2)
