@@ -2,16 +2,16 @@
 
 A Hessian-vector product costs about a pass over its data, so the operator's data decides what a measurement costs.
 ``probe_fraction`` is either a number (the first ``ceil(f * n)`` samples of each probe batch of ``n``) or
-``"auto"`` (what ``LandscapeMonitor`` uses): the largest of 1, 1/2, 1/4 whose *predicted* warm measurement fits
-``AUTO_HEADROOM`` (half) of the monitor's share of the budget over ``AUTO_TARGET_STEPS`` training steps, decided
+``"auto"`` (what ``LandscapeMonitor`` uses): 1 or 1/2, the larger whose *predicted* warm measurement fits
+``AUTO_HEADROOM`` (60%) of the monitor's share of the budget over ``AUTO_TARGET_STEPS`` training steps, decided
 once, before the first measurement, so that every logged value of the run is on one operator.
 
-The prediction: at the first measurement two products on the whole probe batch are timed (the first also builds the
-gradient graph); a warm measurement is taken to cost ``first + (AUTO_WARM_PRODUCTS - 1) * second``, and a fraction
-``f`` of the batch about ``f`` times that (measured: a warm measurement on half a batch cost 0.4-0.7x the whole
-batch's, benchmarks/RESULTS.md). Outside budget mode, or before the step time is known, ``"auto"`` keeps the whole
-batch. Under DDP rank 0's clock decides and its choice is broadcast. The two timing products are counted in the
-measurement's ``hvps``.
+The prediction: at the first measurement three products on the whole probe batch are timed (the first also builds
+the gradient graph); a warm measurement is taken to cost ``first + (AUTO_WARM_PRODUCTS - 1) * min(second, third)``,
+and a fraction ``f`` of the batch about ``f`` times that (measured: a warm measurement on half a batch cost
+0.4-0.7x the whole batch's, benchmarks/RESULTS.md). Outside budget mode, or before the step time is known,
+``"auto"`` keeps the whole batch. Under DDP rank 0's clock decides and its choice is broadcast. The three timing
+products are counted in the measurement's ``hvps``.
 
 Why not always half: a smaller batch's sharpness is biased upward (the largest eigenvalue of a mean of fewer
 per-sample Hessians, on average: ``lambda_max`` is convex). Adam-preconditioned sharpness on half a batch against
@@ -44,9 +44,10 @@ AUTO_WARM_PRODUCTS = 8
 #: The part of the share over ``AUTO_TARGET_STEPS`` a predicted warm measurement may take: the rest is for the first
 #: points' repayment and for measurements costlier than the typical one (a 3,000-step nanoGPT run whose whole-batch
 #: prediction fitted the full share logged a largest sharpness gap of 905 steps; benchmarks/RESULTS.md).
-AUTO_HEADROOM = 0.5
-#: The smallest fraction ``"auto"`` picks (the bias grows as the batch shrinks).
-AUTO_MIN_FRACTION = 0.25
+AUTO_HEADROOM = 0.6
+#: The smallest fraction ``"auto"`` picks: a quarter batch read the transformers' sharpness 38-51% high, half a
+#: batch 8-25% (the bias grows as the batch shrinks).
+AUTO_MIN_FRACTION = 0.5
 
 
 def check_probe_fraction(value: Any) -> float | str:
@@ -83,7 +84,7 @@ class ProbeFraction:
         params: dict,
         step: int,
     ) -> tuple[list[Any], int]:
-        """The operator's batches (views of the probe batches) and the products spent deciding (0 or 2)."""
+        """The operator's batches (views of the probe batches) and the products spent deciding (0 or 3)."""
         spent = 0
         if self.value is None:
             self.value, spent = self._decide(monitor, trainer, pl_module, batches, params, step)
@@ -121,14 +122,16 @@ class ProbeFraction:
             generator = torch.Generator().manual_seed(monitor.seed * 1_000_003 + step + 1)
             vector = torch.randn(op.shape[0], generator=generator, dtype=torch.float64).to(op.device, op.dtype)
             times = []
-            for _ in range(2):
+            for _ in range(3):
                 started = time.perf_counter()
                 op @ vector
                 if op.device.type == "cuda":
                     torch.cuda.synchronize(op.device)  # a measurement may synchronise; the per-step hooks never do
                 times.append(time.perf_counter() - started)
             spent = op.num_matvecs
-        predicted = times[0] + (AUTO_WARM_PRODUCTS - 1) * times[1]
+        # the first product builds the gradient graph; the faster of the next two is one product (robust to a
+        # hiccup of a loaded machine on a millisecond model)
+        predicted = times[0] + (AUTO_WARM_PRODUCTS - 1) * min(times[1:])
         fraction = 1.0
         while predicted * fraction > window and fraction / 2 >= AUTO_MIN_FRACTION:
             fraction /= 2

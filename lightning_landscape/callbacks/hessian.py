@@ -405,17 +405,19 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
         else:
             mode = "batch statistics, BatchNorm buffers untouched, dropout masks fixed by seed"
         fraction = self._probe_fraction
-        cut = "" if fraction.value >= 1.0 else f"the first {fraction.value:g} of each of "
+        if fraction.value < 1.0:
+            cut = f": the first {fraction.value:g} of the samples of each of {num_batches} probe batch(es) per process"
+        else:
+            cut = f" in {num_batches} probe batch(es) per process"
         if fraction.setting == "auto":
             predicted = fraction.predicted_steps
-            cut += (
-                f"(probe_fraction='auto' chose {fraction.value:g}"
-                + ("" if predicted is None else f": a whole-batch warm measurement predicted at {predicted:.1f} steps")
-                + ") "
+            cut += f" (probe_fraction='auto' chose {fraction.value:g}" + (
+                "" if predicted is None else f": a whole-batch warm measurement predicted at {predicted:.1f} steps"
             )
+            cut += ")"
         return (
-            f"Hessian of the mean loss over {op.num_samples} examples in {cut}{num_batches} probe batch(es) per "
-            f"process (the first training batches seen, fixed for the whole run), weighted by batch size; {selection} "
+            f"Hessian of the mean loss over {op.num_samples} examples{cut} "
+            f"(the first training batches seen, fixed for the whole run), weighted by batch size; {selection} "
             f"({op.shape[0]} values, {op.dtype}); mode={self.mode!r} ({mode}); backend={op.backend!r}; "
             f"Lanczos tol={self.tol} relative to the sharpness."
         )
