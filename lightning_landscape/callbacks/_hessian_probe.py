@@ -17,7 +17,7 @@ Why not always half: a smaller batch's sharpness is biased upward (the largest e
 per-sample Hessians, on average: ``lambda_max`` is convex). Adam-preconditioned sharpness on half a batch against
 the whole one, at the same steps of one run: +8% to +25% on nanoGPT and +12% to +23% on the character transformer,
 but -11% to +44% on the digits CNN and +29% to +89% on the digits MLP; for scale, two whole batches of nanoGPT
-differed 2.1x (benchmarks/RESULTS.md). Where the whole batch fits (the MLP, the CNN), ``"auto"`` keeps it.
+differed 2.1x (benchmarks/RESULTS.md). Where the whole batch fits (the MLP), ``"auto"`` keeps it.
 """
 
 from __future__ import annotations

@@ -144,9 +144,9 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
             :func:`~lightning_landscape.core.modes.leading_samples`; a batch with no such tensor is used whole,
             with a warning). A product costs about that share of a whole batch's; the operator is then a smaller
             batch's Hessian (its sharpness is biased upward), fixed for the run like the probe set. ``"auto"``
-            (``LandscapeMonitor``'s default): in budget mode, 1, 1/2 or 1/4, the largest whose predicted warm
-            measurement fits this monitor's share of 500 steps, decided once from two timed products at the first
-            measurement (:mod:`~lightning_landscape.callbacks._hessian_probe`); logged as
+            (``LandscapeMonitor``'s default): in budget mode, 1 or 1/2, the larger whose predicted warm
+            measurement fits 60% of this monitor's share of 500 steps, decided once from three timed products at
+            the first measurement (:mod:`~lightning_landscape.callbacks._hessian_probe`); logged as
             ``p/hessian/probe_fraction``.
         **kwargs: the shared arguments of :class:`~lightning_landscape.callbacks._base.LandscapeCallback`
             (``every_n_steps``, ``loss_fn``, ``num_probe_batches``, ``on_alert``, ``prefix``, ...).
