@@ -94,9 +94,9 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
     pass through the probe batch's gradient graph: 1.3-2.4 training steps on CPU for a whole training batch
     (``backend="graph"``; the graph itself costs one more), about half that on half a batch (``probe_fraction``).
     As LandscapeMonitor configures it (one probe batch, AdamW, every 200 steps, tol 1e-2, ``probe_fraction="auto"``:
-    the whole batch on the digits MLP and CNN, half on the transformers), warm measurements cost 2-8 HVPs (4.6-13
-    training steps) on the MLP, 2-6 (4.7-15) on the CNN, 3-10 (3.5-11) on the character transformer and 4-8
-    (5.8-10) on nanoGPT; at tol 1e-3 on whole batches they cost 8-15, 4-14, 9-27 and 12-21 steps
+    the whole batch on the digits MLP, half on the digits CNN and the transformers), warm measurements cost 2-8
+    HVPs (4.6-13 training steps) on the MLP, 2-4 (2.4-5.8) on the CNN, 3-10 (3.5-11) on the character transformer
+    and 4-8 (5.8-10) on nanoGPT; at tol 1e-3 on whole batches they cost 7-15, 4-14, 9-27 and 12-21 steps
     (``benchmarks/hessian.py --part bundle``, RESULTS.md). On the transformers the preconditioned top eigenvector
     moves so much between measurements that a warm start saves little.
 
