@@ -145,8 +145,8 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
             with a warning). A product costs about that share of a whole batch's; the operator is then a smaller
             batch's Hessian (its sharpness is biased upward), fixed for the run like the probe set. ``"auto"``
             (``LandscapeMonitor``'s default): in budget mode, 1 or 1/2, the larger whose predicted warm
-            measurement fits 60% of this monitor's share of 500 steps, decided once from three timed products at
-            the first measurement (:mod:`~lightning_landscape.callbacks._hessian_probe`); logged as
+            measurement fits 60% of this monitor's share of 500 steps (under Adam/AdamW; under SGD it keeps the
+            whole batch), decided once from three timed products at the first measurement (:mod:`~lightning_landscape.callbacks._hessian_probe`); logged as
             ``p/hessian/probe_fraction``.
         **kwargs: the shared arguments of :class:`~lightning_landscape.callbacks._base.LandscapeCallback`
             (``every_n_steps``, ``loss_fn``, ``num_probe_batches``, ``on_alert``, ``prefix``, ...).
@@ -331,7 +331,10 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any], step: int
     ) -> dict[str, float]:
         params = select_parameters(pl_module, self.params)
-        batches, hvps = self._probe_fraction.batches(self, trainer, pl_module, batches, params, step)
+        stability = self._stability(trainer, params)
+        # "auto" halves the batch only under Adam/AdamW, whose curvature alerts need a peak well above the threshold
+        adaptive = stability is not None and stability[0].optimizer == "adam"
+        batches, hvps = self._probe_fraction.batches(self, trainer, pl_module, batches, params, step, adaptive)
         dtype = next(iter(params.values())).dtype
         if dtype in (torch.bfloat16, torch.float16):
             self._warn_once(
@@ -343,7 +346,6 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
         # Identically seeded on every rank, so every rank draws the same start vectors and runs the same Lanczos.
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         metrics: dict[str, float] = {self.key("probe_fraction"): self._probe_fraction.value}
-        stability = self._stability(trainer, params)
         # Under a preconditioned optimizer the preconditioned sharpness decides stability; the Hessian's own
         # spectrum is measured on every `raw_sharpness_every`-th measurement only (and whenever no preconditioned
         # form exists yet, e.g. before Adam's first step). Not on the first one when a preconditioner exists: a

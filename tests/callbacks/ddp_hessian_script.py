@@ -41,7 +41,10 @@ def main(out: Path, mode: str) -> None:
     model = ClassifierModule(dropout=0.0).double()
     model.x = model.x.double()
     if mode == "auto":
+        model = ClassifierModule(optimizer="adam", lr=0.01, dropout=0.0).double()  # "auto" only halves under Adam
+        model.x = model.x.double()
         monitor = HessianMonitor(
+            raw_sharpness_every=1,
             top_k=3,
             every_n_steps=100,
             num_probe_batches=2,

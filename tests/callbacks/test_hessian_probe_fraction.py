@@ -118,7 +118,13 @@ def test_landscape_monitor_sizes_the_hessian_probe_to_the_budget_at_tol_1e_2_unl
 
 
 # ---------------------------------------------------------------------------------------------------- "auto"
-def _auto_run(tmp_path, monkeypatch, target_steps, max_overhead=1.0, steps=12, every=11):
+def _adam_model():
+    model = ClassifierModule(optimizer="adam", lr=0.01, batchnorm=False, dropout=0.0).double()
+    model.x = model.x.double()
+    return model
+
+
+def _auto_run(tmp_path, monkeypatch, target_steps, max_overhead=1.0, steps=12, every=11, make_model=_adam_model):
     monkeypatch.setattr(_hessian_probe, "AUTO_TARGET_STEPS", target_steps)
     recorder = StateRecorder()
     monitor = HessianMonitor(
@@ -128,14 +134,15 @@ def _auto_run(tmp_path, monkeypatch, target_steps, max_overhead=1.0, steps=12, e
         tol=1e-10,
         probe_fraction="auto",
         max_overhead=max_overhead,
+        raw_sharpness_every=1,
     )
     monitor.first_cost_steps = 0.01  # measure as soon as 10 steps are timed
-    make_trainer(tmp_path, [recorder, monitor], max_steps=steps, precision="64-true").fit(_model())
+    make_trainer(tmp_path, [recorder, monitor], max_steps=steps, precision="64-true").fit(make_model())
     return monitor, recorder
 
 
 def _dense_top_on(recorder, step, batches):
-    model = _model()
+    model = _adam_model()
     model.load_state_dict(recorder.states[step])
     with operator_mode(model, "eval"):
         return float(dense_eigvalsh(dense_hessian(model, loss_of, batches))[0])
@@ -152,6 +159,13 @@ def test_auto_picks_the_largest_fraction_that_fits_and_measures_on_it(
     probe = [(x[:samples], y[:samples]) for x, y in monitor._probe]
     assert logged["landscape/sharpness"] == pytest.approx(_dense_top_on(recorder, step, probe), rel=1e-6)
     assert monitor.state_dict()["monitor"]["probe_fraction"]["value"] == fraction
+
+
+def test_auto_keeps_the_whole_batch_under_plain_sgd(tmp_path, monkeypatch):
+    # SGD's edge_of_stability compares the sharpness with its threshold directly: no upward-biased half batch
+    monitor, _ = _auto_run(tmp_path, monkeypatch, 0, make_model=_model)
+    assert monitor.last_metrics["landscape/hessian/probe_fraction"] == 1.0
+    assert monitor._probe_fraction.predicted_steps is None  # nothing was timed
 
 
 def test_auto_keeps_the_whole_batch_outside_budget_mode(tmp_path, monkeypatch):

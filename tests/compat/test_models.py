@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
-from tests.compat._common import CORE_KEYS, RANK, TRANSFORMER_KEYS, check, fit, monitor
+from lightning_landscape import LandscapeMonitor
+from tests.compat._common import CORE_KEYS, RANK, SHARPNESS, TRANSFORMER_KEYS, check, fit, monitor
 from tests.helpers.real_models import HFGPT2, DemoTransformer, NanoGPT, TinyGAN, TinyMLP
+
+PROBE_FRACTION = "landscape/hessian/probe_fraction"
 
 MODELS = {
     "nanogpt": (NanoGPT, TRANSFORMER_KEYS),
@@ -46,8 +51,6 @@ def test_manual_optimization_without_loss_fn_fails_at_setup():
     """Its training step returns nothing, so without ``loss_fn`` no part that needs a loss can measure: that must be
     a clear error before the first training step, at the default (wall-clock) budget too, not at whichever step the
     first measurement happens to come."""
-    from lightning_landscape import LandscapeMonitor
-
     CountingGAN.steps_run = 0
     with pytest.raises((TypeError, ValueError, RuntimeError), match="loss_fn"):
         fit(CountingGAN, [LandscapeMonitor()], max_steps=30)
@@ -70,3 +73,22 @@ def test_opt_in_hessian_views_on_real_models(name):
     views = {"every_n_steps": 10, "raw_sharpness_every": 1, "surface": True, "surface_every": 1}
     views["update_top_fraction"] = True
     check(make_model, VIEW_KEYS, lambda: monitor(hessian=views))
+
+
+@pytest.mark.parametrize("name", ["nanogpt", "hf_gpt2_sdpa"])
+def test_hessian_on_half_a_probe_batch_on_real_models(name):
+    """``probe_fraction`` on third-party batches (HF GPT-2's ``input_ids``/``labels`` dicts, nanoGPT's tensor pairs;
+    both AdamW, where ``"auto"`` may halve): every batch is cut (no "used whole" warning), the half is logged, the
+    values are finite, no alert fires and training is bitwise unchanged. (Lightning's demo transformer trains with
+    SGD, where half a batch raised ``edge_of_stability`` at step 10, ratio 1.55: there ``"auto"`` keeps the whole
+    batch: ``tests/callbacks/test_hessian_probe_fraction.py``.)"""
+    make_model = MODELS[name][0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, logger, _ = check(
+            make_model,
+            (SHARPNESS, PROBE_FRACTION),
+            lambda: monitor(hessian={"every_n_steps": 10, "probe_fraction": 0.5}),
+        )
+    assert not [w for w in caught if "used whole" in str(w.message)]
+    assert set(logger.landscape()[PROBE_FRACTION]) == {0.5}
