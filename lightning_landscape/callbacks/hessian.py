@@ -146,8 +146,8 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
             batch's Hessian (its sharpness is biased upward), fixed for the run like the probe set. ``"auto"``
             (``LandscapeMonitor``'s default): in budget mode, 1 or 1/2, the larger whose predicted warm
             measurement fits 60% of this monitor's share of 500 steps (under Adam/AdamW; under SGD it keeps the
-            whole batch), decided once from three timed products at the first measurement (:mod:`~lightning_landscape.callbacks._hessian_probe`); logged as
-            ``p/hessian/probe_fraction``.
+            whole batch), decided once from three timed products at the first measurement
+            (:mod:`~lightning_landscape.callbacks._hessian_probe`); logged as ``p/hessian/probe_fraction``.
         **kwargs: the shared arguments of :class:`~lightning_landscape.callbacks._base.LandscapeCallback`
             (``every_n_steps``, ``loss_fn``, ``num_probe_batches``, ``on_alert``, ``prefix``, ...).
 
