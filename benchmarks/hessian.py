@@ -266,6 +266,7 @@ def cost(steps: int, every: int, kinds: list[str]) -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from grad_spikes import Workload
+    from overhead import quiet_trainer
 
     from lightning_landscape import HessianMonitor
 
@@ -284,15 +285,7 @@ def cost(steps: int, every: int, kinds: list[str]) -> None:
 
         monitor.log_metrics = record
         # the monitor first: its measurement happens in on_train_batch_start, outside the clock's step interval
-        trainer = pl.Trainer(
-            max_steps=steps,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[monitor, clock],
-        )
+        trainer = quiet_trainer(steps, [monitor, clock])
         trainer.fit(Workload(kind))
         step = statistics.median(clock.times)
         for i, metrics in enumerate(logged):
@@ -311,7 +304,7 @@ def bundle_cost(steps: int, every: int, kinds: list[str], fractions: list[float]
     import collections
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from overhead import make_workload
+    from overhead import make_workload, quiet_trainer
 
     from lightning_landscape import HessianMonitor
 
@@ -358,15 +351,7 @@ def bundle_cost(steps: int, every: int, kinds: list[str], fractions: list[float]
             original(trainer, metrics, step)
 
         monitor.log_metrics = record
-        trainer = pl.Trainer(
-            max_steps=steps,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[monitor, clock],
-        )
+        trainer = quiet_trainer(steps, [monitor, clock])
         spent.clear()
         trainer.fit(make_workload(kind))
         step_s = statistics.median(clock.times)
@@ -386,7 +371,7 @@ def probe_size(steps: int, kinds: list[str]) -> None:
     a second batch and four batches, after ``steps`` AdamW steps: the bias of a smaller operator against the
     spread between batches. Cold top-1 Lanczos at tol 1e-3 and 1e-2 (products, cost in training steps)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from overhead import make_workload
+    from overhead import make_workload, quiet_trainer
 
     from lightning_landscape.core.lanczos import lanczos
     from lightning_landscape.core.modes import default_batch_size, leading_samples
@@ -400,15 +385,7 @@ def probe_size(steps: int, kinds: list[str]) -> None:
         pl.seed_everything(0, verbose=False)
         model = make_workload(kind)
         clock = StepClock()
-        trainer = pl.Trainer(
-            max_steps=steps,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[clock],
-        )
+        trainer = quiet_trainer(steps, [clock])
         trainer.fit(model)
         step_s = statistics.median(clock.times)
         loaded = iter(model.train_dataloader())
@@ -416,8 +393,7 @@ def probe_size(steps: int, kinds: list[str]) -> None:
         n = default_batch_size(batches[0])
 
         def rows(batch, lo, hi):  # samples lo..hi of one batch (views)
-            cut = leading_samples(batch, hi, n)[0]
-            return cut if lo == 0 else _tail(cut, lo, hi)
+            return leading_samples(batch, hi - lo, n, start=lo)[0]
 
         probes = {
             "first quarter": [rows(batches[0], 0, n // 4)],
@@ -444,17 +420,6 @@ def probe_size(steps: int, kinds: list[str]) -> None:
                     seconds = time.perf_counter() - started
                     cells.append(f"{float(result.eigenvalues[0]):.4g} ({result.num_matvecs}, {seconds / step_s:.1f})")
             print(f"| {kind} | {name} | {' | '.join(cells)} |", flush=True)
-
-
-def _tail(batch, lo: int, hi: int):
-    """Samples ``lo..hi`` of a batch already cut to ``hi`` samples (every tensor of leading dimension ``hi``)."""
-    if isinstance(batch, torch.Tensor):
-        return batch[lo:hi] if batch.dim() > 0 and batch.shape[0] == hi else batch
-    if isinstance(batch, list | tuple):
-        return type(batch)(_tail(item, lo, hi) for item in batch)
-    if isinstance(batch, dict):
-        return {key: _tail(value, lo, hi) for key, value in batch.items()}
-    return batch
 
 
 def main() -> None:

@@ -73,19 +73,24 @@ class Clock(pl.Callback):
         self.cpu_seconds = time.process_time() - self.cpu_start
 
 
+def quiet_trainer(steps: int, callbacks: list[pl.Callback], **kwargs) -> pl.Trainer:
+    """A CPU Trainer for ``steps`` steps with no logger, checkpoint, progress bar or summary unless ``kwargs`` say."""
+    settings = {
+        "max_steps": steps,
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    settings.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **settings)
+
+
 def fit(kind: str, steps: int, callbacks: list[pl.Callback], root: str) -> float:
     pl.seed_everything(0, verbose=False)
     clock = Clock()
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=TensorBoardLogger(root, name=kind),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[clock, *callbacks],
-        log_every_n_steps=50,
-    )
+    trainer = quiet_trainer(steps, [clock, *callbacks], logger=TensorBoardLogger(root, name=kind), log_every_n_steps=50)
     trainer.fit(make_workload(kind))
     CPU_SECONDS.append(clock.cpu_seconds)
     return clock.seconds
@@ -356,15 +361,7 @@ def simulated_schedule(kinds: list[str], steps: int, costs_of: str = "after") ->
                 clock.now += costs["per_step"] * step_seconds
 
             spikes.on_train_batch_end = per_step_work
-            trainer = pl.Trainer(
-                max_steps=steps,
-                accelerator="cpu",
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                callbacks=[monitor, Ticker()],
-            )
+            trainer = quiet_trainer(steps, [monitor, Ticker()])
             trainer.fit(ClassifierModule())
             ledger = monitor.budget.overhead()  # on the fake clock
             # what each part charged as first points (paid by the advance, repaid from its own share)

@@ -42,21 +42,21 @@ def default_batch_size(batch: Any) -> int:
     )
 
 
-def leading_samples(batch: Any, count: int, batch_size: int) -> tuple[Any, bool]:
-    """``batch`` cut to its first ``count`` samples: every tensor whose leading dimension is ``batch_size`` keeps
-    its first ``count`` rows (a view, no copy); tuples, lists, named tuples and mappings (``BatchEncoding``
-    included) are rebuilt around the cut tensors; other leaves (strings, scalars, tensors of another length) are
-    kept as they are. Returns ``(cut batch, whether any tensor was cut)``; nothing is cut when ``count >=
-    batch_size``.
+def leading_samples(batch: Any, count: int, batch_size: int, start: int = 0) -> tuple[Any, bool]:
+    """``batch`` cut to ``count`` samples from ``start`` (its first ``count`` by default): every tensor whose leading
+    dimension is ``batch_size`` keeps rows ``start .. start + count`` (a view, no copy); tuples, lists, named tuples
+    and mappings (``BatchEncoding`` included) are rebuilt around the cut tensors; other leaves (strings, scalars,
+    tensors of another length) are kept as they are. Returns ``(cut batch, whether any tensor was cut)``; nothing
+    is cut when the rows asked are all of them.
     """
-    if count >= batch_size:
+    if start <= 0 and count >= batch_size:
         return batch, False
     if isinstance(batch, Tensor):
         if batch.dim() > 0 and batch.shape[0] == batch_size:
-            return batch[:count], True
+            return batch[start : start + count], True
         return batch, False
     if isinstance(batch, Mapping):
-        pairs = {key: leading_samples(value, count, batch_size) for key, value in batch.items()}
+        pairs = {key: leading_samples(value, count, batch_size, start) for key, value in batch.items()}
         items = {key: value for key, (value, _) in pairs.items()}
         try:
             rebuilt = type(batch)(items)
@@ -64,7 +64,7 @@ def leading_samples(batch: Any, count: int, batch_size: int) -> tuple[Any, bool]
             rebuilt = items
         return rebuilt, any(cut for _, cut in pairs.values())
     if isinstance(batch, list | tuple):
-        pairs = [leading_samples(item, count, batch_size) for item in batch]
+        pairs = [leading_samples(item, count, batch_size, start) for item in batch]
         items = [value for value, _ in pairs]
         named = isinstance(batch, tuple) and hasattr(batch, "_fields")
         rebuilt = type(batch)(*items) if named else type(batch)(items)

@@ -29,6 +29,8 @@ def test_leading_samples_cuts_every_tensor_of_the_batch_length_and_keeps_the_res
     assert cut["pair"].x.data_ptr() == x.data_ptr()  # a view, not a copy
     assert torch.equal(cut["list"][0], y[:3]) and cut["list"][1:] == ["text", 7]
     assert cut["other"] is other and cut["scalar"] is batch["scalar"]  # another leading dimension: kept
+    tail, done = leading_samples(batch, 2, 6, start=4)
+    assert done and torch.equal(tail["pair"].x, x[4:6]) and tail["list"][1:] == ["text", 7]
 
 
 def test_leading_samples_rebuilds_mapping_types_and_reports_nothing_cut():
