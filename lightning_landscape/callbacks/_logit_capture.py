@@ -28,6 +28,8 @@ class _Armed:
     def __init__(self, step: int, started: float) -> None:
         self.step = step
         self.seconds = time.perf_counter() - started  # the hook time spent so far (arming)
+        #: Seconds the output and alignment hooks spent inside the training forward (no callback hook times them).
+        self.forward_seconds = 0.0
         self.capture: AttentionCapture | None = None
         self.handles: list[Any] = []
         self.state = distributed.ReducedState()  # 0-d tensors on the device, each with its reduction
@@ -54,6 +56,7 @@ class _Armed:
         def output_hook(module: nn.Module, args: tuple[Any, ...], result: Any) -> None:
             if not isinstance(result, Tensor) or not result.is_floating_point() or result.dim() == 0:
                 return
+            started = time.perf_counter()
             with torch.no_grad():
                 logits = result.detach()
                 wide = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
@@ -67,11 +70,13 @@ class _Armed:
                 autocast = _autocast_on(logits.device.type)
                 loss_dtype = torch.float32 if autocast and logits.dtype in (torch.float16, torch.bfloat16) else None
                 armed.add("output/saturated", softmax_saturated(logits, loss_dtype).sum().to(wide.dtype), "sum")
+            armed.forward_seconds += time.perf_counter() - started
 
         def alignment_hook(name: str, direction: Tensor):
             def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
                 if not args or not isinstance(args[0], Tensor) or not args[0].is_floating_point():
                     return
+                started = time.perf_counter()
                 with torch.no_grad():
                     x = args[0].detach()
                     x = x.reshape(-1, x.shape[-1]).to(direction.dtype)
@@ -79,6 +84,7 @@ class _Armed:
                     projection = x @ direction
                     armed.add(f"alignment/{name}/positive", (projection > 0).sum().to(x.dtype), "sum")
                     armed.add(f"alignment/{name}/negative", (projection < 0).sum().to(x.dtype), "sum")
+                armed.forward_seconds += time.perf_counter() - started
 
             return hook
 
@@ -92,6 +98,11 @@ class _Armed:
         if attention is not None:
             names = {m: n for n, m in pl_module.named_modules()}
             armed.capture = AttentionCapture(names, attention, entropy_samples).start()
+
+    def seconds_in_forward(self) -> float:
+        """Seconds of reads made inside the training forward (hooks and attention capture): no callback hook's span
+        contains them, so a ledger that times the hooks must be told of them."""
+        return self.forward_seconds + (self.capture.seconds if self.capture is not None else 0.0)
 
     def disarm(self) -> None:
         for handle in self.handles:

@@ -294,9 +294,9 @@ class LogitMonitor(_LogitReadout, _LogitAlerts, LandscapeCallback):
         started = time.perf_counter()
         armed.disarm()
         # the arming and disarming, and the reads inside the training forward, belong to this measurement too
-        earlier = armed.seconds + (armed.capture.seconds if armed.capture is not None else 0.0)
+        in_forward = armed.seconds_in_forward()
         read = lambda: self._read(trainer, pl_module, armed)  # noqa: E731
-        self._complete(trainer, pl_module, armed.step, read, started, earlier)
+        self._complete(trainer, pl_module, armed.step, read, started, armed.seconds + in_forward, in_forward)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         with contextlib.suppress(RuntimeError):  # never mask the user's exception
@@ -314,9 +314,11 @@ class LogitMonitor(_LogitReadout, _LogitAlerts, LandscapeCallback):
         compute: Callable[[], dict[str, float]],
         started: float,
         earlier: float = 0.0,
+        in_forward: float = 0.0,
     ) -> None:
         """The tail of ``LandscapeCallback._run`` for a measurement read at the end of the step (``earlier``:
-        seconds it already spent before ``started``: arming, and the reads inside the training forward)."""
+        seconds it already spent before ``started``: arming, and ``in_forward``, the reads inside the training
+        forward)."""
         try:
             metrics = compute()
         except FloatingPointError as err:
@@ -333,9 +335,9 @@ class LogitMonitor(_LogitReadout, _LogitAlerts, LandscapeCallback):
         cost = time.perf_counter() - started + earlier
         metrics[self.key("seconds")] = cost
         if self.budget is not None:
-            # inside LandscapeMonitor's section only the owner's tally takes it (the section times the hooks); the
-            # reads inside the forward are training time to the ledger's total either way
-            self.budget.charge(cost, owner=id(self))
+            # inside LandscapeMonitor's section the total takes only the reads inside the forward (the section
+            # times the hooks, and no hook contains the forward); the owner's tally takes all of it
+            self.budget.charge(cost, owner=id(self), outside_sections=in_forward)
             self._expected_cost = cost if self._cost_is_typical else None
             self._cost_is_typical = True
             self._next_allowed = None

@@ -109,13 +109,22 @@ class OverheadBudget:
             return self.advance_steps
         return max(0, min(self.advance_steps, self.planned_end - step))
 
-    def charge(self, seconds: float, owner: int | None = None, first: bool = False) -> None:
+    def charge(
+        self, seconds: float, owner: int | None = None, first: bool = False, outside_sections: float = 0.0
+    ) -> None:
         """Add ``seconds`` of our own time (to the total only outside a :meth:`section`, which charges its whole
         span; to ``owner``'s own tally always: ``cost_by_owner``, or ``first_cost_by_owner`` for a ``first``
-        measurement, which the advance pays for and the owner's share does not)."""
+        measurement, which the advance pays for and the owner's share does not).
+
+        ``outside_sections``: the part of ``seconds`` spent where no section was open (reads inside the user's
+        training forward, made by forward hooks): added to the total even when charged from within a section, since
+        no section's span contains it.
+        """
         seconds = max(0.0, float(seconds))
         if self._section_depth == 0:
             self.cost += seconds
+        else:
+            self.cost += min(seconds, max(0.0, float(outside_sections)))
         if owner is not None:
             tally = self.first_cost_by_owner if first else self.cost_by_owner
             tally[owner] = tally.get(owner, 0.0) + seconds

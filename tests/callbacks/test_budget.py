@@ -248,3 +248,38 @@ def test_landscape_monitor_defaults_give_early_points_then_sharpness_every_500_s
     # the others keep their points too (LogitMonitor reads the training forward, not `measure`: count its readings)
     logits = len(measured["logits"]) or monitor.parts["logits"].num_measurements
     assert len(measured["rank"]) >= 2 and logits >= 10
+
+
+def test_logit_reads_inside_the_training_forward_are_charged_to_the_shared_ledger(tmp_path, clock, monkeypatch):
+    # LogitMonitor reads the output logits in a forward hook, inside the user's training step, where the bundle's
+    # sections (which time its callback hooks) are all closed: the ledger's total must still see that time
+    from lightning_landscape import LandscapeMonitor
+    from lightning_landscape.callbacks import _logit_capture, logits
+
+    read_seconds = 0.002  # a fifth of a training step
+    saturated = _logit_capture.softmax_saturated
+
+    def slow_read(*args, **kwargs):
+        clock.now += read_seconds
+        return saturated(*args, **kwargs)
+
+    monkeypatch.setattr(_logit_capture, "time", clock)
+    monkeypatch.setattr(logits, "time", clock)
+    monkeypatch.setattr(_logit_capture, "softmax_saturated", slow_read)
+    monitor = LandscapeMonitor(
+        hessian=False,
+        rank=False,
+        connectivity=False,
+        grad_spikes=False,
+        logits={"every_n_steps": 10},
+        on_alert="ignore",
+        max_overhead=1.0,
+    )
+    make_trainer(tmp_path, [monitor, Ticker(clock)], max_steps=60).fit(ClassifierModule())
+    part = monitor.parts["logits"]
+    measured = part.num_measurements
+    assert measured >= 2
+    tally = monitor.budget.cost_by_owner.get(id(part), 0.0) + monitor.budget.first_cost_by_owner.get(id(part), 0.0)
+    # (a little real time leaks in through clocks this test does not fake: microseconds)
+    assert tally == pytest.approx(measured * read_seconds, rel=0.05)
+    assert monitor.budget.cost == pytest.approx(tally, rel=0.05)

@@ -123,6 +123,33 @@ def test_a_section_charges_its_whole_span_once_instead_of_what_is_charged_inside
     assert ledger.cost == pytest.approx(0.6)
 
 
+def test_time_spent_outside_every_section_is_added_to_the_total_even_when_charged_inside_one(monkeypatch):
+    # LogitMonitor's reads run inside the user's training forward, where no section is open; they are charged from
+    # on_train_batch_end, inside the bundle's section, whose span does not contain them
+    from lightning_landscape.core import budget as budget_module
+
+    class Clock:
+        now = 100.0
+
+        def perf_counter(self):
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(budget_module, "time", clock)
+    ledger = OverheadBudget(0.05)
+    ledger.start(0)
+    with ledger.section():
+        clock.now += 0.1  # the hook's own span
+        ledger.charge(0.4, owner=1, outside_sections=0.3)  # 0.1 in this hook, 0.3 in the forward before it
+    assert ledger.cost == pytest.approx(0.4)  # the section's 0.1 plus the forward's 0.3
+    assert ledger.cost_by_owner[1] == pytest.approx(0.4)
+    ledger.charge(0.2, outside_sections=0.2)  # outside any section: counted once
+    assert ledger.cost == pytest.approx(0.6)
+    with ledger.section():
+        ledger.charge(0.1, outside_sections=5.0)  # never more than the charge itself
+    assert ledger.cost == pytest.approx(0.7)
+
+
 def test_an_owner_with_a_share_spends_at_most_that_share_of_the_budget():
     ledger = OverheadBudget(0.1, advance_steps=0)
     ledger.start(0, now=0.0)
