@@ -26,6 +26,7 @@ NOT_IN_QUICKSTART = {
     "landscape/lmc/barrier/{layer}": "layerwise=False by default",
     "landscape/lmc/predicted_barrier_hermite": "predictors=False by default",
     "landscape/lmc/error_barrier": "needs error_fn",
+    "landscape/lmc/curve": "LandscapeMonitor passes curve_image=False (tests/callbacks/test_connectivity.py reads it)",
     "landscape/grad/clipped": "clip=False by default",
     "landscape/grad/overflow_steps": "only under a GradScaler that skipped a step (tests/compat/test_precision.py)",
     "landscape/grad/stride": "budget mode only; the quickstart passes max_overhead=None (test_grad_spikes.py reads it)",
@@ -44,7 +45,6 @@ NOT_IN_QUICKSTART = {
 }
 NOT_SCALARS = {
     "landscape/hessian/density": "histograms",
-    "landscape/lmc/curve": "images",
     "landscape/hessian/definition": "tensors",
 }
 

@@ -66,6 +66,8 @@ class Scheduler:
         # set False by a measurement that was cheaper than the next will be (a first snapshot): budget mode then
         # estimates the next one with `first_cost_steps` instead of trusting this cost
         self.cost_is_typical = True
+        # sum and count of the typical measurement costs of this fit (seconds): their mean sets the spacing
+        self.typical_costs = [0.0, 0]
 
     # ------------------------------------------------------------------------------------------------ cadence
     def is_idle(self, step: int) -> bool:
@@ -79,6 +81,7 @@ class Scheduler:
         self.next_allowed = None
         self.provisional = False
         self.idle_until = 0
+        self.typical_costs = [0.0, 0]
 
     def should_measure(self, trainer: pl.Trainer, step: int, ready: bool) -> bool:
         """Whether the owner measures at ``step`` (``ready``: its probe set is complete); records the decision."""
@@ -149,10 +152,31 @@ class Scheduler:
             # out of the share, which spaces the later ones against the training time)
             share = 1.0
         wait = self.budget.steps_to_wait(expected, step, owner=id(self.owner), share=share)
+        wait = max(wait, self._spacing_wait(step, share))
         # decided again at least every `every_n_steps`: a date computed on a spent ledger (past the planned end,
         # say) must not outlive the parts' and the step time's changes
         wait = min(wait, self.every_n_steps) if wait > 0 else 0
         return wait, wait > 0
+
+    def _spacing_wait(self, step: int, share: float) -> int:
+        """Steps from ``step`` until one mean measurement's worth of the owner's share has come in since its previous
+        measurement (0 with no mean yet, or when the share earns nothing: the ledger then decides alone).
+
+        The cumulative ledger alone lets a part save up while a measurement waits and then spend it on two points
+        in a row (a late point, then the next cadence slot); on a budget that cannot afford the cadence the points
+        then come in bunches with long silences between. Spacing each point by the time its share takes to earn one
+        measurement at the mean cost (:meth:`OverheadBudget.share_seconds_per_step`) spreads them evenly (on the
+        fake clock, largest gap 683 -> 472 steps on nanoGPT, 857 -> 493 on the transformer). When the cadence is
+        affordable the spacing is below ``every_n_steps`` and changes nothing.
+        """
+        total, count = self.typical_costs
+        if share >= 1.0 or count == 0 or self.last_measured_step < 0:
+            return 0
+        earned = self.budget.share_seconds_per_step(step, share)
+        if earned is None or earned <= 0:
+            return 0
+        spacing = math.ceil(total / count / earned)
+        return max(0, self.last_measured_step + spacing - step)
 
     def charge(self, cost: float, *, cold_first: bool = True) -> float | None:
         """Charge a measurement's ``cost`` (seconds) to the ledger and learn the next one's expected cost; returns
@@ -168,6 +192,9 @@ class Scheduler:
         seen = owner in self.budget.first_cost_by_owner
         self.budget.charge(cost, owner=owner, first=self.expected_cost is None)
         self.expected_cost = cost if self.cost_is_typical and (seen or not cold_first) else None
+        if self.expected_cost is not None and seen:
+            self.typical_costs[0] += cost
+            self.typical_costs[1] += 1
         self.cost_is_typical = True
         self.next_allowed = None
         overhead = self.budget.overhead()

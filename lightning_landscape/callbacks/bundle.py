@@ -35,7 +35,12 @@ DEFAULT_PROBE_BATCHES = {"hessian": 1, "rank": 4, "connectivity": 1, "logits": 1
 #: does not fit 60% of its share of 500 steps, see callbacks/_hessian_probe.py): a warm measurement on a whole batch
 #: at tol 1e-3 was 9-27 training steps on the transformers, more than the Hessian's share of a 500-step window at 5%
 #: (~17 steps), and 3.5-11 on half a batch at tol 1e-2 (benchmarks/RESULTS.md, issue 16).
-DEFAULT_ARGUMENTS: dict[str, dict[str, Any]] = {"hessian": {"probe_fraction": "auto", "tol": 1e-2}}
+DEFAULT_ARGUMENTS: dict[str, dict[str, Any]] = {
+    "hessian": {"probe_fraction": "auto", "tol": 1e-2},
+    # the curve image is a 60-90 ms matplotlib figure: on millisecond models most of a barrier's cost (the scalars
+    # carry the same numbers); connectivity={"curve_image": True} draws it
+    "connectivity": {"curve_image": False},
+}
 #: Share of the bundle's budget the gradient monitor's every-step reads may take (see GradientSpikeMonitor.stride).
 GRAD_SPIKES_SHARE = 0.1
 #: Weights of the periodic parts in the rest of the budget (``1 - GRAD_SPIKES_SHARE`` when the gradient monitor is

@@ -1,5 +1,7 @@
 """Budget mode on a fake clock: each training step takes 10 ms, each measurement 100 ms (no real timing)."""
 
+import itertools
+
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -115,7 +117,7 @@ def test_parts_sharing_one_ledger_each_measure_only_when_they_fit_at_that_moment
     for _, cost, training in cheap.measured:
         assert cost + 0.01 <= 0.05 * training + 1e-9
     assert ledger.overhead() <= 0.05 + MEASUREMENT_SECONDS / ledger.training_time()
-    spent = [ledger.cost_by_owner[id(part)] for part in (costly, cheap)]
+    spent = [ledger.cost_by_owner.get(id(part), 0.0) for part in (costly, cheap)]
     assert max(spent) <= 0.025 * ledger.training_time() + MEASUREMENT_SECONDS  # each within its half
 
 
@@ -283,3 +285,33 @@ def test_logit_reads_inside_the_training_forward_are_charged_to_the_shared_ledge
     # (a little real time leaks in through clocks this test does not fake: microseconds)
     assert tally == pytest.approx(measured * read_seconds, rel=0.05)
     assert monitor.budget.cost == pytest.approx(tally, rel=0.05)
+
+
+def test_a_part_that_cannot_afford_its_cadence_gets_evenly_spaced_points(tmp_path, clock):
+    # Measurements costing 40, 160, 40, 160, ... ms (mean 100), 10 ms steps, 90% of a 5% ledger: the share earns one
+    # mean measurement per ~300 steps (90% of 5% of 10 ms a step, less its part of the first points' repayment over
+    # the 3,000-step plan), far from the 50-step cadence. Without the spacing the cumulative ledger measures as soon
+    # as the previous cost fits: a cheap point right after a costly one, then a long silence; with it, every gap is
+    # about the earning time of a mean measurement.
+    from lightning_landscape.core.budget import OverheadBudget
+
+    class Uneven(CostlyMonitor):
+        def measure(self, trainer, pl_module, batches, step):
+            self.measured.append((step, self.budget.cost, self.budget.training_time()))
+            self.clock.now += (0.04, 0.16)[len(self.measured) % 2]
+            return {}
+
+    ledger = OverheadBudget(0.05, advance_steps=0)
+    uneven = Uneven(clock, every_n_steps=50, max_overhead=0.05)
+    uneven.budget = ledger
+    uneven.budget_share = 0.9
+    make_trainer(tmp_path, [uneven, Ticker(clock)], max_steps=3000).fit(ClassifierModule())
+    steps = [s for s, _, _ in uneven.measured]
+    firsts = ledger.first_cost_by_owner[id(uneven)]
+    earning = MEASUREMENT_SECONDS / (0.9 * (0.05 * STEP_SECONDS - firsts / 3000))
+    # (after the first warm points: the mean cost the spacing uses settles as 40 and 160 alternate)
+    warm_gaps = [b - a for a, b in itertools.pairwise(steps[3:])]
+    assert len(warm_gaps) >= 6
+    assert min(warm_gaps) >= 0.75 * earning
+    assert max(warm_gaps) <= 1.25 * earning + 50  # the next decision comes at most one cadence later
+    assert ledger.overhead() <= 0.05 + 0.16 / ledger.training_time()

@@ -138,6 +138,7 @@ def test_state_round_trip_keeps_the_previous_snapshot(tmp_path):
         ({"error_fn": lambda module: 0.0}, TypeError, "`error_fn` must be None or a callable .* accepting 2"),
         ({"batch_size_fn": "len"}, TypeError, "`batch_size_fn` must be None or a callable batch -> int"),
         ({"batch_size_fn": lambda: 1}, TypeError, "`batch_size_fn` must be None or a callable .* accepting 1"),
+        ({"curve_image": "no"}, TypeError, "`curve_image` must be a bool"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -182,3 +183,24 @@ def test_batch_size_fn_weights_the_probe_losses(tmp_path):
     plain = sum(v / w for v, w in weighted) / len(weighted)  # what equal batch sizes (8 and 8) give
     assert abs(expected - plain) > 1e-4  # so the check below can tell the weights were used
     assert monitor.last_metrics["landscape/lmc/loss_end"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_without_the_curve_image_the_scalars_are_the_same_and_no_image_is_written(tmp_path):
+    # LandscapeMonitor's default: a matplotlib figure is 60-90 ms, most of a barrier on a millisecond model
+    from lightning_landscape import LandscapeMonitor
+
+    logged = {}
+    for name, monitor in (
+        ("image", ModeConnectivityMonitor(every_n_steps=4, num_probe_batches=1, loss_fn=loss_of)),
+        ("none", ModeConnectivityMonitor(every_n_steps=4, num_probe_batches=1, loss_fn=loss_of, curve_image=False)),
+    ):
+        logger = TensorBoardLogger(tmp_path, name=name)
+        pl.seed_everything(0)
+        make_trainer(tmp_path, [monitor], max_steps=9, logger=logger).fit(ClassifierModule())
+        events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0})
+        events.Reload()
+        logged[name] = (events.Tags()["images"], [e.value for e in events.Scalars("landscape/lmc/barrier")])
+    assert logged["image"][0] == ["landscape/lmc/curve"]
+    assert logged["none"][0] == []
+    assert logged["none"][1] == logged["image"][1] and len(logged["none"][1]) == 2
+    assert LandscapeMonitor().parts["connectivity"].curve_image is False
