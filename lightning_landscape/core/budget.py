@@ -31,6 +31,14 @@ with ``first=True``) are kept out of it, so that a cadence cannot spend the run'
 silent, while the first measurements of every part need only the total to fit. The first points are repaid from
 every share alike, pro rata over the plan, so that at the planned end firsts and shares together fit the budget.
 
+Spacing: an owner whose share cannot afford its cadence would, under the cumulative rule alone, save up while a
+point waits and spend the savings on the next cadence slot at once (points in pairs, then a long silence); its
+scheduler therefore also waits until the share has earned one mean measurement since the previous point
+(:meth:`OverheadBudget.share_seconds_per_step`, ``callbacks/_schedule.py``).
+
+Time outside every section: reads made inside the user's training forward (forward hooks, the attention capture) are
+in no hook's span; their owner charges them with ``outside_sections`` so that the total sees them.
+
 Device time (CUDA): kernels are asynchronous, so the host time of a measurement can miss work still queued on the
 device. ``MeasurementTimer`` records a CUDA event at each end of a measurement and synchronises once, on the end
 event, when it stops; the measurement is charged the larger of its host span and its device span. Per-step hooks
