@@ -31,6 +31,7 @@ class _Stream:
     divergence: DivergenceRule | None
     bad: bool = False  # inside a non-finite excursion (non_finite fires on entering it, once)
     overflow_run: int = 0  # consecutive steps a GradScaler skipped
+    spike_run: int = 0  # consecutive reads the detector flagged (an isolated one alerts only at `min_spike_ratio`)
     # cached per fit: (number of parameters in the optimizer, names, parameters)
     params: tuple[int, list[str], list[torch.nn.Parameter]] | None = None
     group_names: list[str] = field(default_factory=list)
@@ -45,6 +46,7 @@ class _Stream:
             "divergence": self.divergence.state_dict() if self.divergence is not None else None,
             "bad": self.bad,
             "overflow_run": self.overflow_run,
+            "spike_run": self.spike_run,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -55,6 +57,7 @@ class _Stream:
             self.divergence.load_state_dict(state["divergence"])
         self.bad = bool(state.get("bad", False))
         self.overflow_run = int(state.get("overflow_run", 0))
+        self.spike_run = int(state.get("spike_run", 0))
 
 
 @dataclass

@@ -247,6 +247,18 @@ class EMAZScore:
         self._var = self.alpha * self._var + (1 - self.alpha) * (target - self._mean) ** 2
         return z, spike, False
 
+    def ratio_float(self, value: float) -> float:
+        """``value`` over the baseline that will judge it, for a scalar stream on the host: ``value / exp(mean)`` on the
+        log scale (0 for a zero, NaN for a negative or NaN value), ``value / mean`` on the linear scale (``inf`` where
+        the mean is not positive). Call it before :meth:`update_float`; it means something only after the warm-up."""
+        if not self.on_host:
+            raise RuntimeError("`ratio_float` needs a scalar detector on the CPU.")
+        if self.log_scale:
+            if not value > 0:
+                return 0.0 if value == 0 else math.nan
+            return math.exp(min(math.log(value) - self._mean, 700.0))
+        return value / self._mean if self._mean > 0 else math.inf
+
     def clip_value(self) -> Tensor:
         """The value at ``z = z_threshold`` in the input's units (``exp`` of it on the log scale): where a spiking
         value is clipped back to. Call it before :meth:`update` for the statistics that judged the value."""

@@ -229,3 +229,17 @@ def test_re_anchoring_is_the_mean_of_the_streak_by_hand():
     assert float(detector.var) == pytest.approx(0.01, rel=1e-9)  # the noise level is kept
     z, spike, _ = detector.update_float(math.exp(2.0))
     assert not spike and z == pytest.approx(0.0, abs=1e-9)
+
+
+def test_ratio_float_is_the_value_over_the_baseline_that_judges_it():
+    detector = EMAZScore(warmup_steps=2)
+    for v in (1.0, math.e**0.2):  # mean of the logs 0.1
+        detector.update_float(v)
+    assert detector.ratio_float(5.0) == pytest.approx(5.0 / math.exp(0.1), rel=1e-12)
+    assert detector.ratio_float(0.0) == 0.0 and math.isnan(detector.ratio_float(-1.0))
+    linear = EMAZScore(warmup_steps=2, log_scale=False)
+    for v in (1.0, 3.0):
+        linear.update_float(v)
+    assert linear.ratio_float(6.0) == pytest.approx(3.0)
+    with pytest.raises(RuntimeError, match="`ratio_float` needs a scalar detector on the CPU"):
+        EMAZScore(shape=(2,)).ratio_float(1.0)
