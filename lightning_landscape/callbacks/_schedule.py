@@ -143,6 +143,11 @@ class Scheduler:
         if self.budget is None:
             return 0, False
         expected, share = self.expected_cost, self.share
+        if expected is not None and self.typical_costs[1] > 0:
+            # the mean of the typical costs, not the last one: with the last, a costly point delays the next twice
+            # over (its own cost is in the tally, and it is the estimate too), then a cheap one brings the one
+            # after it forward; measured on nanoGPT (costs 6.6-16.5 steps), gaps of 840 steps after the costly ones
+            expected = self.typical_costs[0] / self.typical_costs[1]
         if expected is None:  # never measured: estimate the cost from the mean step time
             per_step = self.budget.seconds_per_step(step)
             if per_step is None:

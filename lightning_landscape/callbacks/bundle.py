@@ -174,6 +174,13 @@ class LandscapeMonitor(Callback):
         self.parts: dict[str, LandscapeCallback] = {
             name: _build(name, setting, shared, probe) for name, setting in settings.items() if setting is not False
         }
+        # parts whose dict says `max_overhead=None`: exact cadences (the gradient monitor: every step), off the
+        # shared ledger (a part built without a budget cannot otherwise be told from one left to the bundle's)
+        self._off_budget = {
+            name
+            for name, setting in settings.items()
+            if isinstance(setting, dict) and "max_overhead" in setting and setting["max_overhead"] is None
+        }
         if not isinstance(dashboard, bool):
             raise TypeError(f"`dashboard` must be a bool, got {dashboard!r}.")
         self.dashboard = dashboard
@@ -227,8 +234,13 @@ class LandscapeMonitor(Callback):
         """Hand every part the shared pieces (:meth:`LandscapeCallback.attach`), with its budget share: a part that
         strides rather than postpones (the gradient monitor) may take ``GRAD_SPIKES_SHARE`` of the budget before it
         reads every few steps instead (alone on the ledger, all of it); the periodic parts share the rest by
-        their ``share_weights``. A part built with its own ``max_overhead`` keeps its own ledger."""
-        ledger = {n: p for n, p in self.parts.items() if self.budget is not None and p.budget in (None, self.budget)}
+        their ``share_weights``. A part built with its own ``max_overhead`` keeps its own ledger, and one whose dict
+        says ``max_overhead=None`` has none (exact cadence)."""
+        ledger = {
+            n: p
+            for n, p in self.parts.items()
+            if self.budget is not None and p.budget in (None, self.budget) and n not in self._off_budget
+        }
         periodic = [n for n, p in ledger.items() if not p.strides_rather_than_postpones]
         rest = 1.0 - GRAD_SPIKES_SHARE if periodic and len(periodic) < len(ledger) else 1.0
         total_weight = sum(self.share_weights[n] for n in periodic)

@@ -140,6 +140,12 @@ def test_parts_share_one_budget_and_warn_once_without_a_logger(tmp_path):
     alone = LandscapeMonitor(grad_spikes=False, rank=False, connectivity=False)
     assert [alone.parts[n].budget_share for n in ("hessian", "logits")] == pytest.approx([0.8 / 0.93, 0.13 / 0.93])
     assert LandscapeMonitor(max_overhead=None).budget is None
+    # a part's `max_overhead=None` takes it off the shared ledger: the gradient monitor then reads every step, as
+    # its own stride warning promises
+    exact = LandscapeMonitor(grad_spikes={"max_overhead": None})
+    assert exact.parts["grad_spikes"].budget is None and exact.parts["grad_spikes"].budget_share == 1.0
+    assert exact.parts["hessian"].budget is exact.budget
+    assert exact.parts["hessian"].budget_share == pytest.approx(0.8 / 1.08)  # the periodic parts split it all
 
     quiet = LandscapeMonitor(**FAST, num_probe_batches=2)
     with pytest.warns(LandscapeWarning) as record:
