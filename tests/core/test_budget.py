@@ -100,7 +100,9 @@ def test_at_the_planned_end_a_ledger_that_spent_its_advance_is_within_the_budget
     assert len(measured) == pytest.approx(100 * 0.1 / 0.5, abs=1)
 
 
-def test_a_section_charges_its_whole_span_once_instead_of_what_is_charged_inside(monkeypatch):
+@pytest.fixture
+def section_clock(monkeypatch):
+    """A fake clock where the ledger's sections read the time."""
     from lightning_landscape.core import budget as budget_module
 
     class Clock:
@@ -111,6 +113,11 @@ def test_a_section_charges_its_whole_span_once_instead_of_what_is_charged_inside
 
     clock = Clock()
     monkeypatch.setattr(budget_module, "time", clock)
+    return clock
+
+
+def test_a_section_charges_its_whole_span_once_instead_of_what_is_charged_inside(section_clock):
+    clock = section_clock
     ledger = OverheadBudget(0.05)
     ledger.start(0)
     with ledger.section():
@@ -123,19 +130,10 @@ def test_a_section_charges_its_whole_span_once_instead_of_what_is_charged_inside
     assert ledger.cost == pytest.approx(0.6)
 
 
-def test_time_spent_outside_every_section_is_added_to_the_total_even_when_charged_inside_one(monkeypatch):
+def test_time_spent_outside_every_section_is_added_to_the_total_even_when_charged_inside_one(section_clock):
     # LogitMonitor's reads run inside the user's training forward, where no section is open; they are charged from
     # on_train_batch_end, inside the bundle's section, whose span does not contain them
-    from lightning_landscape.core import budget as budget_module
-
-    class Clock:
-        now = 100.0
-
-        def perf_counter(self):
-            return self.now
-
-    clock = Clock()
-    monkeypatch.setattr(budget_module, "time", clock)
+    clock = section_clock
     ledger = OverheadBudget(0.05)
     ledger.start(0)
     with ledger.section():
