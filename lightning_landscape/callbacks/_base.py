@@ -142,6 +142,10 @@ class LandscapeCallback(MonitorState, Callback):
     #: Budget mode's estimate of a first measurement's cost, in training steps (later ones use the measured cost).
     #: Rough by design: ``benchmarks/overhead.py`` measures each monitor's cost per step on the reference workloads.
     first_cost_steps = 50.0
+    #: Whether the first measurement of a fit is cold (no warm start yet: the Hessian's Lanczos), so that its cost
+    #: does not estimate the next one, which budget mode then also treats as a first. False for a measurement whose
+    #: cost does not depend on an earlier one (the rank): its second point is paid from its share.
+    first_is_cold = True
 
     def __init__(
         self,

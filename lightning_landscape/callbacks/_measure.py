@@ -75,7 +75,7 @@ def run_measurement(monitor: LandscapeCallback, trainer: pl.Trainer, pl_module: 
     # budget mode on CUDA: the device span too (one synchronisation), so that the ledger is true on a GPU
     cost = timer.stop() if timer is not None else time.perf_counter() - started
     metrics[monitor.key("seconds")] = cost
-    overhead = monitor.schedule.charge(cost)
+    overhead = monitor.schedule.charge(cost, cold_first=monitor.first_is_cold)
     if overhead is not None:
         metrics[f"{monitor.prefix}/budget/overhead"] = overhead
     monitor.last_metrics = metrics

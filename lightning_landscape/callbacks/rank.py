@@ -111,6 +111,9 @@ class EffectiveRankMonitor(LandscapeCallback):
     # budget mode's first estimate: a forward pass over the probe set and an eigendecomposition, 1-30 steps on the
     # reference workloads (the CNN's is the highest); pessimistic on purpose, see ModeConnectivityMonitor
     first_cost_steps = 40.0
+    # no warm start: the first point's cost estimates the next, which its share pays for (on the digits CNN a point
+    # is ~30 steps, and two "first" points, at 13 and 200, took 1.97% of a 3,000-step run from everyone's share)
+    first_is_cold = False
 
     def __init__(
         self,

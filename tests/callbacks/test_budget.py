@@ -315,3 +315,22 @@ def test_a_part_that_cannot_afford_its_cadence_gets_evenly_spaced_points(tmp_pat
     assert min(warm_gaps) >= 0.75 * earning
     assert max(warm_gaps) <= 1.25 * earning + 50  # the next decision comes at most one cadence later
     assert ledger.overhead() <= 0.05 + 0.16 / ledger.training_time()
+
+
+@pytest.mark.parametrize("first_is_cold", [True, False])
+def test_only_a_cold_first_measurement_makes_the_second_one_a_first_too(tmp_path, clock, first_is_cold):
+    # the Hessian's first Lanczos has no warm start, so its cost says nothing about the next one, which is paid like
+    # a first (by the ledger's advance); the rank has no warm start at all, so its second point is paid from its share
+    class Part(CostlyMonitor):
+        pass
+
+    Part.first_is_cold = first_is_cold
+    part = Part(clock, every_n_steps=50, max_overhead=0.5, advance_steps=2000)
+    make_trainer(tmp_path, [part, Ticker(clock)], max_steps=60).fit(ClassifierModule())
+    assert [s for s, _, _ in part.measured] == [10, 50]
+    firsts = part.budget.first_cost_by_owner[id(part)]
+    assert firsts == pytest.approx(2 * MEASUREMENT_SECONDS if first_is_cold else MEASUREMENT_SECONDS)
+    assert part.budget.cost_by_owner.get(id(part), 0.0) == pytest.approx(0.0 if first_is_cold else MEASUREMENT_SECONDS)
+    from lightning_landscape import EffectiveRankMonitor, HessianMonitor
+
+    assert HessianMonitor.first_is_cold and not EffectiveRankMonitor.first_is_cold
