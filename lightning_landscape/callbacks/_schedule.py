@@ -143,11 +143,12 @@ class Scheduler:
         if self.budget is None:
             return 0, False
         expected, share = self.expected_cost, self.share
-        if expected is not None and self.typical_costs[1] > 0:
+        mean = self.mean_typical_cost()
+        if expected is not None and mean is not None:
             # the mean of the typical costs, not the last one: with the last, a costly point delays the next twice
             # over (its own cost is in the tally, and it is the estimate too), then a cheap one brings the one
             # after it forward; measured on nanoGPT (costs 6.6-16.5 steps), gaps of 840 steps after the costly ones
-            expected = self.typical_costs[0] / self.typical_costs[1]
+            expected = mean
         if expected is None:  # never measured: estimate the cost from the mean step time
             per_step = self.budget.seconds_per_step(step)
             if per_step is None:
@@ -157,13 +158,18 @@ class Scheduler:
             # out of the share, which spaces the later ones against the training time)
             share = 1.0
         wait = self.budget.steps_to_wait(expected, step, owner=id(self.owner), share=share)
-        wait = max(wait, self._spacing_wait(step, share))
+        wait = max(wait, self._spacing_wait(step, share, mean))
         # decided again at least every `every_n_steps`: a date computed on a spent ledger (past the planned end,
         # say) must not outlive the parts' and the step time's changes
         wait = min(wait, self.every_n_steps) if wait > 0 else 0
         return wait, wait > 0
 
-    def _spacing_wait(self, step: int, share: float) -> int:
+    def mean_typical_cost(self) -> float | None:
+        """Mean seconds of this fit's typical measurements (``None`` before the first)."""
+        total, count = self.typical_costs
+        return total / count if count else None
+
+    def _spacing_wait(self, step: int, share: float, mean: float | None) -> int:
         """Steps from ``step`` until one mean measurement's worth of the owner's share has come in since its previous
         measurement (0 with no mean yet, or when the share earns nothing: the ledger then decides alone).
 
@@ -171,16 +177,15 @@ class Scheduler:
         in a row (a late point, then the next cadence slot); on a budget that cannot afford the cadence the points
         then come in bunches with long silences between. Spacing each point by the time its share takes to earn one
         measurement at the mean cost (:meth:`OverheadBudget.share_seconds_per_step`) spreads them evenly (on the
-        fake clock, largest gap 683 -> 472 steps on nanoGPT, 857 -> 493 on the transformer). When the cadence is
+        fake clock, largest gap 683 -> 473 steps on nanoGPT, 857 -> 493 on the transformer). When the cadence is
         affordable the spacing is below ``every_n_steps`` and changes nothing.
         """
-        total, count = self.typical_costs
-        if share >= 1.0 or count == 0 or self.last_measured_step < 0:
+        if share >= 1.0 or mean is None or self.last_measured_step < 0:
             return 0
         earned = self.budget.share_seconds_per_step(step, share)
         if earned is None or earned <= 0:
             return 0
-        spacing = math.ceil(total / count / earned)
+        spacing = math.ceil(mean / earned)
         return max(0, self.last_measured_step + spacing - step)
 
     def charge(self, cost: float, *, cold_first: bool = True) -> float | None:
