@@ -194,7 +194,7 @@ def schedule_row(kind: str, steps: int, monitor: LandscapeMonitor, logged: Logge
     return (
         f"| {kind} | {training / steps * 1e3:.1f} | {short(sharp)} | {max(gaps)} | {short(logged.steps['rank'])} "
         f"| {short(logged.steps['connectivity'])} | {len(logged.steps['logits'])} | {ledger.overhead():.2%} "
-        f"| {shares} | {firsts:.2%} | {monitor.parts['grad_spikes'].stride} "
+        f"| {shares} | {firsts:.2%} | {getattr(monitor.parts.get('grad_spikes'), 'stride', '-')} "
         f"| {monitor.parts['hessian']._probe_fraction.value} |"
     )
 

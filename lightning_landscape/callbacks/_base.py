@@ -244,6 +244,12 @@ class LandscapeCallback(MonitorState, Callback):
     def _uses_probe_set(self) -> bool:
         return self.takes_probe_set()
 
+    def needs_hook(self, hook: str) -> bool:
+        """Whether this monitor, as configured, has work in the Lightning hook ``hook`` it overrides (default:
+        every one). ``LandscapeMonitor`` does not forward the others: per-step hooks run thousands of times, and on
+        a millisecond step each call that does nothing is a measurable part of the ledger."""
+        return True
+
     @property
     def strides_rather_than_postpones(self) -> bool:
         """Budget mode: True for a monitor without periodic measurements (it reads every step, every few steps

@@ -118,6 +118,8 @@ class _GradAlerts:
                 loss_z, loss_spike, loss_bad = self.loss_detector.update_float(loss)
             if self.loss_divergence is not None and self.loss_divergence.update(loss, record.weight):
                 self._divergence_alert(trainer, step, f"{p}/loss/rise", "loss", self.loss_divergence)
+        if not (record.logged or record.reads or loss_spike or loss_bad or self._loss_bad):
+            return  # most steps: nothing to log and no alert (the rest below would find exactly that)
         events = any(r.scored is not None and r.scored["event"] for r in record.reads) or loss_spike or loss_bad
         metrics: dict[str, float] = {}
         if record.logged or events:

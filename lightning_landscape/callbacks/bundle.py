@@ -226,7 +226,7 @@ class LandscapeMonitor(Callback):
             self.probes.size = max(self.probes.size, part.num_probe_batches)
         if not part.strides_rather_than_postpones:
             self.share_weights[name] = share_weight
-        self.__dict__.pop("_hook_cache", None)
+        self._forget_hooks()
         self._state_key = None
         self._compose()
 
@@ -270,7 +270,11 @@ class LandscapeMonitor(Callback):
         cache = self.__dict__.setdefault("_hook_cache", {})
         if hook not in cache:
             default = getattr(Callback, hook)
-            cache[hook] = [(p, getattr(p, hook)) for p in self.parts.values() if getattr(type(p), hook) is not default]
+            cache[hook] = [
+                (p, getattr(p, hook))
+                for p in self.parts.values()
+                if getattr(type(p), hook) is not default and p.needs_hook(hook)
+            ]
         return cache[hook]
 
     def _forward(self, hook: str, *args: Any, **kwargs: Any) -> None:
@@ -283,14 +287,28 @@ class LandscapeMonitor(Callback):
             for _, method in parts:
                 method(*args, **kwargs)
             return
-        with self.budget.section():  # the ledger sees all of the parts' time, bookkeeping included
+        # the ledger sees all of the parts' time, bookkeeping included (a section without its context manager)
+        started = self.budget.open_section()
+        try:
             for _, method in parts:
                 method(*args, **kwargs)
+        finally:
+            self.budget.close_section(started)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_hook_cache", None)  # bound methods: rebuilt after unpickling (ddp_spawn pickles callbacks)
+        state.pop("_batch_start_parts", None)
+        for hook in FORWARDED_HOOKS:  # the skips a forwarder installed (see _forwarder): found again when called
+            state.pop(hook, None)
         return state
+
+    def _forget_hooks(self) -> None:
+        """The parts changed: which part implements which hook is decided again at the next call."""
+        self.__dict__.pop("_hook_cache", None)
+        self.__dict__.pop("_batch_start_parts", None)
+        for hook in FORWARDED_HOOKS:
+            self.__dict__.pop(hook, None)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.dashboard:
@@ -303,8 +321,13 @@ class LandscapeMonitor(Callback):
         # Only the parts with something to do at this step (a due or postponed measurement): most steps none of the
         # periodic parts has, and skipping their calls is most of the bundle's per-step saving.
         step = trainer.global_step
-        capture = (not self.probes.complete or self.probes.loaded is not None) and self._reads_probes()
-        active = [pair for pair in self._implementing("on_train_batch_start") if not pair[0].schedule.is_idle(step)]
+        capture = (self.probes.by_rank is None or self.probes.loaded is not None) and self._reads_probes()
+        parts = self.__dict__.get("_batch_start_parts")
+        if parts is None:  # (part, hook, schedule): the schedule's idle_until read inline, not through a call
+            parts = self._batch_start_parts = [
+                (p, m, p.schedule) for p, m in self._implementing("on_train_batch_start")
+            ]
+        active = [(p, m) for p, m, schedule in parts if step >= schedule.idle_until]
         if capture:
             if self.budget is None:
                 self._capture(trainer, batch)
@@ -402,9 +425,19 @@ FORWARDED_HOOKS = tuple(
 )
 
 
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    """A forwarded hook that no part needs."""
+
+
 def _forwarder(hook: str) -> Callable[..., None]:
     def forward(self: LandscapeMonitor, *args: Any, **kwargs: Any) -> None:
-        self._forward(hook, *args, **kwargs)
+        parts = self._implementing(hook)
+        if parts:
+            self._call(parts, *args, **kwargs)
+        else:
+            # no part has work in this hook: later calls (every step, for the per-step hooks) find a no-op on the
+            # instance instead of this forwarder (dropped when the parts change, and when pickled)
+            self.__dict__[hook] = _nothing
 
     forward.__name__ = hook
     forward.__qualname__ = f"LandscapeMonitor.{hook}"

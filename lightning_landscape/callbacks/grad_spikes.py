@@ -293,13 +293,16 @@ class GradientSpikeMonitor(_GradAlerts, _GradReading, _GradState, LandscapeCallb
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         """Counts the samples of the step (its hooks' time is charged to the budget); no probe set."""
-        started = time.perf_counter()
+        # (runs every step: the budget is read once, and timed only where no section of LandscapeMonitor charges)
+        budget = self.schedule.budget
+        started = time.perf_counter() if budget is not None and not budget.in_section else None
         step = self._step(trainer)
         samples = _batch_size(batch)
         self._samples = (step, samples + (self._samples[1] if self._samples[0] == step else 0))
-        if self.budget is not None:
-            self.budget.start(step)
-            self.budget.charge(time.perf_counter() - started)
+        if budget is not None:
+            budget.start(step)
+            if started is not None:
+                budget.charge(time.perf_counter() - started)
 
     @staticmethod
     def _step(trainer: pl.Trainer) -> int:
@@ -319,24 +322,26 @@ class GradientSpikeMonitor(_GradAlerts, _GradReading, _GradState, LandscapeCallb
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        started = time.perf_counter() if self.budget is not None else 0.0
+        budget = self.schedule.budget
+        started = time.perf_counter() if budget is not None else 0.0
         self._optimizer = optimizer
         self._read_gradients(trainer, pl_module)
-        if self.budget is not None:
+        if budget is not None:
             elapsed = time.perf_counter() - started
             self._step_seconds += elapsed
-            self.budget.charge(elapsed)
+            budget.charge(elapsed)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.budget is None:
+        budget = self.schedule.budget
+        if budget is None:
             self._finish_step(trainer, pl_module, outputs)
             return
         started = time.perf_counter()
         kind = self._finish_step(trainer, pl_module, outputs)
         elapsed = time.perf_counter() - started
-        self.budget.charge(elapsed)
+        budget.charge(elapsed)
         self._step_seconds += elapsed
         if kind is not None:  # a whole optimizer step: what it cost, for the stride decision
             tally = self._step_costs[kind]
@@ -406,4 +411,7 @@ class GradientSpikeMonitor(_GradAlerts, _GradReading, _GradState, LandscapeCallb
     def _extract_loss(outputs: Any) -> Tensor | None:
         if type(outputs) is dict or isinstance(outputs, Mapping):  # (the exact-type test skips the ABC machinery)
             outputs = outputs.get("loss")
-        return outputs.detach() if isinstance(outputs, Tensor) and outputs.numel() == 1 else None
+        if not isinstance(outputs, Tensor) or outputs.numel() != 1:
+            return None
+        # Lightning hands over a detached copy already (automatic optimization); detach only what is not
+        return outputs.detach() if outputs.requires_grad else outputs

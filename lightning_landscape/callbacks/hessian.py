@@ -255,6 +255,12 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
         # A selector that matches nothing fails here, before training, not at the first measurement.
         select_parameters(pl_module, self.params)
 
+    def needs_hook(self, hook: str) -> bool:
+        # these two only serve update_top_fraction
+        if hook in ("on_before_optimizer_step", "on_train_batch_end"):
+            return self._views.update_top_fraction
+        return True
+
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         self._views.before_optimizer_step(self, trainer, pl_module)
 

@@ -128,6 +128,8 @@ class OverheadBudget:
         training forward, made by forward hooks): added to the total even when charged from within a section, since
         no section's span contains it.
         """
+        if self._section_depth and owner is None and not outside_sections:
+            return  # the open section charges its whole span (a per-step hook's charge inside LandscapeMonitor)
         seconds = max(0.0, float(seconds))
         if self._section_depth == 0:
             self.cost += seconds
@@ -136,6 +138,26 @@ class OverheadBudget:
         if owner is not None:
             tally = self.first_cost_by_owner if first else self.cost_by_owner
             tally[owner] = tally.get(owner, 0.0) + seconds
+
+    def open_section(self) -> float | None:
+        """Start charging a section's span (what :meth:`section` does, without a context manager object: the
+        bundle's per-step hooks open one up to three times a step). Returns the start time to pass to
+        :meth:`close_section`, or ``None`` inside an open section (only the outermost section charges)."""
+        if self._section_depth:
+            return None
+        self._section_depth = 1
+        return time.perf_counter()
+
+    def close_section(self, started: float | None) -> None:
+        """Charge the span of the section :meth:`open_section` returned ``started`` for (nothing if ``None``)."""
+        if started is not None:
+            self._section_depth = 0
+            self.charge(time.perf_counter() - started)
+
+    @property
+    def in_section(self) -> bool:
+        """Whether a section is open (a charge outside ``owner`` then only adds to its owner's tally)."""
+        return self._section_depth > 0
 
     def section(self) -> _Section:
         """Charge the whole wall time of the ``with`` block once, instead of what the code inside charges.
@@ -167,7 +189,7 @@ class OverheadBudget:
             return None
         return training / steps
 
-    def share_seconds_per_step(self, step: int, share: float) -> float | None:
+    def share_seconds_per_step(self, step: int, share: float, now: float | None = None) -> float | None:
         """Seconds of its own budget an owner with ``share`` earns per training step at ``step``: its share of
         ``max_overhead`` times the mean step time, less its part of the first points' repayment (see
         :meth:`steps_to_wait`); ``None`` before ``MIN_TIMED_STEPS`` steps are timed.
@@ -176,7 +198,7 @@ class OverheadBudget:
         tried, and on the fake clock the cumulative rule then still held the points back and bunched them, largest
         gap 585 and 538 steps on nanoGPT and the transformer against 472 and 493 with this rate.)
         """
-        per_step = self.seconds_per_step(step)
+        per_step = self.seconds_per_step(step, now)
         if per_step is None:
             return None
         horizon = self.planned_end - self._started_step if self.planned_end is not None else self.advance_steps
@@ -271,24 +293,17 @@ class MeasurementTimer:
 class _Section:
     """Context manager of :meth:`OverheadBudget.section` (only the outermost section of a nest charges)."""
 
-    __slots__ = ("_budget", "_outer", "_started")
+    __slots__ = ("_budget", "_started")
 
     def __init__(self, budget: OverheadBudget) -> None:
         self._budget = budget
-        self._outer = False
-        self._started = 0.0
+        self._started: float | None = None
 
     def __enter__(self) -> None:
-        if self._budget._section_depth == 0:
-            self._outer = True
-            self._budget._section_depth = 1
-            self._started = time.perf_counter()
+        self._started = self._budget.open_section()
 
     def __exit__(self, *exc: object) -> None:
-        if self._outer:
-            elapsed = time.perf_counter() - self._started
-            self._budget._section_depth = 0
-            self._budget.charge(elapsed)
+        self._budget.close_section(self._started)
 
 
 __all__ = ["ADVANCE_STEPS", "MIN_TIMED_STEPS", "MeasurementTimer", "OverheadBudget"]

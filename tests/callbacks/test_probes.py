@@ -275,3 +275,46 @@ def test_a_bundle_without_probe_readers_keeps_no_probe_set(tmp_path):
     monitor = LandscapeMonitor(hessian=False, rank=False, connectivity=False, logits=False, max_overhead=None)
     make_trainer(tmp_path, [monitor], max_steps=3).fit(ClassifierModule())
     assert monitor.probes.batches == [] and monitor.state_dict()["_probe"] == {"probe_by_rank": [[]]}
+
+
+class Picky(Hooks):
+    """A part that overrides a per-step hook but, as configured, has no work in it."""
+
+    def __init__(self, wants_step: bool, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.wants_step = wants_step
+
+    def needs_hook(self, hook):
+        return self.wants_step if hook == "on_before_optimizer_step" else True
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.calls.append("on_before_optimizer_step")
+
+
+def test_a_hook_no_part_needs_becomes_a_no_op_until_the_parts_change():
+    monitor = LandscapeMonitor(hessian=False, grad_spikes=False, rank=False, connectivity=False, logits=False)
+    idle = Picky(False, every_n_steps=5, num_probe_batches=1)
+    monitor.add_part("idle", idle)
+    monitor.on_before_optimizer_step(None, None, None)  # a part overrides it, but needs_hook says no work
+    assert (
+        idle.calls == [] and monitor.__dict__["on_before_optimizer_step"] is not type(monitor).on_before_optimizer_step
+    )
+    assert (
+        "on_before_optimizer_step" not in pickle.loads(pickle.dumps(monitor)).__dict__
+    )  # found again after unpickling
+    busy = Picky(True, every_n_steps=5, num_probe_batches=1)
+    monitor.add_part("busy", busy)  # the parts changed: the no-op is dropped, the hook is decided again
+    assert "on_before_optimizer_step" not in monitor.__dict__
+    monitor.on_before_optimizer_step(None, None, None)
+    assert busy.calls == ["on_before_optimizer_step"] and idle.calls == []
+
+
+def test_the_hessian_forwards_its_per_step_hooks_only_for_the_update_fraction():
+    plain = LandscapeMonitor(grad_spikes=False, rank=False, connectivity=False, logits=False)
+    assert plain._implementing("on_train_batch_end") == []
+    assert plain._implementing("on_before_optimizer_step") == []
+    tracked = LandscapeMonitor(
+        grad_spikes=False, rank=False, connectivity=False, logits=False, hessian={"update_top_fraction": True}
+    )
+    assert [p for p, _ in tracked._implementing("on_train_batch_end")] == [tracked.parts["hessian"]]
+    assert [p for p, _ in tracked._implementing("on_before_optimizer_step")] == [tracked.parts["hessian"]]

@@ -282,3 +282,21 @@ def test_first_points_are_repaid_from_the_shares_pro_rata_over_the_plan():
     assert ledger.steps_to_wait(0.04, 100, now=10.7, owner=1, share=0.5) == 0
     # 0.06 s more needs 0.2 s more training: 2 steps
     assert ledger.steps_to_wait(0.06, 100, now=10.7, owner=1, share=0.5) == 2
+
+
+def test_open_and_close_section_charge_the_outermost_span_once(section_clock):
+    clock = section_clock
+    ledger = OverheadBudget(0.05)
+    ledger.start(0)
+    assert not ledger.in_section
+    outer = ledger.open_section()
+    assert ledger.in_section and outer is not None
+    assert ledger.open_section() is None  # nested: the outer span holds it
+    clock.now += 0.25
+    ledger.charge(0.25)  # per-step work inside the section, charged by nobody: the span holds it
+    ledger.charge(0.1, owner=7)  # an owner's measurement: its tally, not the total
+    ledger.close_section(None)  # the nested one: nothing, and the outer is still open
+    assert ledger.in_section and ledger.cost == 0.0
+    ledger.close_section(outer)
+    assert not ledger.in_section
+    assert ledger.cost == pytest.approx(0.25) and ledger.cost_by_owner == {7: pytest.approx(0.1)}
