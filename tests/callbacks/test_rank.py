@@ -200,3 +200,30 @@ def test_collapse_floor_reaches_the_rule_and_none_turns_it_off():
     assert no_floor.collapse_floor is None
     assert [default._rule("h").update(v) for v in (25.7, 3.5)] == [False, False]
     assert [no_floor._rule("h").update(v) for v in (25.7, 3.5)] == [False, True]
+
+
+@pytest.mark.parametrize("chunks", [[7, 5], [7, 5, 30]])  # 12 samples of 20 features (rows kept), then 42 (folded)
+def test_moments_give_the_dense_spectra_with_fewer_or_more_samples_than_features(chunks):
+    from lightning_landscape.callbacks.rank import _Moments
+
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(sum(chunks), 20, generator=generator, dtype=torch.float64) @ torch.randn(
+        20, 20, generator=generator, dtype=torch.float64
+    )
+    moments, folded = _Moments(), _Moments()
+    for part in z.split(chunks):
+        moments.add(part)
+        folded.add(part)
+    folded.fold()  # what a DDP rank reduces: the sums, whatever the rows
+    assert bool(moments.rows) == (len(z) <= 20) and not folded.rows
+    keep = min(len(z), 20)
+    dense_singular = torch.linalg.svdvals(z)[:keep]
+    centred = z - z.mean(0)
+    dense_covariance = torch.linalg.eigvalsh(centred.T @ centred / len(z)).flip(0).clamp_min(0)[:keep]
+    for m in (moments, folded):
+        singular, covariance = m.spectra()
+        assert singular.shape == (keep,) and covariance.shape == (keep,)
+        torch.testing.assert_close(singular, dense_singular, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(covariance, dense_covariance, rtol=1e-9, atol=1e-9)
+        assert rankme(singular) == pytest.approx(rankme(torch.linalg.svdvals(z)), rel=1e-9)
+        assert alpha_req(covariance) == pytest.approx(alpha_req(dense_covariance), rel=1e-9)
