@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from lightning_landscape.callbacks._grad_records import _Read, _Step, _Stream
-from lightning_landscape.callbacks._schedule import is_logging_step
 from lightning_landscape.core import distributed
 from lightning_landscape.core.params import top_level_blocks
 
@@ -32,21 +31,15 @@ class _GradReading:
         step = self._step(trainer)
         record = self._open
         if record is None or record.step != step:
-            logged = is_logging_step(step, self._every_n(trainer))
+            logged = self._is_logged_step(trainer, step)
             record = self._open = _Step(step, logged=logged)
             samples = self._samples[1] if self._samples[0] == step else 0
             if samples:
-                if samples > self._usual_samples:
-                    self._usual_samples = samples
+                self._usual_samples = max(self._usual_samples, samples)
                 record.weight = samples / self._usual_samples
             # budget mode skips the gradients of most steps (never during the warm-up, never a logged step)
             stride = self.stride
-            if (
-                stride > 1
-                and not logged
-                and step % stride
-                and int(self._streams[0].detector._count) >= self.warmup_steps
-            ):
+            if stride > 1 and not logged and step % stride and int(self.grad_detector._count) >= self.warmup_steps:
                 self._current = (step, None)
                 return
             self._current = (step, record)

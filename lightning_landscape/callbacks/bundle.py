@@ -321,7 +321,7 @@ class LandscapeMonitor(Callback):
         # Only the parts with something to do at this step (a due or postponed measurement): most steps none of the
         # periodic parts has, and skipping their calls is most of the bundle's per-step saving.
         step = trainer.global_step
-        capture = (self.probes.by_rank is None or self.probes.loaded is not None) and self._reads_probes()
+        capture = (not self.probes.complete or self.probes.loaded is not None) and self._reads_probes()
         parts = self.__dict__.get("_batch_start_parts")
         if parts is None:  # (part, hook, schedule): the schedule's idle_until read inline, not through a call
             parts = self._batch_start_parts = [

@@ -50,7 +50,7 @@ class _Moments:
 
     With ``N <= d`` samples the spectra come from the ``N x N`` Gram matrices ``Z Z^T`` and ``Zc Zc^T`` (the same
     nonzero eigenvalues as ``Z^T Z`` and the covariance): on the digits CNN (1,568 features, 256 probe samples) a
-    rank point fell from ~400 ms to ~100 ms, most of it two ``d x d`` eigendecompositions and the ``d x d`` sums.
+    rank point fell from ~400 ms to ~50 ms, most of it two ``d x d`` eigendecompositions and the ``d x d`` sums.
     """
 
     def __init__(self) -> None:

@@ -156,7 +156,7 @@ class OverheadBudget:
 
     @property
     def in_section(self) -> bool:
-        """Whether a section is open (a charge outside ``owner`` then only adds to its owner's tally)."""
+        """Whether a section is open (a charge then adds to its owner's tally only: the section charges the span)."""
         return self._section_depth > 0
 
     def section(self) -> _Section:
