@@ -250,6 +250,11 @@ class LandscapeCallback(MonitorState, Callback):
         a millisecond step each call that does nothing is a measurable part of the ledger."""
         return True
 
+    #: Budget mode: an early-warning part (LogitMonitor), whose share is never shrunk by per-step work beyond its
+    #: reserve (:meth:`~lightning_landscape.core.budget.OverheadBudget.shared_rate`): what that work overspends comes
+    #: out of the curvature parts, whose points can wait, not out of the reads that warn before a run diverges.
+    budget_protected = False
+
     @property
     def strides_rather_than_postpones(self) -> bool:
         """Budget mode: True for a monitor without periodic measurements (it reads every step, every few steps

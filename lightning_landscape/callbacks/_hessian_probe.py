@@ -126,7 +126,10 @@ class ProbeFraction:
         per_step = None if budget is None else budget.seconds_per_step(step)
         if per_step is None:
             return 1.0, 0
-        window = AUTO_HEADROOM * monitor.budget_share * budget.max_overhead * AUTO_TARGET_STEPS * per_step
+        # the share's budget beside the per-step work's reserve (what the per-step work spends beyond it is not known
+        # yet at the first point, and the decision stays for the run)
+        shared = budget.max_overhead * (1.0 - budget.reserved_per_step)
+        window = AUTO_HEADROOM * monitor.budget_share * shared * AUTO_TARGET_STEPS * per_step
         with operator_mode(pl_module, monitor.mode), monitor._operator(pl_module, batches, params, trainer) as op:
             generator = torch.Generator().manual_seed(monitor.seed * 1_000_003 + step + 1)
             vector = torch.randn(op.shape[0], generator=generator, dtype=torch.float64).to(op.device, op.dtype)

@@ -157,7 +157,8 @@ class Scheduler:
             # a first point needs only the total to fit (the ledger's advance pays for it early, and it is kept
             # out of the share, which spaces the later ones against the training time)
             share = 1.0
-        wait = self.budget.steps_to_wait(expected, step, owner=id(self.owner), share=share)
+        protected = self.owner.budget_protected
+        wait = self.budget.steps_to_wait(expected, step, owner=id(self.owner), share=share, protected=protected)
         wait = max(wait, self._spacing_wait(step, share, mean))
         # decided again at least every `every_n_steps`: a date computed on a spent ledger (past the planned end,
         # say) must not outlive the parts' and the step time's changes
@@ -182,7 +183,7 @@ class Scheduler:
         """
         if share >= 1.0 or mean is None or self.last_measured_step < 0:
             return 0
-        earned = self.budget.share_seconds_per_step(step, share)
+        earned = self.budget.share_seconds_per_step(step, share, protected=self.owner.budget_protected)
         if earned is None or earned <= 0:
             return 0
         spacing = math.ceil(mean / earned)

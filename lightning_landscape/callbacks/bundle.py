@@ -41,11 +41,14 @@ DEFAULT_ARGUMENTS: dict[str, dict[str, Any]] = {
     # carry the same numbers); connectivity={"curve_image": True} draws it
     "connectivity": {"curve_image": False},
 }
-#: Share of the bundle's budget the gradient monitor's every-step reads may take (see GradientSpikeMonitor.stride).
+#: Share of the bundle's budget the gradient monitor's every-step reads may take before it reads every few steps
+#: (see GradientSpikeMonitor.stride), kept out of the periodic parts' shares (``OverheadBudget.reserved_per_step``).
 GRAD_SPIKES_SHARE = 0.1
-#: Weights of the periodic parts in the rest of the budget (``1 - GRAD_SPIKES_SHARE`` when the gradient monitor is
-#: on), normalised over the parts that are on: the Hessian is the headline signal and the costliest, so it gets
-#: the largest share; each share caps that part's own spending, so no part can starve another.
+#: Weights of the periodic parts in what the per-step work leaves of the budget (``GRAD_SPIKES_SHARE`` of it when the
+#: gradient monitor is on, or what it spends if more: ``OverheadBudget.shared_rate``; the logit part, an early warning,
+#: always divides the budget less the reserve), normalised over the parts that are on: the Hessian is the headline
+#: signal and the costliest, so it gets the largest share; each share caps that part's own spending, so no part can
+#: starve another.
 SHARE_WEIGHTS = {"hessian": 0.8, "rank": 0.1, "connectivity": 0.05, "logits": 0.13}
 #: Budget mode's first estimate of a part's cost in training steps, for the bundle's configuration (one probe batch
 #: for the Hessian and the barrier), measured cold on the reference workloads: top-1 Lanczos 18-128 steps, rank
@@ -119,11 +122,13 @@ class LandscapeMonitor(Callback):
             own measurements after its first stay within its share of the budget, so that no part can starve
             another: the gradient monitor may take 10% of the budget (all of it when no periodic part shares the
             ledger), and the periodic parts split the rest by ``SHARE_WEIGHTS`` (Hessian 0.8, rank 0.1, barrier
-            0.05, logits 0.13, renormalised over the parts that are on). Where reading the gradients every step costs
-            more than its share (tiny models on CPU), the gradient monitor reads them every few steps and still
-            scores the loss every step (see :class:`GradientSpikeMonitor`). The cadences above are then the
-            shortest spacing. On CUDA a measurement is charged its device time (CUDA events, one synchronisation at
-            its end). ``None``: measure exactly at the cadences, read the gradients every step.
+            0.05, logits 0.13, renormalised over the parts that are on). Where reading the gradients every step
+            costs more than its share (tiny models on CPU), the gradient monitor reads them every few steps and
+            still scores the loss every step (see :class:`GradientSpikeMonitor`); what the per-step work still
+            spends beyond its 10% comes out of the curvature parts' shares (Hessian, rank, barrier), so that the
+            total fits, and not out of the logit part's (an early warning: ``budget_protected``). The cadences
+            above are then the shortest spacing. On CUDA a measurement is charged its device time (CUDA events, one
+            synchronisation at its end). ``None``: measure exactly at the cadences, read the gradients every step.
 
     Composition: the parts share one :class:`~lightning_landscape.callbacks._probes.ProbeSet` (captured here,
     once, with as many batches as the part that wants most; each part reads its first ``num_probe_batches``; one
@@ -242,13 +247,21 @@ class LandscapeMonitor(Callback):
             if self.budget is not None and p.budget in (None, self.budget) and n not in self._off_budget
         }
         periodic = [n for n, p in ledger.items() if not p.strides_rather_than_postpones]
-        rest = 1.0 - GRAD_SPIKES_SHARE if periodic and len(periodic) < len(ledger) else 1.0
+        # The periodic parts' shares add up to 1 of what the per-step work leaves (OverheadBudget.shared_rate): the
+        # gradient monitor's share kept for it, or what it spends if more (on the digits MLP 2.7% of training, the
+        # share 0.5%: counted beside shares of the rest, the total ran out two thirds into a run).
+        if self.budget is not None:
+            self.budget.reserved_per_step = GRAD_SPIKES_SHARE if periodic and len(periodic) < len(ledger) else 0.0
         total_weight = sum(self.share_weights[n] for n in periodic)
+        if self.budget is not None:
+            self.budget.protected_share = sum(
+                self.share_weights[n] / total_weight for n in periodic if self.parts[n].budget_protected
+            )
         for name, part in self.parts.items():
             self.alerting.register(name, part)
             share = None
             if name in periodic:
-                share = rest * self.share_weights[name] / total_weight
+                share = self.share_weights[name] / total_weight
             elif name in ledger and periodic:
                 share = GRAD_SPIKES_SHARE
             part.attach(

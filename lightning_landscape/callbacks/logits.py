@@ -129,6 +129,7 @@ class LogitMonitor(_LogitReadout, _LogitAlerts, LandscapeCallback):
     needs_full_parameters = True
     # budget mode's first estimate: one forward pass over the probe set
     first_cost_steps = 1.0
+    budget_protected = True  # an early warning: per-step work beyond its reserve is taken from the curvature parts
 
     def __init__(
         self,

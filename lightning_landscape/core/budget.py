@@ -13,9 +13,13 @@ estimate) over the training time so far. The wait is turned into a whole number 
 time, so that all DDP ranks can agree on it with one broadcast (see the callbacks' base); at that step the
 measurement decides again, since others sharing the ledger may have spent the budget meanwhile. An owner with a
 ``share`` below 1 must also keep its own tally (``cost_by_owner``) within that share, so that in a shared ledger a
-cheap frequent measurement cannot starve a costly one. Per-step work is charged but cannot be postponed; the
-gradient monitor, the one part with per-step work of its own, reads the gradients every few steps instead when
-reading them every step would exceed its share (see ``GradientSpikeMonitor``).
+cheap frequent measurement cannot starve a costly one. The shares divide what the per-step work leaves
+(:meth:`OverheadBudget.shared_rate`): ``reserved_per_step`` of the budget, or what that work has actually spent if
+more, so that shares and per-step work together fit; a ``protected`` owner (an early warning: the logit monitor)
+divides the budget less the reserve only, so that the excess is taken from the parts whose points can wait.
+Per-step work is charged but cannot be postponed; the gradient monitor, the one part with per-step work of its own,
+reads the gradients every few steps instead when reading them every step would exceed its share (see
+``GradientSpikeMonitor``).
 
 Planning against the run's length (``plan``): a rule that only spends what the run has already earned can never
 afford a first Hessian early (a measurement of 10-80 training steps fits 5% of the training time only after
@@ -88,6 +92,12 @@ class OverheadBudget:
         self.cost_by_owner: dict[int, float] = {}
         #: each owner's first measurements (paid by the advance; outside its share)
         self.first_cost_by_owner: dict[int, float] = {}
+        #: Fraction of ``max_overhead`` kept for the per-step work beside the shares (``LandscapeMonitor``: the
+        #: gradient monitor's share); what that work spends beyond it comes out of the shares (:meth:`shared_rate`).
+        self.reserved_per_step = 0.0
+        #: The shares of the ``protected`` owners (LandscapeMonitor: the logit monitor's), which the per-step work
+        #: beyond the reserve never shrinks (:meth:`shared_rate`).
+        self.protected_share = 0.0
 
     def start(self, step: int, now: float | None = None) -> None:
         """Start the clock at optimizer step ``step`` (only the first call counts)."""
@@ -189,10 +199,13 @@ class OverheadBudget:
             return None
         return training / steps
 
-    def share_seconds_per_step(self, step: int, share: float, now: float | None = None) -> float | None:
+    def share_seconds_per_step(
+        self, step: int, share: float, now: float | None = None, protected: bool = False
+    ) -> float | None:
         """Seconds of its own budget an owner with ``share`` earns per training step at ``step``: its share of
-        ``max_overhead`` times the mean step time, less its part of the first points' repayment (see
-        :meth:`steps_to_wait`); ``None`` before ``MIN_TIMED_STEPS`` steps are timed.
+        what the per-step work leaves of ``max_overhead`` (:meth:`shared_rate`) times the mean step time, less its
+        part of the first points' repayment (see :meth:`steps_to_wait`); ``None`` before ``MIN_TIMED_STEPS`` steps
+        are timed.
 
         (Budget saved while nothing was measured is not in this rate: spreading it over the rest of the run was
         tried, and on the fake clock the cumulative rule then still held the points back and bunched them, largest
@@ -204,10 +217,51 @@ class OverheadBudget:
         horizon = self.planned_end - self._started_step if self.planned_end is not None else self.advance_steps
         firsts = sum(self.first_cost_by_owner.values())
         repaid = firsts / horizon if horizon > 0 and step - self._started_step < horizon else 0.0
-        return share * (self.max_overhead * per_step - repaid)
+        return share * (self.shared_rate(now, protected) * per_step - repaid)
+
+    def unowned_cost(self) -> float:
+        """Seconds of the total that no owner's tally holds: the per-step work (the hooks' bookkeeping, the probe
+        capture, the gradient monitor's reads), which cannot be postponed."""
+        owned = sum(self.cost_by_owner.values()) + sum(self.first_cost_by_owner.values())
+        return max(0.0, self.cost - owned)
+
+    def shared_rate(self, now: float | None = None, protected: bool = False) -> float:
+        """Seconds per training second the owners' shares divide: ``max_overhead`` less what the per-step work
+        takes, ``reserved_per_step`` of it or what it has spent per training second so far if more (negative when
+        that alone overspends).
+
+        Shares of all of ``max_overhead`` beside per-step work that overspends its reserve do not fit: on the
+        digits MLP (a 2.5 ms step) the per-step work is ~2.7% of training against a 0.5% reserve, the cadences
+        spent their shares on time, the total ran out two thirds into a 3,000-step run and nothing was measured
+        after (ledger 5.4-6.3%). Where the per-step work stays within its reserve this is ``max_overhead`` less the
+        reserve, the shares' budget before it existed.
+
+        ``protected`` (an early-warning owner): ``max_overhead`` less the reserve, whatever the per-step work
+        spends; the other owners' rate is then ``(max_overhead - max(spent, reserve) - p (max_overhead - reserve)) /
+        (1 - p)`` with ``p`` = ``protected_share``, so that the per-step work and all shares still add up to
+        ``max_overhead``. Applied to every share, the excess held the logit monitor back early in short runs,
+        exactly when its alert matters (first attention-logit alert at step 199 instead of 120-127 on two high-lr
+        transformers, benchmarks/early_warning.py); the curvature parts' points can wait."""
+        reserve = self.reserved_per_step * self.max_overhead
+        if protected:
+            return self.max_overhead - reserve
+        training = self.training_time(now)
+        spent = self.unowned_cost() / training if training > 0 else 0.0
+        # the protected shares take their part of (max_overhead - reserve) off the top; the others divide what is
+        # left, renormalised, so that per-step work and all shares add up to max_overhead exactly
+        kept = self.protected_share
+        if kept >= 1.0:
+            return self.max_overhead - max(spent, reserve)
+        return (self.max_overhead - max(spent, reserve) - kept * (self.max_overhead - reserve)) / (1.0 - kept)
 
     def steps_to_wait(
-        self, expected_cost: float, step: int, now: float | None = None, owner: int | None = None, share: float = 1.0
+        self,
+        expected_cost: float,
+        step: int,
+        now: float | None = None,
+        owner: int | None = None,
+        share: float = 1.0,
+        protected: bool = False,
     ) -> int:
         """Optimizer steps to wait from ``step`` before spending ``expected_cost`` seconds keeps the budget, and, for
         an ``owner`` with a ``share`` below 1, keeps its own spending within ``share`` of the budget.
@@ -234,10 +288,15 @@ class OverheadBudget:
             firsts = sum(self.first_cost_by_owner.values())
             repaid = firsts * min(1.0, steps / horizon) if horizon > 0 else firsts
             own = self.cost_by_owner.get(owner, 0.0)
-            # own + expected <= share * (max_overhead * (training + w * per_step) - repaid), the repayment taken
-            # at its current value (it grows by at most firsts / horizon a step: decided again at the date)
-            missing_own = (own + expected_cost) / (share * self.max_overhead) + repaid / self.max_overhead - training
-            wait = max(0, math.ceil(missing_own / per_step))
+            # own + expected <= share * (rate * (training + w * per_step) - repaid), with rate what the per-step
+            # work leaves of max_overhead (shared_rate), rate and repayment taken at their current values (decided
+            # again at the date)
+            rate = self.shared_rate(now, protected)
+            if rate <= 0:
+                wait = max(1, steps)  # the per-step work alone spends the budget: nothing fits at this rate
+            else:
+                missing_own = (own + expected_cost) / (share * rate) + repaid / rate - training
+                wait = max(0, math.ceil(missing_own / per_step))
         # the training time (advance included) at which the total fits
         missing = (self.cost + expected_cost) / self.max_overhead - training
         if missing <= self.advance(step) * per_step:

@@ -130,15 +130,19 @@ def test_parts_share_one_budget_and_warn_once_without_a_logger(tmp_path):
     assert monitor.parts["grad_spikes"].budget is monitor.budget
     assert monitor.parts["rank"].budget is not monitor.budget  # a part's own budget wins
     assert monitor.parts["rank"].budget.max_overhead == 0.5
-    # the per-step gradient monitor may take 10% of the shared ledger; the periodic parts on it split the rest by
-    # weight (Hessian 0.8, rank 0.1, barrier 0.05, logits 0.13: the headline signal and the costliest gets the
-    # most), so that the shares of everything on the ledger add up to the whole budget
+    # the per-step gradient monitor may take 10% of the shared ledger (kept out of the shares: the ledger's
+    # reserve); the periodic parts on it split what it leaves by weight (Hessian 0.8, rank 0.1, barrier 0.05,
+    # logits 0.13: the headline signal and the costliest gets the most), so that everything adds up to the budget
     shares = [monitor.parts[n].budget_share for n in ("hessian", "connectivity", "logits")]
-    assert shares == pytest.approx([0.9 * 0.8 / 0.98, 0.9 * 0.05 / 0.98, 0.9 * 0.13 / 0.98])
+    assert shares == pytest.approx([0.8 / 0.98, 0.05 / 0.98, 0.13 / 0.98])
     assert monitor.parts["rank"].budget_share == 1.0 and monitor.parts["grad_spikes"].budget_share == 0.1
-    assert sum(shares) + 0.1 == pytest.approx(1.0)
+    assert sum(shares) == pytest.approx(1.0) and monitor.budget.reserved_per_step == 0.1
+    # the logit part, an early warning, keeps its share whatever the per-step work overspends (taken off the top)
+    assert monitor.parts["logits"].budget_protected and not monitor.parts["hessian"].budget_protected
+    assert monitor.budget.protected_share == pytest.approx(0.13 / 0.98)
     alone = LandscapeMonitor(grad_spikes=False, rank=False, connectivity=False)
     assert [alone.parts[n].budget_share for n in ("hessian", "logits")] == pytest.approx([0.8 / 0.93, 0.13 / 0.93])
+    assert alone.budget.reserved_per_step == 0.0  # no per-step part: nothing kept out
     assert LandscapeMonitor(max_overhead=None).budget is None
     # a part's `max_overhead=None` takes it off the shared ledger: the gradient monitor then reads every step, as
     # its own stride warning promises

@@ -223,11 +223,12 @@ class _TimedOperator:
     ],
 )
 def test_auto_rule_is_the_largest_fraction_whose_predicted_warm_cost_fits_the_headroom(monkeypatch, costs, expected):
-    # window = AUTO_HEADROOM * share * max_overhead * AUTO_TARGET_STEPS * step = 0.6 * 0.8 * 0.05 * 500 * 0.01 = 0.12 s;
+    # window = AUTO_HEADROOM * share * max_overhead * (1 - reserved) * AUTO_TARGET_STEPS * step
+    #        = 0.6 * 0.8 * 0.05 * 1 * 500 * 0.01 = 0.12 s;
     # predicted warm cost = first + (AUTO_WARM_PRODUCTS - 1) * min(second, third), times the fraction
     clock = _Clock()
     monkeypatch.setattr(_hessian_probe, "time", clock)
-    budget = types.SimpleNamespace(max_overhead=0.05, seconds_per_step=lambda step: 0.01)
+    budget = types.SimpleNamespace(max_overhead=0.05, reserved_per_step=0.0, seconds_per_step=lambda step: 0.01)
     operator = _TimedOperator(clock, costs)
     monitor = types.SimpleNamespace(
         budget=budget, budget_share=0.8, mode="eval", seed=0, _operator=lambda *args: operator

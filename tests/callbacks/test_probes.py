@@ -239,9 +239,10 @@ def test_add_part_shares_the_budget_by_weight():
     new = Hooks(num_probe_batches=6)
     monitor.add_part("new", new, share_weight=0.3)
     assert new.budget is monitor.budget and monitor.probes.size == 6
-    # the gradient monitor keeps its 10%; the Hessian (weight 0.8) and the new part (0.3) split the rest by weight
-    assert new.budget_share == pytest.approx(0.9 * 0.3 / 1.1)
-    assert monitor.parts["hessian"].budget_share == pytest.approx(0.9 * 0.8 / 1.1)
+    # the gradient monitor keeps its 10% (the ledger's reserve); the Hessian (weight 0.8) and the new part (0.3)
+    # split what it leaves by weight
+    assert new.budget_share == pytest.approx(0.3 / 1.1)
+    assert monitor.parts["hessian"].budget_share == pytest.approx(0.8 / 1.1)
     assert monitor.parts["grad_spikes"].budget_share == 0.1
 
 

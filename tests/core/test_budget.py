@@ -300,3 +300,55 @@ def test_open_and_close_section_charge_the_outermost_span_once(section_clock):
     ledger.close_section(outer)
     assert not ledger.in_section
     assert ledger.cost == pytest.approx(0.25) and ledger.cost_by_owner == {7: pytest.approx(0.1)}
+
+
+def test_the_shares_divide_what_the_per_step_work_leaves_of_the_budget():
+    ledger = OverheadBudget(0.1, advance_steps=0)
+    ledger.reserved_per_step = 0.2  # 2% of training kept for per-step work beside the shares
+    ledger.start(0, now=0.0)
+    assert ledger.shared_rate(now=0.0) == pytest.approx(0.08)  # no training time yet: the reserve
+    ledger.charge(0.01)  # per-step work (no owner): 1% of the 1 s of training below, within the reserve
+    ledger.charge(0.02, owner=1)  # owner 1's measurement
+    assert ledger.unowned_cost() == pytest.approx(0.01)
+    # 10 steps, 1.03 s of wall time, 0.03 s ours: 1 s of training; the shares divide 10% - 2%
+    assert ledger.shared_rate(now=1.03) == pytest.approx(0.08)
+    # more per-step work: 3% of training, beyond the reserve, so the shares get 7%
+    ledger.charge(0.02)
+    assert ledger.shared_rate(now=1.05) == pytest.approx(0.07)
+    # owner 1 (half share) may spend 0.5 * 0.07 of the training time: 0.02 s spent, 0.05 s more needs
+    # 0.07 / 0.035 = 2 s of training: 10 steps on (of the whole 10% it would need 1.4 s: 4 steps)
+    assert ledger.steps_to_wait(0.05, 10, now=1.05, owner=1, share=0.5) == 10
+    # earned per step: half of 7% of the 0.1 s step
+    assert ledger.share_seconds_per_step(10, 0.5, now=1.05) == pytest.approx(0.5 * 0.07 * 0.1)
+    # an early-warning owner (protected) keeps its share of the budget less the reserve: 0.5 * 8% of 1 s = 0.04 s,
+    # so 0.038 s fits now, where an unprotected owner's half share (of 7%: 0.035 s) has to wait
+    assert ledger.shared_rate(now=1.05, protected=True) == pytest.approx(0.08)
+    assert ledger.steps_to_wait(0.038, 10, now=1.05, owner=2, share=0.5, protected=True) == 0
+    assert ledger.steps_to_wait(0.038, 10, now=1.05, owner=2, share=0.5) > 0
+    assert ledger.share_seconds_per_step(10, 0.5, now=1.05, protected=True) == pytest.approx(0.5 * 0.08 * 0.1)
+
+
+def test_per_step_work_that_spends_the_whole_budget_leaves_the_shares_nothing():
+    ledger = OverheadBudget(0.1, advance_steps=0)
+    ledger.start(0, now=0.0)
+    ledger.charge(0.2)  # per-step work alone: 20% of the 1 s of training
+    assert ledger.shared_rate(now=1.2) == pytest.approx(-0.1)
+    assert ledger.steps_to_wait(0.0, 10, now=1.2, owner=1, share=0.5) >= 1  # no date fits at this rate
+    assert ledger.share_seconds_per_step(10, 0.5, now=1.2) < 0
+
+
+def test_protected_shares_come_off_the_top_and_everything_still_adds_up_to_the_budget():
+    ledger = OverheadBudget(0.1, advance_steps=0)
+    ledger.reserved_per_step = 0.2  # 2% of training kept for per-step work
+    ledger.protected_share = 0.25  # an early-warning part's share
+    ledger.start(0, now=0.0)
+    ledger.charge(0.04)  # per-step work: 4% of the 1 s of training below, 2% beyond the reserve
+    now = 1.04
+    protected = ledger.shared_rate(now, protected=True)
+    others = ledger.shared_rate(now)
+    assert protected == pytest.approx(0.08)  # the budget less the reserve, the excess notwithstanding
+    # per-step work + the protected quarter of its rate + the other three quarters of theirs = the whole 10%
+    assert 0.04 + 0.25 * protected + 0.75 * others == pytest.approx(0.1)
+    assert others == pytest.approx((0.1 - 0.04 - 0.25 * 0.08) / 0.75)
+    ledger.protected_share = 0.0  # nothing protected: the plain rule
+    assert ledger.shared_rate(now) == pytest.approx(0.06)
