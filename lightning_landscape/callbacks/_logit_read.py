@@ -31,6 +31,11 @@ class _LogitReadout:
     def _read(self, trainer: pl.Trainer, pl_module: pl.LightningModule, armed: _Armed) -> dict[str, float]:
         if armed.capture is not None and not armed.capture.sums:
             suspects = looks_like_attention(pl_module)
+            if not suspects and self.attention is True:
+                # no attention call in the training step and no module that looks like attention: the capture's
+                # dispatch of every torch call would cost the rest of the fit for nothing (the same on every rank:
+                # the same model and the same forward)
+                self._attention_absent = True
             if suspects:
                 self._warn_once(
                     "no-attention-captured",

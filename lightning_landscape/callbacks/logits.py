@@ -93,8 +93,12 @@ class LogitMonitor(_LogitReadout, _LogitAlerts, LandscapeCallback):
     batch rows, a logsumexp and a softmax over the output logits, the Python dispatch of the step's torch calls
     while the capture is armed, one read-back, and a few ``W^T W v`` products per watched linear layer: +0.07 to
     +0.12 of a training step on nanoGPT in ``benchmarks/logit_capture.py`` (the probe forward it replaced: +0.35 to
-    +0.40). Under DDP the statistics are reduced by name (``distributed.all_reduce_named``). With manual
-    optimization the capture stops at the first ``optimizer.step()`` (``on_before_optimizer_step``).
+    +0.40). With ``attention=True`` on a model whose first armed training step calls no attention kernel and that
+    has no attention-like module (an MLP, a CNN), the capture is not armed again in that fit: its dispatch of every
+    torch call in the forward added ~70 us to the digits MLP's ~720 us step (every 10th step: ~0.5% of training,
+    in no hook's span, so not in the ledger either), and it reads nothing there. Under DDP the statistics are
+    reduced by name (``distributed.all_reduce_named``). With manual optimization the capture stops at the first
+    ``optimizer.step()`` (``on_before_optimizer_step``).
 
     Args:
         attention: which modules' attention calls to read: ``True`` (all), ``False`` (none: no capture), a regex
@@ -175,6 +179,7 @@ class LogitMonitor(_LogitReadout, _LogitAlerts, LandscapeCallback):
         self._attention_baseline: dict[str, float] = {}  # each module's first measured largest logit
         self._alert_armed: dict[str, bool] = {}
         self._armed: _Armed | None = None
+        self._attention_absent = False
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {"prefix": self.prefix}
@@ -199,6 +204,7 @@ class LogitMonitor(_LogitReadout, _LogitAlerts, LandscapeCallback):
     # --------------------------------------------------------------------------------------------- modules
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._attention_absent = False  # decided again in every fit (see `_LogitReadout._read`)
         self.watched_modules(pl_module)  # selectors matching nothing fail here, before training starts
 
     def watched_modules(self, pl_module: nn.Module) -> tuple[Callable[[str], bool] | None, Any, dict]:
@@ -213,7 +219,7 @@ class LogitMonitor(_LogitReadout, _LogitAlerts, LandscapeCallback):
         # the output projection of nn.MultiheadAttention is a Linear the attention kernel uses without calling it
         linears = [(n, m) for n, m in named if isinstance(m, nn.Linear) and n.rpartition(".")[0] not in mha]
         linears = [(n, m) for n, m in linears if not (n.endswith(".out_proj") and n[: -len(".out_proj")] in mha)]
-        attention = _attention_filter(self.attention, [n for n, _ in named])
+        attention = None if self._attention_absent else _attention_filter(self.attention, [n for n, _ in named])
         alignment = dict(_pick(linears, self.alignment, "alignment"))
         output = None
         if self.output_module is None and linears:

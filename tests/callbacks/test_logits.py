@@ -175,6 +175,30 @@ def test_classifier_without_attention_watches_the_head(tmp_path):
     assert not any("/alignment/" in k for k in keys)  # alignment is opt-in
 
 
+def test_the_capture_is_not_armed_again_on_a_model_without_attention(tmp_path):
+    class Armed(pl.Callback):  # after the monitor's on_train_batch_start: what it armed for this step
+        def __init__(self, monitor):
+            self.monitor, self.captures = monitor, []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            armed = self.monitor._armed
+            if armed is not None:
+                self.captures.append(armed.capture is not None)
+
+    monitor = LogitMonitor(every_n_steps=2)
+    armed = Armed(monitor)
+    make_trainer(tmp_path, [monitor, armed], max_steps=7).fit(ClassifierModule(dropout=0.0))
+    # the first armed step looks for attention calls, finds none (and no attention-like module): no capture after
+    assert armed.captures == [True, False, False, False]
+    assert "landscape/logits/output/log_partition" in monitor.last_metrics  # the head is still read
+    # a model with attention keeps its capture on every armed step
+    lm_monitor = LogitMonitor(every_n_steps=2)
+    lm_armed = Armed(lm_monitor)
+    make_trainer(tmp_path, [lm_monitor, lm_armed], max_steps=7).fit(TinyLM(dropout=0.0))
+    assert lm_armed.captures == [True, True, True, True]
+    assert any("/attention/" in k for k in lm_monitor.last_metrics)
+
+
 def test_state_round_trip(tmp_path):
     monitor = LogitMonitor(every_n_steps=5, alignment=True)
     make_trainer(tmp_path, [monitor], max_steps=6).fit(TinyLM())
