@@ -32,7 +32,7 @@ DEFAULT_PROBE_BATCHES = {"hessian": 1, "rank": 4, "connectivity": 1, "logits": 1
 #: Other arguments the bundle gives a part unless its dict sets them. The Hessian stops at a 1% eigenvalue bound
 #: instead of 0.1% (measured, the values then differed from tol 1e-3 by at most 0.4%, mostly under 0.01%, in ~20%
 #: fewer products), and sizes its operator to the budget (``probe_fraction="auto"``: half a batch where a whole one
-#: does not fit 60% of its share of 500 steps, see callbacks/_hessian_probe.py): a warm measurement on a whole batch
+#: does not fit 45% of its share of 500 steps, see callbacks/_hessian_probe.py): a warm measurement on a whole batch
 #: at tol 1e-3 was 9-27 training steps on the transformers, more than the Hessian's share of a 500-step window at 5%
 #: (~17 steps), and 3.5-11 on half a batch at tol 1e-2 (benchmarks/RESULTS.md, issue 16).
 DEFAULT_ARGUMENTS: dict[str, dict[str, Any]] = {

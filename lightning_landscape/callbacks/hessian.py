@@ -145,7 +145,7 @@ class HessianMonitor(_EdgeOfStability, LandscapeCallback):
             with a warning). A product costs about that share of a whole batch's; the operator is then a smaller
             batch's Hessian (its sharpness is biased upward), fixed for the run like the probe set. ``"auto"``
             (``LandscapeMonitor``'s default): in budget mode, 1 or 1/2, the larger whose predicted warm
-            measurement fits 60% of this monitor's share of 500 steps (under Adam/AdamW; under SGD it keeps the
+            measurement fits 45% of this monitor's share of 500 steps (under Adam/AdamW; under SGD it keeps the
             whole batch), decided once from three timed products at the first measurement
             (:mod:`~lightning_landscape.callbacks._hessian_probe`); logged as ``p/hessian/probe_fraction``.
         **kwargs: the shared arguments of :class:`~lightning_landscape.callbacks._base.LandscapeCallback`

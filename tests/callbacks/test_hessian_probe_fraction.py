@@ -215,16 +215,17 @@ class _TimedOperator:
 @pytest.mark.parametrize(
     ("costs", "expected"),
     [
-        ([0.03, 0.01], 1.0),
-        ([0.03, 0.0125], 1.0),  # 0.1175 s: inside 60% of the share, outside 50%
-        ([0.03, 0.5, 0.01], 1.0),  # a hiccup on one timing product is not taken for the product's cost
+        ([0.015, 0.01], 1.0),  # 0.085 s: inside the window
+        ([0.02, 0.0095], 1.0),  # 0.0865 s: inside 45% of the share, outside 40%
+        ([0.03, 0.0125], 0.5),  # 0.1175 s: inside 60% of the share (the old headroom), not 45% (the digits CNN)
+        ([0.015, 0.5, 0.01], 1.0),  # a hiccup on one timing product is not taken for the product's cost
         ([0.03, 0.02], 0.5),
         ([0.03, 1.0], 0.5),  # never below half a batch
     ],
 )
 def test_auto_rule_is_the_largest_fraction_whose_predicted_warm_cost_fits_the_headroom(monkeypatch, costs, expected):
     # window = AUTO_HEADROOM * share * max_overhead * (1 - reserved) * AUTO_TARGET_STEPS * step
-    #        = 0.6 * 0.8 * 0.05 * 1 * 500 * 0.01 = 0.12 s;
+    #        = 0.45 * 0.8 * 0.05 * 1 * 500 * 0.01 = 0.09 s;
     # predicted warm cost = first + (AUTO_WARM_PRODUCTS - 1) * min(second, third), times the fraction
     clock = _Clock()
     monkeypatch.setattr(_hessian_probe, "time", clock)
