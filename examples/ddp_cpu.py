@@ -77,6 +77,14 @@ def main(root: str, steps: int) -> None:
         log_every_n_steps=10,
     )
     trainer.fit(DigitsClassifier())
+    try:
+        check_ranks_agree(trainer, dump, logger)
+    finally:
+        # Lightning destroys only NCCL groups at exit; a gloo group left alive can abort the process at exit
+        torch.distributed.destroy_process_group()
+
+
+def check_ranks_agree(trainer: pl.Trainer, dump: DumpPerRank, logger: TensorBoardLogger) -> None:
     if trainer.is_global_zero:
         # wall-clock keys (`*/seconds`, `*/budget/overhead`) are each rank's own time; every other value must agree
         dumps = [json.loads((dump.folder / f"rank{r}.json").read_text()) for r in (0, 1)]
