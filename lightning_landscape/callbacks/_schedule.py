@@ -134,7 +134,7 @@ class Scheduler:
 
         Every wait is provisional: the ledger is shared, so by the date computed now other parts' measurements and
         the per-step work may have spent what this one was waiting for; it measures only when it fits at that
-        moment. With ``share`` below 1 (``LandscapeMonitor`` splits its budget between its periodic parts) it also
+        moment. With a share that counts (``OverheadBudget.keeps_share``: below 1, or any beside a reserve) it also
         keeps its own spending within its share, so a cheap frequent part cannot starve a costly one. (Until
         ``MIN_TIMED_STEPS`` steps are timed there is no step time to convert a cost with.) A first measurement (or
         one after an untypical one, e.g. the barrier's snapshot) needs only the total to fit: with the ledger's
@@ -142,7 +142,7 @@ class Scheduler:
         """
         if self.budget is None:
             return 0, False
-        expected, share = self.expected_cost, self.share
+        expected, share, owner = self.expected_cost, self.share, id(self.owner)
         mean = self.mean_typical_cost()
         if expected is not None and mean is not None:
             # the mean of the typical costs, not the last one: with the last, a costly point delays the next twice
@@ -155,10 +155,10 @@ class Scheduler:
                 return MIN_TIMED_STEPS, True
             expected = self.owner.first_cost_steps * per_step
             # a first point needs only the total to fit (the ledger's advance pays for it early, and it is kept
-            # out of the share, which spaces the later ones against the training time)
-            share = 1.0
+            # out of the share, which spaces the later ones against the training time): no owner, no spacing
+            owner, mean = None, None
         protected = self.owner.budget_protected
-        wait = self.budget.steps_to_wait(expected, step, owner=id(self.owner), share=share, protected=protected)
+        wait = self.budget.steps_to_wait(expected, step, owner=owner, share=share, protected=protected)
         wait = max(wait, self._spacing_wait(step, share, mean))
         # decided again at least every `every_n_steps`: a date computed on a spent ledger (past the planned end,
         # say) must not outlive the parts' and the step time's changes
@@ -181,7 +181,7 @@ class Scheduler:
         fake clock, largest gap 683 -> 473 steps on nanoGPT, 857 -> 493 on the transformer). When the cadence is
         affordable the spacing is below ``every_n_steps`` and changes nothing.
         """
-        if share >= 1.0 or mean is None or self.last_measured_step < 0:
+        if not self.budget.keeps_share(share) or mean is None or self.last_measured_step < 0:
             return 0
         earned = self.budget.share_seconds_per_step(step, share, protected=self.owner.budget_protected)
         if earned is None or earned <= 0:

@@ -257,6 +257,13 @@ class OverheadBudget:
             return self.max_overhead - max(spent, reserve)
         return (self.max_overhead - max(spent, reserve) - kept * (self.max_overhead - reserve)) / (1.0 - kept)
 
+    def keeps_share(self, share: float) -> bool:
+        """Whether an owner with ``share`` keeps its own tally within that share: a share below 1, or any share
+        beside reserved per-step work (the only periodic part beside the gradient monitor has share 1 of what the
+        reserve leaves, which is still less than the whole budget). A share of 1 on a ledger without a reserve is
+        the whole budget, which the total's rule already keeps."""
+        return share < 1.0 or self.reserved_per_step > 0.0
+
     def steps_to_wait(
         self,
         expected_cost: float,
@@ -267,7 +274,8 @@ class OverheadBudget:
         protected: bool = False,
     ) -> int:
         """Optimizer steps to wait from ``step`` before spending ``expected_cost`` seconds keeps the budget, and, for
-        an ``owner`` with a ``share`` below 1, keeps its own spending within ``share`` of the budget.
+        an ``owner`` whose share counts (:meth:`keeps_share`), keeps its own spending within ``share`` of what the
+        per-step work leaves (:meth:`shared_rate`). ``owner=None`` checks the total alone (a first point).
 
         The total's budget at a step is ``max_overhead`` times the training time plus the advance (:meth:`advance`,
         in training steps at the mean step time); an owner's share is of the training time alone, so that the
@@ -284,7 +292,7 @@ class OverheadBudget:
         per_step = training / steps
         expected_cost = max(0.0, expected_cost)
         wait = 0
-        if owner is not None and share < 1.0:
+        if owner is not None and self.keeps_share(share):
             # the first points are repaid from every share alike, pro rata over the plan (or over the advance when
             # the end is unknown), so that at the planned end firsts and shares together fit the budget
             horizon = self.planned_end - self._started_step if self.planned_end is not None else self.advance_steps

@@ -289,7 +289,9 @@ def test_logit_reads_inside_the_training_forward_are_charged_to_the_shared_ledge
     assert monitor.budget.cost == pytest.approx(tally, rel=0.05)
 
 
-def test_a_part_that_cannot_afford_its_cadence_gets_evenly_spaced_points(tmp_path, clock):
+@pytest.mark.parametrize(("share", "reserved"), [(0.9, 0.0), (1.0, 0.1)])
+def test_a_part_that_cannot_afford_its_cadence_gets_evenly_spaced_points(tmp_path, clock, share, reserved):
+    # (share 1 beside a 10% reserve: the only periodic part beside the gradient monitor, 90% of the ledger too)
     # Measurements costing 40, 160, 40, 160, ... ms (mean 100), 10 ms steps, 90% of a 5% ledger: the share earns one
     # mean measurement per ~300 steps (90% of 5% of 10 ms a step, less its part of the first points' repayment over
     # the 3,000-step plan), far from the 50-step cadence. Without the spacing the cumulative ledger measures as soon
@@ -304,9 +306,10 @@ def test_a_part_that_cannot_afford_its_cadence_gets_evenly_spaced_points(tmp_pat
             return {}
 
     ledger = OverheadBudget(0.05, advance_steps=0)
+    ledger.reserved_per_step = reserved
     uneven = Uneven(clock, every_n_steps=50, max_overhead=0.05)
     uneven.budget = ledger
-    uneven.budget_share = 0.9
+    uneven.budget_share = share
     make_trainer(tmp_path, [uneven, Ticker(clock)], max_steps=3000).fit(ClassifierModule())
     steps = [s for s, _, _ in uneven.measured]
     firsts = ledger.first_cost_by_owner[id(uneven)]

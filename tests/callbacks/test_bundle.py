@@ -143,6 +143,10 @@ def test_parts_share_one_budget_and_warn_once_without_a_logger(tmp_path):
     alone = LandscapeMonitor(grad_spikes=False, rank=False, connectivity=False)
     assert [alone.parts[n].budget_share for n in ("hessian", "logits")] == pytest.approx([0.8 / 0.93, 0.13 / 0.93])
     assert alone.budget.reserved_per_step == 0.0  # no per-step part: nothing kept out
+    # the only periodic part beside the gradient monitor has all of what the reserve leaves, and keeps to it
+    only = LandscapeMonitor(rank=False, connectivity=False, logits=False)
+    assert only.parts["hessian"].budget_share == 1.0 and only.budget.reserved_per_step == 0.1
+    assert only.budget.keeps_share(only.parts["hessian"].budget_share)
     assert LandscapeMonitor(max_overhead=None).budget is None
     # a part's `max_overhead=None` takes it off the shared ledger: the gradient monitor then reads every step, as
     # its own stride warning promises

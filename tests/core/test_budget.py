@@ -352,3 +352,21 @@ def test_protected_shares_come_off_the_top_and_everything_still_adds_up_to_the_b
     assert others == pytest.approx((0.1 - 0.04 - 0.25 * 0.08) / 0.75)
     ledger.protected_share = 0.0  # nothing protected: the plain rule
     assert ledger.shared_rate(now) == pytest.approx(0.06)
+
+
+def test_a_whole_share_beside_reserved_per_step_work_is_still_kept():
+    # the only periodic part beside the gradient monitor: share 1 of what the 10% reserve leaves, i.e. 4.5% of
+    # training on a 5% budget, not the whole 5% (a share of 1 used to mean "no share rule")
+    ledger = OverheadBudget(0.05, advance_steps=0)
+    ledger.reserved_per_step = 0.1
+    ledger.start(0, now=0.0)
+    ledger.charge(4.4, owner=1)
+    # 100 steps, 104.4 s of wall time: 100 s of training. The total would take 0.6 s more (5 s); the owner's whole
+    # share is 4.5 s, so 0.2 s more needs (4.6 / 0.045 - 100) s = 2.2 s of training: 3 steps at 1 s a step
+    assert ledger.steps_to_wait(0.2, 100, now=104.4) == 0
+    assert ledger.steps_to_wait(0.2, 100, now=104.4, owner=1, share=1.0) == 3
+    assert ledger.keeps_share(1.0) and not OverheadBudget(0.05).keeps_share(1.0)
+    alone = OverheadBudget(0.05, advance_steps=0)  # no reserve: a share of 1 is the whole budget, the total's rule
+    alone.start(0, now=0.0)
+    alone.charge(4.4, owner=1)
+    assert alone.steps_to_wait(0.2, 100, now=104.4, owner=1, share=1.0) == 0
