@@ -29,28 +29,13 @@ class _LogitReadout:
         return values
 
     def _read(self, trainer: pl.Trainer, pl_module: pl.LightningModule, armed: _Armed) -> dict[str, float]:
-        if armed.capture is not None and not armed.capture.sums:
-            suspects = looks_like_attention(pl_module)
-            if not suspects and self.attention is True:
-                # no attention call in the training step and no module that looks like attention: the capture's
-                # dispatch of every torch call would cost the rest of the fit for nothing (the same on every rank:
-                # the same model and the same forward)
-                self._attention_absent = True
-            if suspects:
-                self._warn_once(
-                    "no-attention-captured",
-                    f"LogitMonitor captured no attention call although the model has attention-like modules "
-                    f"({suspects[:3]}{'...' if len(suspects) > 3 else ''}): its attention does not go through "
-                    "F.scaled_dot_product_attention, a softmax over (batch, heads, queries, keys) or "
-                    "nn.MultiheadAttention (a custom kernel such as flash_attn's?), or `attention`="
-                    f"{self.attention!r} selects none of the calling modules. No attention keys are logged, so "
-                    "`attention_logit_growth` cannot fire.",
-                )
         values = self._declared(armed)
         if trainer.world_size > 1:
             reduced = distributed.all_reduce_named(values)
         else:
             reduced = {name: tensor for name, (tensor, _) in values.items()}
+        if armed.capture is not None:
+            self._check_attention_captured(pl_module, reduced)
         names = sorted(reduced)
         if not any(n.startswith(("attention/", "alignment/")) for n in names) and "output/count" not in names:
             self._nothing_to_watch()  # e.g. a convolutional net without a Linear head: say so once, keep training
@@ -61,6 +46,29 @@ class _LogitReadout:
         host = torch.stack([reduced[n].reshape(()).to(wide) for n in names]).tolist()
         read = dict(zip(names, host, strict=True))
         return self._metrics(trainer, read, armed.step)
+
+    def _check_attention_captured(self, pl_module: pl.LightningModule, reduced: dict[str, Tensor]) -> None:
+        """After the reduction, so that every rank decides alike (a rank whose batch skipped attention does not
+        stop the others' capture): warn when nothing was captured on a model with attention-like modules, and on
+        the fit's first armed step stop arming the capture when nothing was captured and the model has none."""
+        first, self._attention_checked = not self._attention_checked, True
+        if any(name.startswith("attention/") for name in reduced):
+            return
+        suspects = looks_like_attention(pl_module)
+        if first and not suspects and self.attention is True:
+            # no attention call in the training step and no module that looks like attention: the capture's
+            # dispatch of every torch call would cost the rest of the fit for nothing
+            self._attention_absent = True
+        if suspects:
+            self._warn_once(
+                "no-attention-captured",
+                f"LogitMonitor captured no attention call although the model has attention-like modules "
+                f"({suspects[:3]}{'...' if len(suspects) > 3 else ''}): its attention does not go through "
+                "F.scaled_dot_product_attention, a softmax over (batch, heads, queries, keys) or "
+                "nn.MultiheadAttention (a custom kernel such as flash_attn's?), or `attention`="
+                f"{self.attention!r} selects none of the calling modules. No attention keys are logged, so "
+                "`attention_logit_growth` cannot fire.",
+            )
 
     def _metrics(self, trainer: pl.Trainer, read: dict[str, float], step: int) -> dict[str, float]:
         bad = sorted({n.rsplit("/", 1)[0] for n, v in read.items() if n.endswith("/non_finite") and v > 0})

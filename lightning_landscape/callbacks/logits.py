@@ -94,7 +94,8 @@ class LogitMonitor(_LogitReadout, _LogitAlerts, LandscapeCallback):
     while the capture is armed, one read-back, and a few ``W^T W v`` products per watched linear layer: +0.07 to
     +0.12 of a training step on nanoGPT in ``benchmarks/logit_capture.py`` (the probe forward it replaced: +0.35 to
     +0.40). With ``attention=True`` on a model whose first armed training step calls no attention kernel and that
-    has no attention-like module (an MLP, a CNN), the capture is not armed again in that fit: its dispatch of every
+    has no attention-like module (an MLP, a CNN; under DDP: no rank captured one), the capture is not armed again in
+    that fit: its dispatch of every
     torch call in the forward added ~70 us to the digits MLP's ~720 us step (every 10th step: ~0.5% of training,
     in no hook's span, so not in the ledger either), and it reads nothing there. Under DDP the statistics are
     reduced by name (``distributed.all_reduce_named``). With manual optimization the capture stops at the first
@@ -180,6 +181,7 @@ class LogitMonitor(_LogitReadout, _LogitAlerts, LandscapeCallback):
         self._alert_armed: dict[str, bool] = {}
         self._armed: _Armed | None = None
         self._attention_absent = False
+        self._attention_checked = False  # whether this fit's first armed step has been read
 
     def _state_key_fields(self) -> dict[str, Any]:
         return {"prefix": self.prefix}
@@ -204,7 +206,8 @@ class LogitMonitor(_LogitReadout, _LogitAlerts, LandscapeCallback):
     # --------------------------------------------------------------------------------------------- modules
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self._attention_absent = False  # decided again in every fit (see `_LogitReadout._read`)
+        # decided again in every fit, on its first armed step (see `_LogitReadout._check_attention_captured`)
+        self._attention_absent = self._attention_checked = False
         self.watched_modules(pl_module)  # selectors matching nothing fail here, before training starts
 
     def watched_modules(self, pl_module: nn.Module) -> tuple[Callable[[str], bool] | None, Any, dict]:

@@ -199,6 +199,52 @@ def test_the_capture_is_not_armed_again_on_a_model_without_attention(tmp_path):
     assert any("/attention/" in k for k in lm_monitor.last_metrics)
 
 
+class SometimesMixing(pl.LightningModule):
+    """No module that looks like attention, but a forward that calls scaled_dot_product_attention while
+    ``mixing`` is on (as a model whose attention runs only on some steps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.mixing = True
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(64, 5, 4, generator=g), torch.randint(0, 3, (64,), generator=g)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.inp(x).unsqueeze(1)  # (batch, 1 head, 5 tokens, 8)
+        if self.mixing:
+            h = nn.functional.scaled_dot_product_attention(h, h, h)
+        return nn.functional.cross_entropy(self.head(h.mean(dim=(1, 2))), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=8)
+
+
+def test_only_the_first_armed_step_decides_that_the_model_has_no_attention(tmp_path):
+    class StopMixing(pl.Callback):  # after the first armed step, the forward calls no attention kernel any more
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            pl_module.mixing = False
+
+    class Armed(pl.Callback):
+        def __init__(self, monitor):
+            self.monitor, self.captures = monitor, []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.monitor._armed is not None:
+                self.captures.append(self.monitor._armed.capture is not None)
+
+    monitor = LogitMonitor(every_n_steps=2)
+    armed = Armed(monitor)
+    make_trainer(tmp_path, [monitor, armed, StopMixing()], max_steps=7).fit(SometimesMixing())
+    # the first armed step captured attention: a later step without any does not switch the capture off
+    assert armed.captures == [True, True, True, True]
+    assert not monitor._attention_absent
+
+
 def test_state_round_trip(tmp_path):
     monitor = LogitMonitor(every_n_steps=5, alignment=True)
     make_trainer(tmp_path, [monitor], max_steps=6).fit(TinyLM())

@@ -1,6 +1,7 @@
 """LogitMonitor under 2-process DDP equals one process on the union of both ranks' training batches of the step read
 (the statistics are reduced by name: distributed.all_reduce_named)."""
 
+import json
 import math
 
 import pytest
@@ -65,3 +66,12 @@ def test_ranks_that_ran_different_attention_modules_agree_by_name(tmp_path):
         assert m[f"landscape/logits/attention/{name}/max"] == pytest.approx(max(values), rel=1e-10)
     assert m["landscape/logits/attention/max"] == pytest.approx(max(maxima["attn_a"] + maxima["attn_b"]), rel=1e-10)
     assert m["landscape/logits/output/log_partition"] == pytest.approx(float(torch.cat(log_z).mean()), rel=1e-10)
+
+
+def test_a_rank_whose_forward_skipped_attention_keeps_capturing_like_the_others(tmp_path):
+    # the "no attention in this model" decision is taken on the reduced names: rank 1 captured nothing, rank 0 did,
+    # so neither rank stops arming the capture (and both log rank 0's attention keys)
+    run_ddp_script("ddp_logits_absent_script.py", tmp_path)
+    dumps = [json.loads((tmp_path / f"absent_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [d["absent"] for d in dumps] == [False, False]
+    assert dumps[0]["attention_keys"] and dumps[0]["attention_keys"] == dumps[1]["attention_keys"]
