@@ -99,7 +99,10 @@ class OverheadBudget:
         #: gradient monitor's share); what that work spends beyond it comes out of the shares (:meth:`shared_rate`).
         self.reserved_per_step = 0.0
         #: The shares of the ``protected`` owners (LandscapeMonitor: the logit monitor's), which the per-step work
-        #: beyond the reserve never shrinks (:meth:`shared_rate`).
+        #: beyond the reserve never shrinks (:meth:`shared_rate`). Only ``LandscapeMonitor`` sets it (from its
+        #: parts' weights): on a ledger shared by hand it stays 0, so the others' rate does not leave room for a
+        #: protected owner's share, and with per-step work spent beside the shares the total can pass
+        #: ``max_overhead`` by up to that share of the per-step work.
         self.protected_share = 0.0
 
     def start(self, step: int, now: float | None = None) -> None:
