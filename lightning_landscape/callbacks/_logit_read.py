@@ -54,6 +54,8 @@ class _LogitReadout:
         first, self._attention_checked = not self._attention_checked, True
         if any(name.startswith("attention/") for name in reduced):
             return
+        if not first and "no-attention-captured" in self._warned:
+            return  # decided and said: no need to walk the modules again every armed step
         suspects = looks_like_attention(pl_module)
         if first and not suspects and self.attention is True:
             # no attention call in the training step and no module that looks like attention: the capture's

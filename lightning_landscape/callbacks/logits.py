@@ -95,11 +95,10 @@ class LogitMonitor(_LogitReadout, _LogitAlerts, LandscapeCallback):
     +0.12 of a training step on nanoGPT in ``benchmarks/logit_capture.py`` (the probe forward it replaced: +0.35 to
     +0.40). With ``attention=True`` on a model whose first armed training step calls no attention kernel and that
     has no attention-like module (an MLP, a CNN; under DDP: no rank captured one), the capture is not armed again in
-    that fit: its dispatch of every
-    torch call in the forward added ~70 us to the digits MLP's ~720 us step (every 10th step: ~0.5% of training,
-    in no hook's span, so not in the ledger either), and it reads nothing there. Under DDP the statistics are
-    reduced by name (``distributed.all_reduce_named``). With manual optimization the capture stops at the first
-    ``optimizer.step()`` (``on_before_optimizer_step``).
+    that fit: its dispatch of every torch call in the forward added ~70 us to the digits MLP's ~720 us step (every
+    10th step: ~0.5% of training, in no hook's span, so not in the ledger either), and it reads nothing there.
+    Under DDP the statistics are reduced by name (``distributed.all_reduce_named``). With manual optimization the
+    capture stops at the first ``optimizer.step()`` (``on_before_optimizer_step``).
 
     Args:
         attention: which modules' attention calls to read: ``True`` (all), ``False`` (none: no capture), a regex
